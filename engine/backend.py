@@ -1,0 +1,52 @@
+"""Choosing and starting the Taichi backend (`--arch cpu|cuda|vulkan|auto`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import taichi as ti
+
+from .errors import InputError
+
+ARCH_CHOICES = ("auto", "cpu", "cuda", "vulkan")
+_TI_ARCH = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}
+_state = {"arch": None}
+
+
+def _start(name: str) -> str:
+    ti.init(arch=_TI_ARCH[name], default_fp=ti.f32, default_ip=ti.i32, random_seed=0,
+            log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=os.cpu_count())
+    got = ti.lang.impl.current_cfg().arch
+    actual = {ti.x64: "cpu", ti.arm64: "cpu", ti.cuda: "cuda", ti.vulkan: "vulkan"}.get(got, str(got))
+    _state["arch"] = actual
+    return actual
+
+
+def init_backend(arch: str = "auto", verbose: bool = False) -> str:
+    """Start Taichi on ``arch`` and return the backend actually running ('cpu', 'cuda' or 'vulkan').
+
+    'auto' tries CUDA, then Vulkan, then the CPU, and says which it picked when ``verbose``.
+    Asking for a backend that this machine lacks is an error rather than a silent CPU fallback.
+    Calling it again with another arch restarts Taichi: every field allocated before is gone.
+    """
+    if arch not in ARCH_CHOICES:
+        raise InputError("--arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+    if arch == "auto":
+        # ti.init falls back to the CPU when a backend is missing, so the first that sticks wins.
+        for candidate in ("cuda", "vulkan", "cpu"):
+            actual = _start(candidate)
+            if actual == candidate:
+                break
+    else:
+        actual = _start(arch)
+        if actual != arch:
+            raise InputError("--arch", f"backend {arch!r} is not available on this machine (Taichi started {actual!r})")
+    if verbose:
+        print(f"[atomsplat] backend: {actual}", file=sys.stderr)
+    return actual
+
+
+def current_arch() -> str | None:
+    """The backend started by the last `init_backend`, or None before the first."""
+    return _state["arch"]
