@@ -11,7 +11,7 @@ from .errors import InputError
 
 ARCH_CHOICES = ("auto", "cpu", "cuda", "vulkan")
 _TI_ARCH = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}
-_state = {"arch": None}
+_state = {"arch": None, "cache": {}}
 
 
 def _start(name: str) -> str:
@@ -20,6 +20,7 @@ def _start(name: str) -> str:
     got = ti.lang.impl.current_cfg().arch
     actual = {ti.x64: "cpu", ti.arm64: "cpu", ti.cuda: "cuda", ti.vulkan: "vulkan"}.get(got, str(got))
     _state["arch"] = actual
+    _state["cache"] = {}
     return actual
 
 
@@ -28,11 +29,14 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
 
     'auto' tries CUDA, then Vulkan, then the CPU, and says which it picked when ``verbose``.
     Asking for a backend that this machine lacks is an error rather than a silent CPU fallback.
-    Calling it again with another arch restarts Taichi: every field allocated before is gone.
+    Calling it again with 'auto' or the running arch keeps the running backend; another arch restarts
+    Taichi, and every field allocated before is gone (so is `session_cache`).
     """
     if arch not in ARCH_CHOICES:
         raise InputError("--arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
-    if arch == "auto":
+    if _state["arch"] is not None and arch in ("auto", _state["arch"]):
+        actual = _state["arch"]  # already running: keep the fields and compiled kernels
+    elif arch == "auto":
         # ti.init falls back to the CPU when a backend is missing, so the first that sticks wins.
         for candidate in ("cuda", "vulkan", "cpu"):
             actual = _start(candidate)
@@ -50,3 +54,9 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
 def current_arch() -> str | None:
     """The backend started by the last `init_backend`, or None before the first."""
     return _state["arch"]
+
+
+def session_cache() -> dict:
+    """A dict that lives as long as the running Taichi backend (emptied on restart): for fields and
+    data-oriented objects worth reusing, since every new one means compiling its kernels again."""
+    return _state["cache"]

@@ -31,7 +31,7 @@ import math
 import numpy as np
 import taichi as ti
 
-from .backend import current_arch
+from .backend import current_arch, session_cache
 from .geometry import TiltGeometry
 
 TRUNCATION_RELATIVE_ERROR = 1e-5
@@ -414,10 +414,21 @@ class TiltSeriesProjector:
 
 
 def _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size, blur_sigma, indices):
+    """A cloud and projector for one NumPy call, reused across calls with the same sizes (a new
+    object would mean compiling its kernels again)."""
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-    cloud = GaussianCloud(len(positions))
+    cache = session_cache()
+    capacity = 1 << max(len(positions) - 1, 0).bit_length()
+    key = ("cloud", capacity)
+    if key not in cache:
+        cache[key] = GaussianCloud(capacity)
+    cloud = cache[key]
     cloud.set(positions, amplitudes, sigmas)
-    projector = TiltSeriesProjector(geometry, shape, pixel_size, blur_sigma, capacity=cloud.capacity)
+    key = ("projector", len(geometry), tuple(int(v) for v in shape), float(pixel_size), float(blur_sigma))
+    if key not in cache:
+        cache[key] = TiltSeriesProjector(geometry, shape, pixel_size, blur_sigma, capacity=capacity)
+    projector = cache[key]
+    projector.set_geometry(geometry)
     indices = np.arange(len(geometry)) if indices is None else np.asarray(indices).reshape(-1)
     projector.set_batch(indices)
     return cloud, projector, indices

@@ -10,7 +10,7 @@ import pytest
 from engine.atoms import Atoms, read_atoms, write_atoms
 from engine.errors import InputError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 
 
 def _shared(name: str) -> Path:

@@ -15,7 +15,7 @@ from engine.errors import InputError
 from engine.structures import (CRYSTALS, amorphous, build_structure, cuboctahedron, nearest_neighbour_distance,
                                octahedron, order_l10, parse_recipe, random_alloy, rotate, sphere)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 
 
 def _nn_distances(atoms: Atoms) -> np.ndarray:

@@ -15,7 +15,7 @@ from engine.errors import InputError
 from engine.geometry import TiltGeometry, euler_zyz, rotation_about_y
 from engine.tiltseries import TiltSeries, read_tilt_series, summarize, write_tilt_series
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 
 
 def make_series(n=5, height=6, width=8, **kwargs) -> TiltSeries:

@@ -1,0 +1,108 @@
+"""Scene files: one TOML file describes a run (data, reconstruction settings, output, viewer).
+
+    [data]                       # either a file ...
+    file = "series.npz"          # paths are relative to the scene file
+    truth = "truth.xyz"          # optional ground truth, used only for evaluation
+    pixel_size = 0.3             # Å, for MRC/TIFF stacks without one in the header
+
+    [data.simulate]              # ... or a structure simulated on the fly
+    build = { kind = "cuboctahedron", element = "Au", shells = 3 }   # or structure = "atoms.xyz"
+    tilts = "-70:70:3"           # degrees, START:STOP:STEP
+    pixel_size = 0.3             # Å
+    shape = [96, 96]             # H W, pixels
+    blur = 0.4                   # Å
+    noise = 0.02                 # fraction of the clean maximum
+    seed = 0
+
+    [reconstruct]                # see engine.reconstruct.ReconstructionConfig
+    [output]
+    dir = "out/demo"             # relative to the scene file
+    [viewer]
+    view = false
+
+Unknown sections or keys are an error naming the scene file and the key.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import InputError
+
+SIMULATE_KEYS = {"build": dict, "structure": str, "tilts": str, "pixel_size": (int, float),
+                 "shape": list, "blur": (int, float), "noise": (int, float), "peak_counts": (int, float),
+                 "b_factor": (int, float), "seed": int}
+DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "simulate": dict}
+SECTIONS = {"data": DATA_KEYS, "reconstruct": None, "output": {"dir": str}, "viewer": {"view": bool, "every": int}}
+
+
+@dataclass
+class Scene:
+    """A parsed scene: every path absolute, every key checked."""
+
+    path: Path
+    data_file: Path | None = None
+    truth_file: Path | None = None
+    pixel_size: float | None = None
+    simulate: dict | None = None
+    reconstruct: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+    viewer: dict = field(default_factory=dict)
+
+
+def _check(table: dict, schema: dict, where: str, path: Path) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise InputError(path, f"unknown key '{where}{key}' (known in [{where.rstrip('.') or 'top'}]: "
+                                   f"{', '.join(sorted(schema))})")
+        if schema[key] is not None and not isinstance(value, schema[key]):
+            raise InputError(path, f"'{where}{key}' has the wrong type ({type(value).__name__})")
+
+
+def load_scene(path, reconstruct_keys: dict | None = None) -> Scene:
+    """Read and validate a scene file. ``reconstruct_keys`` maps the allowed [reconstruct] keys to
+    their types (the reconstruction engine's settings)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise InputError(path, "scene file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise InputError(path, f"cannot read the scene: {err}") from err
+    _check(table, {section: dict for section in SECTIONS}, "", path)
+    data = table.get("data", {})
+    _check(data, DATA_KEYS, "data.", path)
+    _check(table.get("reconstruct", {}), reconstruct_keys or {}, "reconstruct.", path)
+    _check(table.get("output", {}), SECTIONS["output"], "output.", path)
+    _check(table.get("viewer", {}), SECTIONS["viewer"], "viewer.", path)
+    if ("file" in data) == ("simulate" in data):
+        raise InputError(path, "[data] needs exactly one of 'file' or a [data.simulate] table")
+    base = path.resolve().parent
+    scene = Scene(path=path, reconstruct=dict(table.get("reconstruct", {})), viewer=dict(table.get("viewer", {})))
+    if "file" in data:
+        scene.data_file = base / data["file"]
+        scene.pixel_size = data.get("pixel_size")
+    else:
+        simulate = dict(data["simulate"])
+        _check(simulate, SIMULATE_KEYS, "data.simulate.", path)
+        if ("build" in simulate) == ("structure" in simulate):
+            raise InputError(path, "[data.simulate] needs exactly one of 'build' or 'structure'")
+        for key in ("tilts", "pixel_size"):
+            if key not in simulate:
+                raise InputError(path, f"[data.simulate] needs '{key}'")
+        if "structure" in simulate:
+            simulate["structure"] = base / simulate["structure"]
+        scene.simulate = simulate
+    if "truth" in data:
+        scene.truth_file = base / data["truth"]
+    out = table.get("output", {}).get("dir")
+    scene.output_dir = base / out if out else None
+    return scene
