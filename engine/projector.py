@@ -16,9 +16,9 @@ peak per overlapping Gaussian.
 
 Speed: images are stored as rows of 8-pixel blocks (`LANES`), so every footprint row is a few SIMD
 vector operations on every backend. The exponential is separable and is evaluated by a recurrence
-that walks outwards from the pixel nearest the centre, e(d ± 1) = e(d) · q, q ← q · exp(−1/s²):
-a handful of exp calls per (projection, Gaussian) pair instead of one per pixel, and the factors q
-are ≤ 1, so nothing overflows and only values that are truly negligible underflow.
+that walks across the footprint from its edge, e(d + 1) = e(d) · q, q ← q · exp(−1/s²): a handful
+of exp calls per (projection, Gaussian) pair instead of one per pixel. That is the CPU's way; GPUs
+take one exp per footprint row and column instead (see `_gaussian`).
 
 Parallel decomposition: on the CPU each thread renders whole projections with plain adds (no
 atomics, bit-identical run to run); on GPUs every (projection, Gaussian) pair is a thread and the
@@ -39,6 +39,7 @@ TRUNCATION_RELATIVE_ERROR = 1e-5
 TRUNCATION_RADIUS_SIGMAS = math.sqrt(2.0 * math.log(1.0 / TRUNCATION_RELATIVE_ERROR))
 LANES = 8  # pixels per SIMD block along an image row
 CHUNK_BLOCKS = 3  # blocks of one footprint row held in registers at once (wider footprints loop)
+SUM_SLOTS = CHUNK_BLOCKS + 2  # adjoint scratch vectors per pair: column sums, then dy- and dy²-weighted
 # Taichi's CPU backend hands out ≥ 512 consecutive loop iterations per task; spacing per-projection
 # work items this far apart gives every projection a task of its own, so both cores get work.
 CPU_TASK_SPREAD = 512
@@ -148,9 +149,9 @@ class TiltSeriesProjector:
             self.pair_grad = ti.Vector.field(4, ti.f32, (self.n_proj, self.pair_capacity))
             # Scratch per-column sums of the adjoint, one slot per pair of a slab of Gaussians; slabs
             # bound the scratch to ~32 MiB however many Gaussians there are.
-            slot_bytes = (CHUNK_BLOCKS + 2) * LANES * 4
+            slot_bytes = SUM_SLOTS * LANES * 4
             self.slab = int(max(1, min(self.pair_capacity, (32 << 20) // (slot_bytes * self.n_proj))))
-            self.column_sums = ti.Vector.field(LANES, ti.f32, (self.n_proj, self.slab, CHUNK_BLOCKS + 2))
+            self.column_sums = ti.Vector.field(LANES, ti.f32, (self.n_proj, self.slab, SUM_SLOTS))
 
     def set_geometry(self, geometry: TiltGeometry) -> None:
         arrays = geometry.kernel_arrays()
@@ -190,26 +191,32 @@ class TiltSeriesProjector:
         return col, row, s2, 1.0 / (2.0 * math.pi * s2_a), q[2], c_lo, c_hi, r_lo, r_hi
 
     @ti.func
+    def _gaussian(self, d, inv2s2, e):
+        """exp(−d²/2s²) at offset d (pixels), given e, its value by recurrence. The CPU takes e: libm's
+        exp is its bottleneck and exact to 0.5 ulp, so the walk stays within 1e-6. GPUs evaluate the
+        exp directly: their exp is cheap, but its few-ulp error compounds along a walk."""
+        value = e
+        if ti.static(not self.on_cpu):
+            value = ti.exp(-d * d * inv2s2)
+        return value
+
+    @ti.func
+    def _walk_start(self, d0, inv2s2):
+        """Start of the recurrence over offsets d0, d0 + 1, …: e = exp(−d0²/2s²) and the first factor
+        q = exp(−(2 d0 + 1)/2s²); each next factor is the last times exp(−1/s²). Walks start at the
+        footprint's edge, where e ≥ 1e-5 of the peak, so nothing underflows."""
+        return ti.exp(-d0 * d0 * inv2s2), ti.exp(-(2.0 * d0 + 1.0) * inv2s2)
+
+    @ti.func
     def _chunk_profile(self, col, inv2s2, step, x0, lo, hi):
         """exp(−(x − col)² / 2s²) for the 8·CHUNK_BLOCKS pixels x0.. (zero outside [lo, hi]), as blocks
         of LANES, plus the matching offsets x − col."""
         ex = ti.Vector.zero(ti.f32, LANES * CHUNK_BLOCKS)
-        xc = ti.min(ti.max(ti.cast(ti.round(col), ti.i32), lo), hi)
-        d = xc - col
-        e0 = ti.exp(-d * d * inv2s2)
-        ex[xc - x0] = e0
-        e = e0
-        q = ti.exp(-(2.0 * d + 1.0) * inv2s2)
-        for x in range(xc + 1, hi + 1):
+        e, q = self._walk_start(lo - col, inv2s2)
+        for x in range(lo, hi + 1):
+            ex[x - x0] = self._gaussian(x - col, inv2s2, e)
             e *= q
             q *= step
-            ex[x - x0] = e
-        e = e0
-        q = ti.exp((2.0 * d - 1.0) * inv2s2)
-        for i in range(xc - lo):
-            e *= q
-            q *= step
-            ex[xc - 1 - i - x0] = e
         blocks = ti.Matrix([[ex[LANES * j + l] for l in ti.static(range(LANES))]
                             for j in ti.static(range(CHUNK_BLOCKS))])
         offsets = ti.Matrix([[x0 + LANES * j + l - col for l in ti.static(range(LANES))]
@@ -233,30 +240,18 @@ class TiltSeriesProjector:
         if c_lo <= c_hi and r_lo <= r_hi:
             inv2s2 = 0.5 / s2
             step = ti.exp(-2.0 * inv2s2)
-            yc = ti.min(ti.max(ti.cast(ti.round(row), ti.i32), r_lo), r_hi)
-            dyc = yc - row
-            ey0 = a * norm * ti.exp(-dyc * dyc * inv2s2)
-            up0 = ti.exp((2.0 * dyc - 1.0) * inv2s2)
-            down0 = ti.exp(-(2.0 * dyc + 1.0) * inv2s2)
+            ey0, qy0 = self._walk_start(r_lo - row, inv2s2)
             blk = c_lo // LANES
             while blk * LANES <= c_hi:
                 x0 = blk * LANES
                 nblk = ti.min(CHUNK_BLOCKS, c_hi // LANES - blk + 1)
                 blocks, _ = self._chunk_profile(col, inv2s2, step, x0, ti.max(c_lo, x0),
                                                 ti.min(c_hi, x0 + LANES * CHUNK_BLOCKS - 1))
-                self._splat_row(k, yc, blk, nblk, ey0, blocks)
-                e = ey0
-                q = down0
-                for r in range(yc + 1, r_hi + 1):
+                e, q = ey0, qy0
+                for r in range(r_lo, r_hi + 1):
+                    self._splat_row(k, r, blk, nblk, a * norm * self._gaussian(r - row, inv2s2, e), blocks)
                     e *= q
                     q *= step
-                    self._splat_row(k, r, blk, nblk, e, blocks)
-                e = ey0
-                q = up0
-                for i in range(yc - r_lo):
-                    e *= q
-                    q *= step
-                    self._splat_row(k, yc - 1 - i, blk, nblk, e, blocks)
                 blk += CHUNK_BLOCKS
 
     @ti.kernel
@@ -281,21 +276,29 @@ class TiltSeriesProjector:
 
     # ------------------------------------------------------------------ adjoint
     @ti.func
-    def _gather_row(self, k, r, dy, blk0, ey, profile, b, g):
-        """Adds one footprint row of dL/dimage to the pair's sums in ``column_sums``: per column
-        Σ_y ey G (slots 0..CHUNK_BLOCKS−1), and per lane Σ_y ey dy G ex, Σ_y ey dy² G ex (the last two).
+    def _gather_rows(self, k, ra, rb, dya, dyb, ea, eb, blk0, profile, b, g):
+        """Adds two footprint rows ra, rb of dL/dimage (weights ea, eb at offsets dya, dyb) to the pair's
+        sums in ``column_sums``: per column Σ_y ey G (CHUNK_BLOCKS slots), and per lane Σ_y ey dy G ex
+        and Σ_y ey dy² G ex (2 slots).
 
         Blocks past the footprint are read at a clamped index: their profile lanes are zero, so what
         they hold drops out. The sums live in memory on purpose: loop-carried vector registers defeat
-        LLVM's SLP vectorizer, while load-add-store of 8 contiguous floats becomes one SIMD operation."""
-        row_profile = ti.Vector.zero(ti.f32, LANES)
+        LLVM's SLP vectorizer, while load-add-store of 8 contiguous floats becomes one SIMD
+        operation; taking rows in pairs halves those read-modify-writes."""
+        profile_a = ti.Vector.zero(ti.f32, LANES)
+        profile_b = ti.Vector.zero(ti.f32, LANES)
         for j in ti.static(range(CHUNK_BLOCKS)):
-            v = self.image_grad[k, r, ti.min(blk0 + j, ti.static(self.row_blocks - 1))]
-            self.column_sums[b, g, j] = self.column_sums[b, g, j] + ey * v
-            row_profile += v * ti.Vector([profile[j, l] for l in ti.static(range(LANES))])
+            blk = ti.min(blk0 + j, ti.static(self.row_blocks - 1))
+            va = self.image_grad[k, ra, blk]
+            vb = self.image_grad[k, rb, blk]
+            self.column_sums[b, g, j] = self.column_sums[b, g, j] + ea * va + eb * vb
+            pj = ti.Vector([profile[j, l] for l in ti.static(range(LANES))])
+            profile_a += va * pj
+            profile_b += vb * pj
         n = ti.static(CHUNK_BLOCKS)
-        self.column_sums[b, g, n] = self.column_sums[b, g, n] + (ey * dy) * row_profile
-        self.column_sums[b, g, n + 1] = self.column_sums[b, g, n + 1] + (ey * dy * dy) * row_profile
+        self.column_sums[b, g, n] = self.column_sums[b, g, n] + (ea * dya) * profile_a + (eb * dyb) * profile_b
+        self.column_sums[b, g, n + 1] = (self.column_sums[b, g, n + 1] + (ea * dya * dya) * profile_a
+                                         + (eb * dyb * dyb) * profile_b)
 
     @ti.func
     def _gather(self, k, p, a, sigma, b, g):
@@ -312,32 +315,25 @@ class TiltSeriesProjector:
         if c_lo <= c_hi and r_lo <= r_hi:
             inv2s2 = 0.5 / s2
             step = ti.exp(-2.0 * inv2s2)
-            yc = ti.min(ti.max(ti.cast(ti.round(row), ti.i32), r_lo), r_hi)
-            dyc = yc - row
-            ey0 = ti.exp(-dyc * dyc * inv2s2)
-            up0 = ti.exp((2.0 * dyc - 1.0) * inv2s2)
-            down0 = ti.exp(-(2.0 * dyc + 1.0) * inv2s2)
+            ey0, qy0 = self._walk_start(r_lo - row, inv2s2)
             blk = c_lo // LANES
             while blk * LANES <= c_hi:
                 x0 = blk * LANES
                 profile, dx = self._chunk_profile(col, inv2s2, step, x0, ti.max(c_lo, x0),
                                                   ti.min(c_hi, x0 + LANES * CHUNK_BLOCKS - 1))
-                for j in ti.static(range(CHUNK_BLOCKS + 2)):
+                for j in ti.static(range(SUM_SLOTS)):
                     self.column_sums[b, g, j] = ti.Vector.zero(ti.f32, LANES)
-                self._gather_row(k, yc, dyc, blk, ey0, profile, b, g)
-                e = ey0
-                q = down0
-                for r in range(yc + 1, r_hi + 1):
+                e, q = ey0, qy0
+                for i in range((r_hi - r_lo + 2) // 2):
+                    ra = r_lo + 2 * i
+                    rb = ti.min(ra + 1, r_hi)  # a lone last row pairs with itself at weight 0
+                    ea = self._gaussian(ra - row, inv2s2, e)
                     e *= q
                     q *= step
-                    self._gather_row(k, r, r - row, blk, e, profile, b, g)
-                e = ey0
-                q = up0
-                for i in range(yc - r_lo):
+                    eb = self._gaussian(rb - row, inv2s2, e) if ra < r_hi else 0.0
                     e *= q
                     q *= step
-                    r = yc - 1 - i
-                    self._gather_row(k, r, r - row, blk, e, profile, b, g)
+                    self._gather_rows(k, ra, rb, ra - row, rb - row, ea, eb, blk, profile, b, g)
                 for j in ti.static(range(CHUNK_BLOCKS)):
                     pj = ti.Vector([profile[j, l] for l in ti.static(range(LANES))])
                     dxj = ti.Vector([dx[j, l] for l in ti.static(range(LANES))])
