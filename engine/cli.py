@@ -1,4 +1,4 @@
-"""The `atomsplat` command line: simulate, info and run (more subcommands land with their engines).
+"""The `atomsplat` command line: simulate, info, reconstruct, evaluate and run.
 
 Every bad input ends in one line `atomsplat: error: FILE: problem` and exit status 2, never a
 traceback; Ctrl-C ends with status 130.
@@ -20,6 +20,20 @@ from .errors import InputError
 def _add_arch(parser):
     parser.add_argument("--arch", choices=ARCH_CHOICES, default="auto",
                         help="Taichi backend; auto tries cuda, then vulkan, then cpu (default: auto)")
+
+
+def _add_fit_options(parser):
+    parser.add_argument("--iters", type=int, default=None, help="optimisation steps")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--batch", type=int, default=None, help="projections per step (0: all)")
+    parser.add_argument("--species", default=None, help="expected elements, e.g. Pt,Ni (sets d_min)")
+    parser.add_argument("--loss", choices=["l2", "poisson"], default=None, help="data term (default l2)")
+    parser.add_argument("--gain", type=float, default=None, help="Poisson loss: counts per data unit")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_arch(parser)
 
 
 def auto_shape(atoms, pixel_size: float, margin: float = 6.0) -> tuple[int, int]:
@@ -107,28 +121,123 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool, truth_path=None,
+                 progress: bool = True) -> dict:
+    """Fit ``series`` with ``settings`` into ``out_dir``; evaluate against ``truth_path`` afterwards
+    (the truth is read only once the atoms are written). Returns the report."""
+    import time
+
+    from .atoms import read_atoms
+    from .reconstruct import CHECKPOINT, ReconstructionConfig, Reconstructor
+
+    config = ReconstructionConfig.from_dict(settings)
+    actual = init_backend(arch, verbose=True)
+    t0 = time.perf_counter()
+    rec = Reconstructor(series, config, out_dir, progress=progress)
+    if resume:
+        rec.load_checkpoint(out_dir / CHECKPOINT)
+    try:
+        atoms = rec.run(resume=resume)
+    except KeyboardInterrupt:
+        print(f"atomsplat: interrupted; checkpoint in {out_dir / CHECKPOINT} (continue with --resume {out_dir})",
+              file=sys.stderr)
+        raise
+    wall = time.perf_counter() - t0
+    report = rec.write_outputs(atoms, actual, wall)
+    print(f"{len(atoms)} atoms -> {out_dir / 'atoms.xyz'} ({rec.iteration} iterations, {wall:.1f} s, "
+          f"loss {report['final_loss']:.4g})")
+    if truth_path is not None:
+        from .metrics import evaluate_atoms, format_table
+
+        metrics = evaluate_atoms(atoms, read_atoms(truth_path), radius=1.0, radii_extra=(0.5,))
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_table(metrics))
+        report["metrics"] = metrics
+    return report
+
+
+def _output_dir(args, default: Path) -> Path:
+    """The output folder: --resume DIR, else --out, else ``default``. Never replaces a finished result
+    unless asked."""
+    if args.resume is not None:
+        out_dir = Path(args.resume)
+        if not (out_dir / "checkpoint.npz").exists():
+            raise InputError(out_dir, "has no checkpoint.npz to resume from")
+        return out_dir
+    out_dir = Path(args.out) if args.out else default
+    if not args.overwrite and (out_dir / "atoms.xyz").exists():
+        raise InputError(out_dir, "already holds a reconstruction (atoms.xyz); pass --overwrite to replace it "
+                                  "or --resume DIR to continue its checkpoint")
+    return out_dir
+
+
+def _settings(args, base: dict) -> dict:
+    settings = dict(base)
+    for key in ("iters", "seed", "batch", "loss", "gain"):
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    if getattr(args, "species", None):
+        settings["species"] = [s for s in args.species.split(",") if s]
+    return settings
+
+
+def cmd_reconstruct(args) -> int:
+    from .scene import load_scene
+    from .tiltseries import read_tilt_series
+
+    base, truth = {}, args.truth
+    if args.scene:
+        scene = load_scene(args.scene)
+        base = scene.reconstruct
+        truth = truth or scene.truth_file
+    series = read_tilt_series(args.data, pixel_size=args.pixel)
+    out_dir = _output_dir(args, Path("out") / Path(args.data).stem)
+    if truth is not None and not Path(truth).exists():
+        raise InputError(truth, "truth file not found")
+    _reconstruct(series, _settings(args, base), out_dir, args.arch, args.resume is not None, truth,
+                 progress=not args.quiet)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .atoms import read_atoms
+    from .metrics import evaluate_atoms, format_table
+
+    pred, truth = read_atoms(args.pred), read_atoms(args.truth)
+    radii = tuple(r for r in (0.5, 1.0) if r != args.radius)
+    result = evaluate_atoms(pred, truth, radius=args.radius, radii_extra=radii)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
 def cmd_run(args) -> int:
+    from .atoms import write_atoms
     from .scene import load_scene
     from .tiltseries import read_tilt_series, summarize, write_tilt_series
-    from .atoms import write_atoms
 
     scene = load_scene(args.scene)
-    out_dir = Path(args.out) if args.out else (scene.output_dir or Path("out") / Path(args.scene).stem)
+    out_dir = _output_dir(args, scene.output_dir or Path("out") / Path(args.scene).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if scene.simulate is not None:
+    truth = scene.truth_file
+    if scene.simulate is None:
+        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size)
+    elif args.resume is not None:  # the interrupted run's own simulated series and truth
+        series, truth = read_tilt_series(out_dir / "series.npz"), out_dir / "truth.xyz"
+    else:
         sim = scene.simulate
         atoms, series = _simulate_from(sim.get("structure"), sim.get("build"), sim["tilts"], sim["pixel_size"],
                                        tuple(sim["shape"]) if "shape" in sim else None, sim.get("blur", 0.4),
                                        sim.get("noise", 0.0), sim.get("peak_counts"), sim.get("b_factor", 0.0),
                                        sim.get("seed", 0), args.arch)
         write_tilt_series(series, out_dir / "series.npz", overwrite=True)
-        write_atoms(atoms, out_dir / "truth.xyz", overwrite=True)
+        truth = out_dir / "truth.xyz"
+        write_atoms(atoms, truth, overwrite=True)
         print(f"simulated {len(atoms)} atoms -> {out_dir / 'series.npz'}")
-    else:
-        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size)
     s = summarize(series)
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
           f"{s['angle_max']:g} deg, pixel {s['pixel_size']:g} A")
+    _reconstruct(series, _settings(args, scene.reconstruct), out_dir, args.arch, args.resume is not None, truth,
+                 progress=not args.quiet)
     return 0
 
 
@@ -163,10 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("run", help="run a scene file (simulate if the scene says so, then the pipeline)")
+    p = sub.add_parser("reconstruct", help="fit atoms to a tilt series")
+    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
+    p.add_argument("--scene", help="take [reconstruct] settings (and the truth) from a scene file")
+    p.add_argument("--out", help="output folder (default: out/<data name>)")
+    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
+    p.add_argument("--truth", help="ground-truth atoms to score against after the fit")
+    _add_fit_options(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("evaluate", help="score predicted atoms against the truth (optimal one-to-one matching)")
+    p.add_argument("pred", help="predicted atoms (.xyz/.pdb)")
+    p.add_argument("truth", help="true atoms (.xyz/.pdb)")
+    p.add_argument("--radius", type=float, default=1.0, help="matching radius in Å (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="run a scene: simulate (if the scene says so), reconstruct, evaluate")
     p.add_argument("scene", help="scene .toml")
     p.add_argument("--out", default=None, help="output folder (default: the scene's [output] dir)")
-    _add_arch(p)
+    _add_fit_options(p)
     p.set_defaults(func=cmd_run)
     return parser
 

@@ -66,9 +66,10 @@ def _check(table: dict, schema: dict, where: str, path: Path) -> None:
             raise InputError(path, f"'{where}{key}' has the wrong type ({type(value).__name__})")
 
 
-def load_scene(path, reconstruct_keys: dict | None = None) -> Scene:
-    """Read and validate a scene file. ``reconstruct_keys`` maps the allowed [reconstruct] keys to
-    their types (the reconstruction engine's settings)."""
+def load_scene(path) -> Scene:
+    """Read and validate a scene file; [reconstruct] takes the keys of `ReconstructionConfig`."""
+    from .reconstruct import ReconstructionConfig
+
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -80,7 +81,7 @@ def load_scene(path, reconstruct_keys: dict | None = None) -> Scene:
     _check(table, {section: dict for section in SECTIONS}, "", path)
     data = table.get("data", {})
     _check(data, DATA_KEYS, "data.", path)
-    _check(table.get("reconstruct", {}), reconstruct_keys or {}, "reconstruct.", path)
+    _check(table.get("reconstruct", {}), ReconstructionConfig.scene_keys(), "reconstruct.", path)
     _check(table.get("output", {}), SECTIONS["output"], "output.", path)
     _check(table.get("viewer", {}), SECTIONS["viewer"], "viewer.", path)
     if ("file" in data) == ("simulate" in data):

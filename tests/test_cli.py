@@ -81,3 +81,28 @@ def test_scene_errors_name_file_and_key(tmp_path, capsys):
     bad.write_text("[data\n")
     code, _, err = run_cli(capsys, "run", str(bad))
     assert code == 2 and "cannot read" in err
+
+
+def test_reconstruct_and_evaluate_from_the_command_line(arch, tmp_path, capsys):
+    if arch != "cpu":
+        pytest.skip("the end-to-end fit is checked on the CPU")
+    series = tmp_path / "p.npz"
+    code, _, _ = run_cli(capsys, "simulate", "--build", "cuboctahedron element=Pt shells=1", "--tilts=-60:60:10",
+                         "--shape", "40", "40", "--noise", "0.01", "--out", str(series), "--arch", arch)
+    assert code == 0
+    out = tmp_path / "fit"
+    code, stdout, err = run_cli(capsys, "reconstruct", str(series), "--out", str(out), "--iters", "300",
+                                "--species", "Pt", "--truth", str(tmp_path / "p_truth.xyz"), "--quiet", "--arch", arch)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["f1"] == 1.0 and metrics["n_true"] == 13
+    report = json.loads((out / "report.json").read_text())
+    assert report["iterations"] == 300 and report["n_atoms"] == 13 and report["arch"] == arch
+    code, stdout, _ = run_cli(capsys, "evaluate", str(out / "atoms.xyz"), str(tmp_path / "p_truth.xyz"), "--json")
+    assert code == 0 and json.loads(stdout)["f1"] == 1.0
+    # A finished result is not replaced without --overwrite; --resume needs a checkpoint.
+    before = (out / "atoms.xyz").read_bytes()
+    code, _, err = run_cli(capsys, "reconstruct", str(series), "--out", str(out), "--arch", arch)
+    assert code == 2 and "--overwrite" in err and (out / "atoms.xyz").read_bytes() == before
+    code, _, err = run_cli(capsys, "reconstruct", str(series), "--resume", str(tmp_path), "--arch", arch)
+    assert code == 2 and "checkpoint" in err

@@ -1,0 +1,104 @@
+"""The atom model: N isotropic 3D Gaussians as learnable parameters, with Adam, on the device.
+
+Parameters are kept in a form that stays physical: positions p (Å) as they are, amplitudes as
+log a (a > 0, data units · Å²), widths as log σ (σ > 0, Å; clamped to [SIGMA_MIN, SIGMA_MAX] when
+rendered). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
+`set_state` and `adam_step` write it; `adam_step` chain-rules the cloud's gradients back to the
+parameters and takes one Adam step with a learning rate per parameter kind.
+"""
+
+import numpy as np
+import taichi as ti
+
+from .projector import GaussianCloud
+
+SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
+
+
+@ti.data_oriented
+class AtomModel:
+    """Fields for ``capacity`` atoms (``count`` live): parameters, Adam moments and the rendered cloud."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(int(capacity), 1)
+        self.count = 0
+        self.cloud = GaussianCloud(self.capacity)
+        self.pos = ti.Vector.field(3, ti.f32, self.capacity)
+        self.log_amp = ti.field(ti.f32, self.capacity)
+        self.log_sigma = ti.field(ti.f32, self.capacity)
+        # Adam moments: (position xyz, log amplitude, log width) per atom, and each atom's own step
+        # count, so atoms born late get Adam's bias correction from their first step.
+        self.m = ti.Vector.field(5, ti.f32, self.capacity)
+        self.v = ti.Vector.field(5, ti.f32, self.capacity)
+        self.age = ti.field(ti.i32, self.capacity)
+
+    # ------------------------------------------------------------------ host side
+    def set_state(self, state: dict) -> None:
+        """Upload atoms from a dict of NumPy arrays: pos (N, 3) Å, amp (N,), sigma (N,) Å, and
+        optionally the Adam moments m, v (N, 5) and step counts age (N,). N must fit the capacity."""
+        n = len(state["pos"])
+        if n > self.capacity:
+            raise ValueError(f"{n} atoms exceed the model's capacity {self.capacity}")
+        pad = self.capacity - n
+
+        def padded(a, width=None):
+            a = np.asarray(a, dtype=np.float32)
+            return np.pad(a, ((0, pad),) + (((0, 0),) if a.ndim == 2 else ()))
+
+        self.pos.from_numpy(padded(state["pos"]))
+        self.log_amp.from_numpy(padded(np.log(np.maximum(state["amp"], 1e-30))))
+        self.log_sigma.from_numpy(padded(np.log(np.clip(state["sigma"], SIGMA_MIN, SIGMA_MAX))))
+        self.m.from_numpy(padded(state.get("m", np.zeros((n, 5)))))
+        self.v.from_numpy(padded(state.get("v", np.zeros((n, 5)))))
+        self.age.from_numpy(np.pad(np.asarray(state.get("age", np.zeros(n)), np.int32), (0, pad)))
+        self.count = self.cloud.count = n
+        self._to_cloud(self.cloud, n)
+
+    def get_state(self) -> dict:
+        """The live atoms as NumPy float64 arrays (pos, amp, sigma, m, v)."""
+        n = self.count
+        return {"pos": self.pos.to_numpy()[:n].astype(np.float64),
+                "amp": np.exp(self.log_amp.to_numpy()[:n].astype(np.float64)),
+                "sigma": np.clip(np.exp(self.log_sigma.to_numpy()[:n].astype(np.float64)), SIGMA_MIN, SIGMA_MAX),
+                "m": self.m.to_numpy()[:n].astype(np.float64), "v": self.v.to_numpy()[:n].astype(np.float64),
+                "age": self.age.to_numpy()[:n].astype(np.int64)}
+
+    # ------------------------------------------------------------------ kernels
+    @ti.kernel
+    def _to_cloud(self, cloud: ti.template(), n: ti.i32):
+        for i in range(n):
+            cloud.pos[i] = self.pos[i]
+            cloud.amp[i] = ti.exp(self.log_amp[i])
+            cloud.sigma[i] = ti.min(ti.max(ti.exp(self.log_sigma[i]), SIGMA_MIN), SIGMA_MAX)
+
+
+    @ti.kernel
+    def _adam_step(self, cloud: ti.template(), n: ti.i32, lr_pos: ti.f32, lr_amp: ti.f32, lr_sigma: ti.f32,
+                   grad_scale: ti.f32):
+        beta1, beta2, eps = 0.9, 0.999, 1e-12
+        for i in range(n):
+            self.age[i] += 1
+            bias1 = 1.0 - ti.pow(beta1, ti.cast(self.age[i], ti.f32))
+            bias2 = 1.0 - ti.pow(beta2, ti.cast(self.age[i], ti.f32))
+            gp = cloud.grad_pos[i] * grad_scale
+            # d/dlog a = a d/da; d/dlog σ = σ d/dσ (zero where the clamp holds σ).
+            g = ti.Vector([gp[0], gp[1], gp[2], cloud.grad_amp[i] * cloud.amp[i] * grad_scale,
+                           cloud.grad_sigma[i] * cloud.sigma[i] * grad_scale])
+            m = beta1 * self.m[i] + (1 - beta1) * g
+            v = beta2 * self.v[i] + (1 - beta2) * g * g
+            self.m[i] = m
+            self.v[i] = v
+            step = (m / bias1) / (ti.sqrt(v / bias2) + eps)
+            self.pos[i] -= lr_pos * ti.Vector([step[0], step[1], step[2]])
+            self.log_amp[i] -= lr_amp * step[3]
+            self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], ti.log(SIGMA_MIN)),
+                                       ti.log(SIGMA_MAX))
+            # Render the new values right away: one kernel launch per step instead of two.
+            cloud.pos[i] = self.pos[i]
+            cloud.amp[i] = ti.exp(self.log_amp[i])
+            cloud.sigma[i] = ti.exp(self.log_sigma[i])
+
+    def adam_step(self, lr_pos: float, lr_amp: float, lr_sigma: float, grad_scale: float = 1.0) -> None:
+        """One Adam step from the gradients in ``cloud``, which then holds the updated atoms; learning
+        rates in Å (positions) and in natural-log units (amplitude, width)."""
+        self._adam_step(self.cloud, self.count, lr_pos, lr_amp, lr_sigma, grad_scale)

@@ -1,0 +1,450 @@
+"""Reconstruction: fit atoms (3D Gaussians) directly to a tilt series, with an adaptive atom count.
+
+Pipeline:
+1. Normalise the data with a background and an intensity scale estimated from the data (the median
+   and spread of the empty image frame, a high percentile of the signal); estimate the noise level
+   the same way and the particle support as the visual hull of the thresholded projections.
+2. Seed atoms at the peaks of a filtered back-projection inside the support.
+3. Adam on positions, log-amplitudes and log-widths against an L2 (noise-weighted) or Poisson loss,
+   over all projections or random mini-batches, with a cosine learning-rate schedule.
+4. Every `densify_every` iterations during the first `densify_until` of the run, adaptive density
+   control on a neighbour grid: cull faint or stray atoms, merge atoms closer than d_min, split atoms
+   grown much wider than the rest, and spawn atoms at peaks of the back-projected residual that
+   have no atom within d_min. The rest of the run is pure refinement.
+5. Write atoms.xyz, report.json, projections.png, loss.png; checkpoints on the way and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .atoms import Atoms, UNKNOWN_SPECIES, write_atoms
+from .errors import InputError
+from .tiltseries import TiltSeries
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class ReconstructionConfig:
+    """Settings of a fit; one default for every dataset. Lengths in Å."""
+
+    iters: int = 1200                 # optimisation steps
+    batch: int = 0                    # projections per step (0: all)
+    lr_pos: float = 0.02              # Å per step at the start
+    lr_amp: float = 0.05              # natural-log units per step
+    lr_sigma: float = 0.02            # natural-log units per step
+    lr_final: float = 0.02            # final learning rates as a fraction of the first (cosine decay)
+    densify_every: int = 100          # steps between density-control rounds
+    densify_until: float = 0.6        # fraction of the run with count changes; the rest only refines
+    species: list = field(default_factory=list)  # expected elements, e.g. ["Pt", "Ni"] (sets d_min)
+    d_min: float = 0.0                # minimum interatomic distance, Å (0: 0.7 × shortest bond)
+    cull_fraction: float = 0.3        # cull atoms fainter than this fraction of the median amplitude
+    spawn_fraction: float = 0.35      # spawn at residual peaks above this fraction of a typical atom's
+    split_width: float = 1.8          # split atoms wider than this multiple of the median width
+    repulsion: float = 0.0            # strength of a soft penalty on pairs closer than d_min (0: off)
+    loss: str = "l2"                  # "l2" (noise-weighted least squares) or "poisson"
+    gain: float = 0.0                 # Poisson: counts per data unit (0: estimated from the data)
+    blur: float = -1.0                # microscope blur σ, Å (< 0: from the file, else 0)
+    voxel: float = 0.5                # back-projection grid for seeding and spawning, Å
+    checkpoint_every: int = 200       # steps between checkpoints
+    seed: int = 0
+
+    @classmethod
+    def scene_keys(cls) -> dict:
+        """Allowed [reconstruct] keys of a scene file and their types."""
+        kinds = {int: int, float: (int, float), str: str, bool: bool}
+        out = {}
+        for f in fields(cls):
+            default = getattr(cls(), f.name)
+            out[f.name] = list if isinstance(default, list) else kinds[type(default)]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, source="reconstruction settings") -> "ReconstructionConfig":
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise InputError(source, f"unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source="reconstruction settings") -> None:
+        from .elements import normalize_symbol
+
+        self.species = [normalize_symbol(s, source) for s in self.species]
+        if self.loss not in ("l2", "poisson"):
+            raise InputError(source, f"loss must be 'l2' or 'poisson', got {self.loss!r}")
+        if self.iters < 1 or self.densify_every < 1 or self.checkpoint_every < 1 or self.voxel <= 0:
+            raise InputError(source, "iters, densify_every, checkpoint_every and voxel must be positive")
+
+    def minimum_distance(self) -> float:
+        """d_min (Å): as set, else 0.7 × the shortest nearest-neighbour distance of the expected
+        species, else 0.7 × 2.45 Å (about the shortest bond among the common metals)."""
+        from .structures import nearest_neighbour_distance
+
+        if self.d_min > 0:
+            return self.d_min
+        bond = min((nearest_neighbour_distance(s) for s in self.species), default=2.45)
+        return 0.7 * bond
+
+
+@dataclass
+class DataModel:
+    """What is estimated from the data before fitting (never from a truth file)."""
+
+    background: float      # data units, subtracted
+    scale: float           # data units per normalised unit
+    noise: float           # noise σ in normalised units
+    blur: float            # Å
+
+
+def estimate_data_model(series: TiltSeries, blur: float) -> DataModel:
+    """Background and noise from the outer 3-pixel frame of every projection (AET images keep the
+    particle inside the field of view); scale from the 99.9th percentile of the background-subtracted
+    signal."""
+    p = series.projections
+    frame = np.concatenate([p[:, :3].ravel(), p[:, -3:].ravel(), p[:, :, :3].ravel(), p[:, :, -3:].ravel()])
+    background = float(np.median(frame))
+    spread = 1.4826 * float(np.median(np.abs(frame - background)))
+    scale = float(np.percentile(p - background, 99.9))
+    if not scale > 0:
+        raise InputError(series.source or "tilt series", "the projections hold no positive signal above the background")
+    if blur < 0:
+        blur = series.blur_sigma if series.blur_sigma is not None else 0.0
+    return DataModel(background=background, scale=scale, noise=max(spread / scale, 1e-6), blur=float(blur))
+
+
+@contextmanager
+def _deferred_interrupt():
+    """Ctrl-C during a step is held until the step is done, so a checkpoint never holds half a step.
+    Yields a function telling whether an interrupt is pending (outside the main thread: never)."""
+    pending = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield lambda: bool(pending)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Reconstructor:
+    """Owns the device state of one fit: data, projector, model, loss; runs the schedule."""
+
+    def __init__(self, series: TiltSeries, config: ReconstructionConfig, out_dir, progress: bool = True):
+        from .fit import FitTarget
+        from .model import AtomModel
+        from .neighbours import NeighbourGrid
+        from .projector import TiltSeriesProjector
+        from .volume import backprojector_for
+
+        self.series = series
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.geometry = series.get_geometry()
+        self.data = estimate_data_model(series, config.blur)
+        self.normalised = (series.projections.astype(np.float64) - self.data.background) / self.data.scale
+        self.d_min = config.minimum_distance()
+        self.rng = np.random.default_rng(config.seed)
+        self.history = {"iteration": [], "loss": [], "atoms": []}
+        self.phase_seconds = {"prepare": 0.0, "densify": 0.0, "refine": 0.0, "output": 0.0}
+        self.iteration = 0
+        t0 = time.perf_counter()
+        self.projector = TiltSeriesProjector(self.geometry, series.shape, series.pixel_size, self.data.blur)
+        self.target = FitTarget(self.projector, self.normalised, config.loss, self.data, config.gain)
+        self.backprojector = backprojector_for(series.n_tilts, series.shape, series.pixel_size, config.voxel)
+        self.support = self._support()
+        self.data_fbp = self._fbp(self.normalised)
+        self.model = AtomModel(256)
+        self.grid = NeighbourGrid(self.d_min, capacity=256)
+        self.phase_seconds["prepare"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ volumes
+    def _fbp(self, images: np.ndarray) -> np.ndarray:
+        from .volume import ramp_filter
+
+        return self.backprojector(ramp_filter(images, self.series.pixel_size), self.geometry) * (
+            np.pi / self.series.n_tilts)
+
+    def _support(self) -> np.ndarray:
+        """Visual hull: voxels whose projection lands on signal (smoothed image above 5 noise σ or
+        8 % of the maximum) in every projection, dilated by d_min."""
+        from scipy import ndimage
+
+        smooth = ndimage.gaussian_filter(self.normalised, sigma=(0, 2, 2))
+        mask = smooth > max(5 * self.data.noise / 4.0, 0.08 * smooth.max())
+        mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.series.pixel_size)),
+                                       structure=ndimage.generate_binary_structure(3, 1)[1:2])
+        hull = self.backprojector(mask.astype(np.float32), self.geometry, reduction="min") > 0.5
+        return hull
+
+    def _in_support(self, positions: np.ndarray) -> np.ndarray:
+        bp = self.backprojector
+        idx = np.rint((positions - bp.origin) / bp.voxel).astype(int)
+        inside = np.all((idx >= 0) & (idx < np.array(bp.grid_shape)), axis=1)
+        out = np.zeros(len(positions), bool)
+        out[inside] = self.support[tuple(idx[inside].T)]
+        return out
+
+    def _peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Local maxima (within d_min/2) above ``threshold`` inside the support: positions (Å), values."""
+        from scipy import ndimage
+
+        size = max(3, 2 * int(self.d_min / 2 / self.backprojector.voxel) + 1)
+        is_peak = (volume == ndimage.maximum_filter(volume, size=size)) & (volume > threshold) & self.support
+        idx = np.argwhere(is_peak)
+        values = volume[tuple(idx.T)]
+        order = np.argsort(-values, kind="stable")
+        return self.backprojector.positions(idx[order]), values[order]
+
+    def _sample(self, volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        bp = self.backprojector
+        idx = np.clip(np.rint((positions - bp.origin) / bp.voxel).astype(int), 0, np.array(bp.grid_shape) - 1)
+        return volume[tuple(idx.T)]
+
+    # ------------------------------------------------------------------ atoms
+    def initial_atoms(self) -> dict:
+        """Seeds at FBP peaks brighter than a third of the typical bright peak, one per d_min."""
+        positions, values = self._peaks(self.data_fbp, 0.0)
+        if len(values) == 0:
+            raise InputError(self.series.source or "tilt series", "no signal peaks inside the particle support")
+        bright = np.median(values[: max(1, len(values) // 10)])
+        keep = values > bright / 3.0
+        positions, values = positions[keep], values[keep]
+        positions, values = self._thin(positions, values)
+        total = float(np.mean(self.normalised.sum(axis=(1, 2)))) * self.series.pixel_size ** 2
+        amp = np.full(len(positions), total / len(positions))
+        return {"pos": positions, "amp": amp, "sigma": np.full(len(positions), 0.35)}
+
+    def _thin(self, positions, values):
+        """Drop candidates within d_min of a brighter one (positions sorted by decreasing value)."""
+        from scipy.spatial import cKDTree
+
+        keep = np.ones(len(positions), bool)
+        tree = cKDTree(positions)
+        for i, j in sorted(tree.query_pairs(self.d_min)):
+            if keep[i]:
+                keep[j] = False
+        return positions[keep], values[keep]
+
+    def _upload(self, state: dict, sort: bool = True) -> None:
+        from .model import AtomModel
+
+        if sort:  # along the tilt axis: consecutive atoms splat into the same image rows
+            order = np.argsort(state["pos"][:, 1], kind="stable")
+            state = {k: np.asarray(v)[order] for k, v in state.items()}
+        n = len(state["pos"])
+        if n > self.model.capacity:
+            self.model = AtomModel(1 << (n - 1).bit_length())
+        self.model.set_state(state)
+        self.projector.ensure_capacity(self.model.capacity)
+
+    def densify(self) -> dict:
+        """One round of cull, merge, split and spawn; returns how many atoms each step changed."""
+        state = self.model.get_state()
+        n0 = len(state["pos"])
+        changes = {}
+        amp_median = np.median(state["amp"])
+        keep = (state["amp"] > self.config.cull_fraction * amp_median) & self._in_support(state["pos"])
+        changes["culled"] = int(n0 - keep.sum())
+        state = {k: v[keep] for k, v in state.items()}
+
+        grid = self.grid
+        grid.build(state["pos"])
+        pairs = grid.pairs()
+        if len(pairs):
+            d = np.linalg.norm(state["pos"][pairs[:, 0]] - state["pos"][pairs[:, 1]], axis=1)
+            alive = np.ones(len(state["pos"]), bool)
+            for (i, j) in pairs[np.argsort(d, kind="stable")]:
+                if alive[i] and alive[j]:
+                    w = state["amp"][[i, j]] / state["amp"][[i, j]].sum()
+                    state["pos"][i] = w @ state["pos"][[i, j]]
+                    state["sigma"][i] = w @ state["sigma"][[i, j]]
+                    state["amp"][i] = state["amp"][[i, j]].sum()
+                    state["m"][i] = 0
+                    state["v"][i] = 0
+                    state["age"][i] = 0
+                    alive[j] = False
+            changes["merged"] = int((~alive).sum())
+            state = {k: v[alive] for k, v in state.items()}
+
+        wide = state["sigma"] > self.config.split_width * np.median(state["sigma"])
+        changes["split"] = int(wide.sum())
+        if wide.any():
+            # Two halves 1.2 σ apart along a random direction; the fit then pulls them onto atoms.
+            parent = {k: v[wide] for k, v in state.items()}
+            direction = self.rng.normal(size=(len(parent["pos"]), 3))
+            offset = direction / np.linalg.norm(direction, axis=1, keepdims=True) * 0.6 * parent["sigma"][:, None]
+            halves = [self._with_moments({"pos": parent["pos"] + sign * offset, "amp": 0.5 * parent["amp"],
+                                          "sigma": 0.8 * parent["sigma"]}) for sign in (1, -1)]
+            state = {k: np.concatenate([state[k][~wide]] + [h[k] for h in halves]) for k in state}
+
+        spawned = self._spawn(state, grid)
+        changes["spawned"] = len(spawned["pos"])
+        state = {k: np.concatenate([state[k], spawned[k]]) for k in state}
+        self._upload(state)
+        return changes
+
+    def _spawn(self, state: dict, grid) -> dict:
+        """New atoms at peaks of the back-projected residual with no atom within d_min."""
+        self.projector.set_batch(np.arange(self.series.n_tilts))
+        self.projector.forward(self.model.cloud)
+        residual = self.normalised - self.projector.images_numpy()
+        volume = self._fbp(residual)
+        typical = float(np.median(self._sample(self.data_fbp, state["pos"]))) if len(state["pos"]) else 1.0
+        positions, values = self._peaks(volume, self.config.spawn_fraction * typical)
+        positions, values = self._thin(positions, values)
+        if len(positions) and len(state["pos"]):
+            grid.build(state["pos"])
+            distance, _ = grid.nearest(positions)
+            free = distance > self.d_min
+            positions, values = positions[free], values[free]
+        n = len(positions)
+        amp = np.median(state["amp"]) if len(state["amp"]) else 1.0
+        sigma = np.median(state["sigma"]) if len(state["sigma"]) else 0.35
+        return self._with_moments({"pos": positions, "amp": np.full(n, amp) * np.clip(values / typical, 0.2, 1.0),
+                                   "sigma": np.full(n, sigma)})
+
+    # ------------------------------------------------------------------ optimisation
+    def learning_rate_factor(self, it: int) -> float:
+        c = self.config
+        return c.lr_final + (1 - c.lr_final) * 0.5 * (1 + math.cos(math.pi * it / c.iters))
+
+    def step(self) -> None:
+        c = self.config
+        n = self.series.n_tilts
+        if 0 < c.batch < n:
+            self.projector.set_batch(np.sort(self.rng.choice(n, c.batch, replace=False)))
+        elif self.projector.batch_size != n:
+            self.projector.set_batch(np.arange(n))
+        cloud = self.model.cloud
+        self.projector.forward(cloud)
+        self.target.residual(self.projector.batch_size, n / self.projector.batch_size)
+        self.projector.backward(cloud, alignment=False)
+        f = self.learning_rate_factor(self.iteration)
+        self.model.adam_step(c.lr_pos * f, c.lr_amp * f, c.lr_sigma * f)
+        self.iteration += 1
+
+    def run(self, resume: bool = False) -> Atoms:
+        from tqdm import tqdm
+
+        c = self.config
+        if not resume:
+            self._upload(self._with_moments(self.initial_atoms()))
+        densify_end = int(c.densify_until * c.iters)
+        bar = tqdm(total=c.iters, initial=self.iteration, disable=not self.progress, unit="it",
+                   file=sys.stderr, dynamic_ncols=True)
+        with _deferred_interrupt() as interrupted:
+            while self.iteration < c.iters:
+                if interrupted():
+                    bar.close()
+                    self.save_checkpoint()  # the last completed step
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                counting = self.iteration < densify_end
+                if counting and self.iteration > 0 and self.iteration % c.densify_every == 0:
+                    self.densify()
+                self.step()
+                self.phase_seconds["densify" if counting else "refine"] += time.perf_counter() - t0
+                if self.iteration % 10 == 0 or self.iteration == c.iters:
+                    loss = self.target.loss_value()
+                    self.history["iteration"].append(self.iteration)
+                    self.history["loss"].append(loss)
+                    self.history["atoms"].append(self.model.count)
+                    bar.set_postfix(loss=f"{loss:.4g}", atoms=self.model.count, refresh=False)
+                bar.update(1)
+                if self.iteration % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        return self.atoms()
+
+    @staticmethod
+    def _with_moments(state: dict) -> dict:
+        n = len(state["pos"])
+        return {**state, "m": np.zeros((n, 5)), "v": np.zeros((n, 5)), "age": np.zeros(n, np.int64)}
+
+    # ------------------------------------------------------------------ results
+    def atoms(self) -> Atoms:
+        """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å)."""
+        state = self.model.get_state()
+        order = np.lexsort(state["pos"].T[::-1])
+        species = self.config.species[0] if len(self.config.species) == 1 else UNKNOWN_SPECIES
+        return Atoms(np.full(len(order), species), state["pos"][order],
+                     {"amplitude": state["amp"][order] * self.data.scale, "width": state["sigma"][order]})
+
+    def save_checkpoint(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.model.get_state()
+        payload = {f"state_{k}": v for k, v in state.items()}
+        payload["meta"] = np.array(json.dumps({
+            "iteration": self.iteration, "config": asdict(self.config), "history": self.history,
+            "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state}))
+        path = self.out_dir / CHECKPOINT
+        _write_atomically(path, lambda tmp: np.savez(open(tmp, "wb"), **payload))
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                state = {k[len("state_"):]: f[k] for k in f.files if k.startswith("state_")}
+                meta = json.loads(str(f["meta"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise InputError(path, f"not a readable atomsplat checkpoint ({err})") from err
+        self.iteration = int(meta["iteration"])
+        self.history = meta["history"]
+        self.phase_seconds = meta["phase_seconds"]
+        self.rng.bit_generator.state = meta["rng"]
+        self._upload(state, sort=False)  # the order the run had: same sums, same results
+
+    def write_outputs(self, atoms: Atoms, arch: str, wall_seconds: float, extra: dict | None = None) -> dict:
+        from .plots import line_plot, projection_panel
+
+        t0 = time.perf_counter()
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_atoms(atoms, out / "atoms.xyz", overwrite=True)
+        self.projector.set_batch(np.arange(self.series.n_tilts))
+        self.projector.forward(self.model.cloud)
+        predicted = self.projector.images_numpy() * self.data.scale + self.data.background
+        projection_panel(self.series.projections, predicted, self.series.angles, path=out / "projections.png")
+        it = np.asarray(self.history["iteration"], float)
+        line_plot({"loss": (it, np.asarray(self.history["loss"], float))}, path=out / "loss.png",
+                  title="LOSS", xlabel="ITERATION", logy=True)
+        self.phase_seconds["output"] += time.perf_counter() - t0
+        report = {"source": self.series.source, "arch": arch, "config": asdict(self.config),
+                  "data_model": asdict(self.data), "d_min_A": self.d_min, "iterations": self.iteration,
+                  "final_loss": self.history["loss"][-1] if self.history["loss"] else None,
+                  "n_atoms": len(atoms), "history": self.history, "phase_seconds": self.phase_seconds,
+                  "wall_seconds": wall_seconds}
+        report.update(extra or {})
+        _write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+        return report
