@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from .elements import SYMBOLS, normalize_symbol
 from .errors import InputError
+from .files import write_atomically
 
 UNKNOWN_SPECIES = "X"
 
@@ -389,16 +389,7 @@ def write_atoms(atoms: Atoms, path: str | os.PathLike, overwrite: bool = False) 
         raise InputError(path, "non-finite position (NaN or inf), refusing to write")
     text = _format_pdb(atoms, path) if suffix in PDB_SUFFIXES else _format_xyz(atoms, path)
 
-    # Temp file in the target directory so that os.replace is an atomic rename on the same filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
 
 
 _NEEDS_QUOTES = re.compile(r"""[\s="'\\{}]""")

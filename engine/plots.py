@@ -8,13 +8,13 @@ and write PNGs through `save_png` (imageio). Text uses a built-in 5x7 bitmap fon
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+
+from .files import write_atomically
 
 # 5x7 font: per glyph 7 rows top to bottom, two hex digits each; bit 4 is the leftmost pixel.
 _FONT_HEX = {
@@ -441,13 +441,4 @@ def save_png(image, path) -> Path:
     The PNG goes to a temporary file in the same directory first and is then renamed over
     ``path``, so readers never see a half-written file. Returns the path.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        iio.imwrite(tmp, np.asarray(image), extension=".png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda tmp: iio.imwrite(tmp, np.asarray(image), extension=".png"))

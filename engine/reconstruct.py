@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ import numpy as np
 
 from .atoms import Atoms, UNKNOWN_SPECIES, write_atoms
 from .errors import InputError
+from .files import write_atomically
 from .tiltseries import TiltSeries
 
 CHECKPOINT = "checkpoint.npz"
@@ -54,7 +53,8 @@ class ReconstructionConfig:
     cull_fraction: float = 0.3        # cull atoms fainter than this fraction of the median amplitude
     spawn_fraction: float = 0.35      # spawn at residual peaks above this fraction of a typical atom's
     split_width: float = 1.8          # split atoms wider than this multiple of the median width
-    repulsion: float = 0.0            # strength of a soft penalty on pairs closer than d_min (0: off)
+    repulsion: float = 0.0            # soft penalty Σ (d_min − d)² on close pairs, in noise-weighted
+                                      # data-term units (0: off)
     loss: str = "l2"                  # "l2" (noise-weighted least squares) or "poisson"
     gain: float = 0.0                 # Poisson: counts per data unit (0: estimated from the data)
     blur: float = -1.0                # microscope blur σ, Å (< 0: from the file, else 0)
@@ -141,17 +141,6 @@ def _deferred_interrupt():
         yield lambda: bool(pending)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class Reconstructor:
@@ -348,6 +337,10 @@ class Reconstructor:
         self.projector.forward(cloud)
         self.target.residual(self.projector.batch_size, n / self.projector.batch_size)
         self.projector.backward(cloud, alignment=False)
+        if c.repulsion > 0:  # positions moved since the last step: rebuild the grid on the device
+            self.grid.build_from_field(cloud.pos, self.model.count)
+            self.grid.repulsion_gradient(cloud.pos, self.model.count, self.d_min, c.repulsion * self.target.weight,
+                                         cloud.grad_pos)
         f = self.learning_rate_factor(self.iteration)
         self.model.adam_step(c.lr_pos * f, c.lr_amp * f, c.lr_sigma * f)
         self.iteration += 1
@@ -408,7 +401,7 @@ class Reconstructor:
             "iteration": self.iteration, "config": asdict(self.config), "history": self.history,
             "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state}))
         path = self.out_dir / CHECKPOINT
-        _write_atomically(path, lambda tmp: np.savez(open(tmp, "wb"), **payload))
+        write_atomically(path, lambda tmp: np.savez(tmp, **payload))
         return path
 
     def load_checkpoint(self, path) -> None:
@@ -446,5 +439,5 @@ class Reconstructor:
                   "n_atoms": len(atoms), "history": self.history, "phase_seconds": self.phase_seconds,
                   "wall_seconds": wall_seconds}
         report.update(extra or {})
-        _write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+        write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
         return report

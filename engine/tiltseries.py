@@ -15,8 +15,6 @@ the file and what is wrong with it.
 
 from __future__ import annotations
 
-import os
-import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -27,6 +25,7 @@ import mrcfile
 import numpy as np
 
 from .errors import InputError
+from .files import write_atomically
 from .geometry import TiltGeometry
 
 MRC_SUFFIXES = (".mrc", ".st", ".mrcs")
@@ -372,27 +371,15 @@ def write_tilt_series(series: TiltSeries, path, overwrite: bool = False) -> Path
                 raise InputError(target, "already exists; not overwriting it (ask explicitly to overwrite)")
 
     if suffix == ".npz":
-        _write_atomically(path, lambda tmp: _write_npz(series, tmp))
+        write_atomically(path, lambda tmp: _write_npz(series, tmp))
     else:
         if series.geometry is not None:
             warnings.warn(f"{path}: MRC with .tlt keeps only the tilt angles; the explicit per-projection "
                           "geometry is not written (write .npz to keep it)", UserWarning, stacklevel=2)
-        _write_atomically(path, lambda tmp: _write_mrc(series, tmp))
+        write_atomically(path, lambda tmp: _write_mrc(series, tmp))
         text = "".join(f"{float(a)!r}\n" for a in series.angles)
-        _write_atomically(targets[1], lambda tmp: tmp.write_text(text))
+        write_atomically(targets[1], lambda tmp: tmp.write_text(text))
     return path
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Let ``write(tmp)`` create a temporary file beside `path`, then rename it onto `path`."""
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(path, f"cannot write ({err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_npz(series: TiltSeries, tmp: Path) -> None:
