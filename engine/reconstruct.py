@@ -151,7 +151,7 @@ class Reconstructor:
         from .model import AtomModel
         from .neighbours import NeighbourGrid
         from .projector import TiltSeriesProjector
-        from .volume import backprojector_for
+        from .volume import projector_for
 
         self.series = series
         self.config = config
@@ -168,7 +168,8 @@ class Reconstructor:
         t0 = time.perf_counter()
         self.projector = TiltSeriesProjector(self.geometry, series.shape, series.pixel_size, self.data.blur)
         self.target = FitTarget(self.projector, self.normalised, config.loss, self.data, config.gain)
-        self.backprojector = backprojector_for(series.n_tilts, series.shape, series.pixel_size, config.voxel)
+        self.volume_projector = projector_for(series.n_tilts, series.shape, series.pixel_size, config.voxel)
+        self.volume_projector.set_geometry(self.geometry)
         self.support = self._support()
         self.data_fbp = self._fbp(self.normalised)
         self.model = AtomModel(256)
@@ -177,10 +178,7 @@ class Reconstructor:
 
     # ------------------------------------------------------------------ volumes
     def _fbp(self, images: np.ndarray) -> np.ndarray:
-        from .volume import ramp_filter
-
-        return self.backprojector(ramp_filter(images, self.series.pixel_size), self.geometry) * (
-            np.pi / self.series.n_tilts)
+        return self.volume_projector.fbp(images)
 
     def _support(self) -> np.ndarray:
         """Visual hull: voxels whose projection lands on signal (smoothed image above 5 noise σ or
@@ -191,32 +189,24 @@ class Reconstructor:
         mask = smooth > max(5 * self.data.noise / 4.0, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.series.pixel_size)),
                                        structure=ndimage.generate_binary_structure(3, 1)[1:2])
-        hull = self.backprojector(mask.astype(np.float32), self.geometry, reduction="min") > 0.5
+        hull = self.volume_projector.backproject(mask.astype(np.float32), reduction="min") > 0.5
         return hull
 
     def _in_support(self, positions: np.ndarray) -> np.ndarray:
-        bp = self.backprojector
-        idx = np.rint((positions - bp.origin) / bp.voxel).astype(int)
-        inside = np.all((idx >= 0) & (idx < np.array(bp.grid_shape)), axis=1)
-        out = np.zeros(len(positions), bool)
-        out[inside] = self.support[tuple(idx[inside].T)]
-        return out
+        bp = self.volume_projector
+        inside = np.all(np.abs((positions - bp.origin) / bp.voxel - (np.array(bp.grid_shape) - 1) / 2)
+                        <= (np.array(bp.grid_shape) - 1) / 2 + 0.5, axis=1)
+        return inside & self.support[tuple(bp.indices(positions).T)]
 
     def _peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Local maxima (within d_min/2) above ``threshold`` inside the support: positions (Å), values."""
-        from scipy import ndimage
+        """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values."""
+        from .volume import local_maxima, suppress_close
 
-        size = max(3, 2 * int(self.d_min / 2 / self.backprojector.voxel) + 1)
-        is_peak = (volume == ndimage.maximum_filter(volume, size=size)) & (volume > threshold) & self.support
-        idx = np.argwhere(is_peak)
-        values = volume[tuple(idx.T)]
-        order = np.argsort(-values, kind="stable")
-        return self.backprojector.positions(idx[order]), values[order]
+        positions, values = local_maxima(volume, self.volume_projector, self.d_min, threshold, self.support)
+        return suppress_close(positions, values, self.d_min)
 
     def _sample(self, volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        bp = self.backprojector
-        idx = np.clip(np.rint((positions - bp.origin) / bp.voxel).astype(int), 0, np.array(bp.grid_shape) - 1)
-        return volume[tuple(idx.T)]
+        return volume[tuple(self.volume_projector.indices(positions).T)]
 
     # ------------------------------------------------------------------ atoms
     def initial_atoms(self) -> dict:
@@ -227,21 +217,9 @@ class Reconstructor:
         bright = np.median(values[: max(1, len(values) // 10)])
         keep = values > bright / 3.0
         positions, values = positions[keep], values[keep]
-        positions, values = self._thin(positions, values)
         total = float(np.mean(self.normalised.sum(axis=(1, 2)))) * self.series.pixel_size ** 2
         amp = np.full(len(positions), total / len(positions))
         return {"pos": positions, "amp": amp, "sigma": np.full(len(positions), 0.35)}
-
-    def _thin(self, positions, values):
-        """Drop candidates within d_min of a brighter one (positions sorted by decreasing value)."""
-        from scipy.spatial import cKDTree
-
-        keep = np.ones(len(positions), bool)
-        tree = cKDTree(positions)
-        for i, j in sorted(tree.query_pairs(self.d_min)):
-            if keep[i]:
-                keep[j] = False
-        return positions[keep], values[keep]
 
     def _upload(self, state: dict, sort: bool = True) -> None:
         from .model import AtomModel
@@ -309,7 +287,6 @@ class Reconstructor:
         volume = self._fbp(residual)
         typical = float(np.median(self._sample(self.data_fbp, state["pos"]))) if len(state["pos"]) else 1.0
         positions, values = self._peaks(volume, self.config.spawn_fraction * typical)
-        positions, values = self._thin(positions, values)
         if len(positions) and len(state["pos"]):
             grid.build(state["pos"])
             distance, _ = grid.nearest(positions)
@@ -428,6 +405,8 @@ class Reconstructor:
         self.projector.set_batch(np.arange(self.series.n_tilts))
         self.projector.forward(self.model.cloud)
         predicted = self.projector.images_numpy() * self.data.scale + self.data.background
+        measured = self.series.projections.astype(np.float64)
+        nrmse = float(np.linalg.norm(predicted - measured) / np.linalg.norm(measured - self.data.background))
         projection_panel(self.series.projections, predicted, self.series.angles, path=out / "projections.png")
         it = np.asarray(self.history["iteration"], float)
         line_plot({"loss": (it, np.asarray(self.history["loss"], float))}, path=out / "loss.png",
@@ -436,7 +415,8 @@ class Reconstructor:
         report = {"source": self.series.source, "arch": arch, "config": asdict(self.config),
                   "data_model": asdict(self.data), "d_min_A": self.d_min, "iterations": self.iteration,
                   "final_loss": self.history["loss"][-1] if self.history["loss"] else None,
-                  "n_atoms": len(atoms), "history": self.history, "phase_seconds": self.phase_seconds,
+                  "projection_nrmse": nrmse, "n_atoms": len(atoms), "history": self.history,
+                  "phase_seconds": self.phase_seconds,
                   "wall_seconds": wall_seconds}
         report.update(extra or {})
         write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))

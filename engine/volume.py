@@ -1,9 +1,15 @@
-"""Voxel back-projection: filtered back-projection (FBP) volumes and projection-mask support.
+"""Voxel volumes and the classical tomography they take part in.
 
-Used to seed atoms (peaks of a quick FBP of the data), to find where atoms are missing (peaks of the
-FBP of the residual), and to bound the particle (the visual hull of thresholded projections). The
-tilt geometry comes from `engine.geometry`; images are sampled bilinearly at each voxel's projected
-position (Å → pixels by the contract's pixel-centre convention).
+`VoxelProjector` is a matched pair: a voxel-driven parallel-beam projector (each voxel splats into
+each projection with bilinear weights at its projected position, in the geometry of
+`engine.geometry`) and its exact transpose, the bilinear back-projector. On top of them: filtered
+back-projection (FBP, Hann-windowed ramp along x', perpendicular to the tilt axis +y) and SIRT with
+non-negativity. The fit uses the same back-projector to seed atoms (FBP peaks of the data), to find
+missing atoms (FBP peaks of the residual) and to bound the particle (the visual hull of the
+thresholded projections).
+
+Units: voxel values are projected-potential densities (image units per Å), so A·v is a line integral
+in image units; voxel and pixel edges in Å.
 """
 
 import math
@@ -11,17 +17,18 @@ import math
 import numpy as np
 import taichi as ti
 
-from .backend import session_cache
+from .backend import current_arch, session_cache
 from .geometry import TiltGeometry
+from .projector import CPU_TASK_SPREAD
 
 
 @ti.data_oriented
-class BackProjector:
-    """Back-projects stacks of (n, H, W) images onto a regular voxel grid.
+class VoxelProjector:
+    """Projects a voxel grid into n images and back-projects images onto the grid.
 
     grid_shape : (nx, ny, nz) voxels; origin : world position (Å) of voxel (0, 0, 0); voxel : edge (Å).
-    Reduction 'sum' adds the bilinear samples of all projections (back-projection); 'min' keeps the
-    smallest (a voxel is inside a visual hull only if every projection's mask covers it).
+    Back-projection reduces with 'sum' (the transpose of `project`) or 'min' (a voxel is inside a
+    visual hull only if every projection's mask covers it).
     """
 
     def __init__(self, n_proj: int, image_shape, pixel_size: float, grid_shape, origin, voxel: float):
@@ -31,76 +38,173 @@ class BackProjector:
         self.grid_shape = tuple(int(v) for v in grid_shape)
         self.origin = np.asarray(origin, dtype=np.float64)
         self.voxel = float(voxel)
+        # A voxel holds density × voxel³ of material, spread over pixel² of image.
+        self.splat_scale = self.voxel**3 / self.pixel_size**2
+        self.on_cpu = current_arch() == "cpu"
         self.rot = ti.Matrix.field(3, 3, ti.f32, n_proj)
         self.shift = ti.Vector.field(2, ti.f32, n_proj)
         self.images = ti.field(ti.f32, (n_proj, self.height, self.width))
         self.volume = ti.field(ti.f32, self.grid_shape)
 
+    def set_geometry(self, geometry: TiltGeometry) -> None:
+        arrays = geometry.kernel_arrays()
+        self.rot.from_numpy(arrays["rotations"])
+        self.shift.from_numpy(arrays["shifts"])
+
     @ti.func
-    def _sample(self, k, p):
-        """Bilinear sample of image k at the projection of world point p (Å); 0 outside the image."""
+    def _bilinear(self, k, i, j, l):
+        """Pixel (x0, y0), fractions (fx, fy) of voxel (i, j, l)'s projection in image k, and whether
+        it lands inside the image. The one place both directions take their weights from."""
+        p = ti.Vector([self.origin[0] + i * self.voxel, self.origin[1] + j * self.voxel,
+                       self.origin[2] + l * self.voxel])
         q = self.rot[k] @ p
         x = (q[0] + self.shift[k][0]) / self.pixel_size + (self.width - 1) * 0.5
         y = (q[1] + self.shift[k][1]) / self.pixel_size + (self.height - 1) * 0.5
-        value = 0.0
-        if 0.0 <= x <= self.width - 1 and 0.0 <= y <= self.height - 1:
-            x0 = ti.min(ti.cast(ti.floor(x), ti.i32), self.width - 2)
-            y0 = ti.min(ti.cast(ti.floor(y), ti.i32), self.height - 2)
-            fx = x - x0
-            fy = y - y0
-            value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
-                     + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
-        return value
+        inside = 0.0 <= x <= self.width - 1 and 0.0 <= y <= self.height - 1
+        x0 = ti.min(ti.max(ti.cast(ti.floor(x), ti.i32), 0), self.width - 2)
+        y0 = ti.min(ti.max(ti.cast(ti.floor(y), ti.i32), 0), self.height - 2)
+        return x0, y0, x - x0, y - y0, inside
+
+    @ti.func
+    def _splat_voxel(self, k, i, j, l):
+        x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
+        if inside:
+            v = self.volume[i, j, l] * ti.static(self.splat_scale)
+            # Plain adds: one thread owns projection k (see `_project`).
+            self.images[k, y0, x0] += (1 - fx) * (1 - fy) * v
+            self.images[k, y0, x0 + 1] += fx * (1 - fy) * v
+            self.images[k, y0 + 1, x0] += (1 - fx) * fy * v
+            self.images[k, y0 + 1, x0 + 1] += fx * fy * v
 
     @ti.kernel
-    def _backproject(self, ox: ti.f32, oy: ti.f32, oz: ti.f32, voxel: ti.f32, use_min: ti.template()):
+    def _project(self):
+        for k, r, c in self.images:
+            self.images[k, r, c] = 0.0
+        if ti.static(self.on_cpu):
+            # One task per projection, voxels in a fixed order: identical sums run to run.
+            for item in range(self.n_proj * CPU_TASK_SPREAD):
+                if item % CPU_TASK_SPREAD == 0:
+                    k = item // CPU_TASK_SPREAD
+                    for i, j, l in ti.ndrange(*self.grid_shape):
+                        self._splat_voxel(k, i, j, l)
+        else:
+            for k, i, j, l in ti.ndrange(self.n_proj, *self.grid_shape):
+                self._splat_voxel(k, i, j, l)
+
+    @ti.kernel
+    def _backproject(self, use_min: ti.template()):
         for i, j, l in self.volume:
-            p = ti.Vector([ox + i * voxel, oy + j * voxel, oz + l * voxel])
             acc = 0.0
             if ti.static(use_min):
                 acc = 1e30
             for k in range(self.n_proj):
+                x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
+                value = 0.0
+                if inside:
+                    value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
+                             + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
                 if ti.static(use_min):
-                    acc = ti.min(acc, self._sample(k, p))
+                    acc = ti.min(acc, value)
                 else:
-                    acc += self._sample(k, p)
-            self.volume[i, j, l] = acc
+                    acc += value
+            self.volume[i, j, l] = acc * (1.0 if ti.static(use_min) else ti.static(self.splat_scale))
 
-    def __call__(self, images, geometry: TiltGeometry, reduction: str = "sum") -> np.ndarray:
-        arrays = geometry.kernel_arrays()
-        self.rot.from_numpy(arrays["rotations"])
-        self.shift.from_numpy(arrays["shifts"])
+    def project(self, volume: np.ndarray) -> np.ndarray:
+        """A·v: the (n, H, W) projections of ``volume`` (nx, ny, nz) in image units."""
+        self.volume.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        self._project()
+        return self.images.to_numpy()
+
+    def backproject(self, images: np.ndarray, reduction: str = "sum") -> np.ndarray:
+        """Aᵀ·images ('sum', the exact transpose of `project`) or the per-voxel minimum over
+        projections of the bilinear samples ('min')."""
         self.images.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        self._backproject(*[float(v) for v in self.origin], self.voxel, reduction == "min")
+        self._backproject(reduction == "min")
         return self.volume.to_numpy()
 
     def positions(self, index) -> np.ndarray:
         """World positions (Å) of voxel indices (M, 3)."""
         return self.origin + np.asarray(index, dtype=np.float64) * self.voxel
 
+    def indices(self, positions) -> np.ndarray:
+        """Nearest voxel indices (M, 3) of world positions (Å), clipped to the grid."""
+        idx = np.rint((np.asarray(positions) - self.origin) / self.voxel).astype(int)
+        return np.clip(idx, 0, np.array(self.grid_shape) - 1)
+
+    def fbp(self, images: np.ndarray) -> np.ndarray:
+        """Filtered back-projection, density units (image units per Å)."""
+        filtered = ramp_filter(images, self.pixel_size)
+        return self.backproject(filtered) * (np.pi / self.n_proj) / self.splat_scale
+
+    def sirt(self, images: np.ndarray, iterations: int = 50, relaxation: float = 1.0, nonnegative: bool = True,
+             callback=None) -> np.ndarray:
+        """SIRT: v ← max(0, v + λ C Aᵀ R (b − A v)), R and C the inverse row and column sums of A.
+        ``callback(iteration, volume, residual_norm)`` sees every step."""
+        b = np.asarray(images, dtype=np.float64)
+        row = self.project(np.ones(self.grid_shape, np.float32)).astype(np.float64)
+        col = self.backproject(np.ones(b.shape, np.float32)).astype(np.float64)
+        inv_row = np.where(row > 1e-6 * row.max(), 1.0 / np.maximum(row, 1e-30), 0.0)
+        inv_col = np.where(col > 1e-6 * col.max(), 1.0 / np.maximum(col, 1e-30), 0.0)
+        v = np.zeros(self.grid_shape)
+        for it in range(iterations):
+            residual = b - self.project(v)
+            v = v + relaxation * inv_col * self.backproject(residual * inv_row)
+            if nonnegative:
+                v = np.maximum(v, 0.0)
+            if callback is not None:
+                callback(it, v, float(np.linalg.norm(residual)))
+        return v.astype(np.float32)
+
 
 def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
-    """Filter each image row along x' (perpendicular to the tilt axis +y) with a Hann-windowed ramp,
-    scaled so that back-projecting over n angles spread across 180° approximates the volume."""
+    """Filter each image row along x' (perpendicular to the tilt axis +y) with a Hann-windowed ramp
+    |f| (f in cycles per Å)."""
     n = images.shape[-1]
     pad = 1 << int(math.ceil(math.log2(2 * n)))
-    freq = np.fft.rfftfreq(pad, d=pixel_size)  # cycles per Å
+    freq = np.fft.rfftfreq(pad, d=pixel_size)
     window = 0.5 * (1 + np.cos(np.pi * freq / freq[-1]))
-    filtered = np.fft.irfft(np.fft.rfft(images, n=pad, axis=-1) * (2 * freq * window), n=pad, axis=-1)
-    return filtered[..., :n] * pixel_size
+    filtered = np.fft.irfft(np.fft.rfft(images, n=pad, axis=-1) * (freq * window), n=pad, axis=-1)
+    return filtered[..., :n]
 
 
-def backprojector_for(n_proj: int, image_shape, pixel_size: float, voxel: float) -> BackProjector:
-    """A cached `BackProjector` whose grid covers the field of view: x and z span the image width, y
-    its height (Å), at ``voxel`` spacing."""
+def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float) -> VoxelProjector:
+    """A cached `VoxelProjector` whose grid covers the field of view: x and z span the image width,
+    y its height (Å), at ``voxel`` spacing."""
     h, w = image_shape
-    half_x = (w - 1) / 2 * pixel_size
-    half_y = (h - 1) / 2 * pixel_size
-    nx = int(2 * half_x // voxel) + 1
-    ny = int(2 * half_y // voxel) + 1
-    key = ("backprojector", n_proj, tuple(image_shape), float(pixel_size), float(voxel))
+    nx = int((w - 1) * pixel_size // voxel) + 1
+    ny = int((h - 1) * pixel_size // voxel) + 1
+    key = ("voxel projector", n_proj, tuple(image_shape), float(pixel_size), float(voxel))
     cache = session_cache()
     if key not in cache:
         origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
-        cache[key] = BackProjector(n_proj, image_shape, pixel_size, (nx, ny, nx), origin, voxel)
+        cache[key] = VoxelProjector(n_proj, image_shape, pixel_size, (nx, ny, nx), origin, voxel)
     return cache[key]
+
+
+def local_maxima(volume: np.ndarray, projector: VoxelProjector, separation: float, threshold: float,
+                 mask: np.ndarray | None = None) -> tuple:
+    """Voxels that are the maximum within ±separation/2 (Å), above ``threshold`` and inside ``mask``:
+    their positions (Å) and values, brightest first."""
+    from scipy import ndimage
+
+    size = max(3, 2 * int(separation / 2 / projector.voxel) + 1)
+    is_peak = (volume == ndimage.maximum_filter(volume, size=size)) & (volume > threshold)
+    if mask is not None:
+        is_peak &= mask
+    idx = np.argwhere(is_peak)
+    values = volume[tuple(idx.T)]
+    order = np.argsort(-values, kind="stable")
+    return projector.positions(idx[order]), values[order]
+
+
+def suppress_close(positions: np.ndarray, values: np.ndarray, distance: float) -> tuple:
+    """Greedy non-maximum suppression: drop every candidate within ``distance`` (Å) of a brighter kept
+    one. Candidates must come brightest first."""
+    from scipy.spatial import cKDTree
+
+    keep = np.ones(len(positions), bool)
+    # Pairs sorted by their first (brighter) member: a candidate's fate is settled before it suppresses.
+    for i, j in sorted(cKDTree(positions).query_pairs(distance)):
+        if keep[i]:
+            keep[j] = False
+    return positions[keep], values[keep]
