@@ -5,7 +5,7 @@ import pytest
 
 from engine.baseline import classify_species, otsu_threshold, refine_subvoxel, trace_atoms
 from engine.geometry import TiltGeometry
-from engine.volume import VoxelProjector, local_maxima, suppress_close
+from engine.volume import VoxelProjector, suppress_close
 
 GRID = (20, 16, 20)
 ORIGIN = (-4.75, -3.75, -4.75)
