@@ -181,12 +181,13 @@ class Reconstructor:
         return self.volume_projector.fbp(images)
 
     def _support(self) -> np.ndarray:
-        """Visual hull: voxels whose projection lands on signal (smoothed image above 5 noise σ or
-        8 % of the maximum) in every projection, dilated by d_min."""
+        """Visual hull: voxels whose projection lands on signal (the image smoothed over 2 px, above
+        5 σ of its noise and 8 % of its maximum) in every projection, dilated by d_min."""
         from scipy import ndimage
 
         smooth = ndimage.gaussian_filter(self.normalised, sigma=(0, 2, 2))
-        mask = smooth > max(5 * self.data.noise / 4.0, 0.08 * smooth.max())
+        smoothed_noise = self.data.noise / (2 * math.sqrt(math.pi) * 2)  # white noise after a σ = 2 px blur
+        mask = smooth > max(5 * smoothed_noise, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.series.pixel_size)),
                                        structure=ndimage.generate_binary_structure(3, 1)[1:2])
         hull = self.volume_projector.backproject(mask.astype(np.float32), reduction="min") > 0.5
@@ -273,10 +274,12 @@ class Reconstructor:
                                           "sigma": 0.8 * parent["sigma"]}) for sign in (1, -1)]
             state = {k: np.concatenate([state[k][~wide]] + [h[k] for h in halves]) for k in state}
 
+        self._upload(state)  # the residual that guides spawning is that of the atoms kept so far
         spawned = self._spawn(state, grid)
         changes["spawned"] = len(spawned["pos"])
-        state = {k: np.concatenate([state[k], spawned[k]]) for k in state}
-        self._upload(state)
+        if len(spawned["pos"]):
+            kept = self.model.get_state()
+            self._upload({k: np.concatenate([kept[k], spawned[k]]) for k in kept})
         return changes
 
     def _spawn(self, state: dict, grid) -> dict:
