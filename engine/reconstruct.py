@@ -366,12 +366,21 @@ class Reconstructor:
 
     # ------------------------------------------------------------------ results
     def atoms(self) -> Atoms:
-        """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å)."""
+        """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å); with several
+        expected species, each atom's most probable element and its probability (`engine.chemistry`)."""
+        from .chemistry import assign_species
+
         state = self.model.get_state()
         order = np.lexsort(state["pos"].T[::-1])
-        species = self.config.species[0] if len(self.config.species) == 1 else UNKNOWN_SPECIES
-        return Atoms(np.full(len(order), species), state["pos"][order],
-                     {"amplitude": state["amp"][order] * self.data.scale, "width": state["sigma"][order]})
+        amplitude = state["amp"][order] * self.data.scale
+        columns = {"amplitude": amplitude, "width": state["sigma"][order]}
+        if self.config.species:
+            species, probability, _ = assign_species(amplitude, self.config.species)
+            if len(self.config.species) > 1:
+                columns["species_prob"] = probability
+        else:
+            species = np.full(len(order), UNKNOWN_SPECIES)
+        return Atoms(species, state["pos"][order], columns)
 
     def save_checkpoint(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
