@@ -1,5 +1,6 @@
-"""Which element each fitted atom is: a mixture model on the fitted amplitudes whose components sit
-where physics puts them.
+"""Chemistry of the fitted atoms: which element each is, and its thermal (Debye–Waller) B.
+
+Elements: a mixture model on the fitted amplitudes whose components sit where physics puts them.
 
 A fitted amplitude is the integrated projected potential of the atom (data units · Å²), which for
 element Z is proportional to its electron scattering factor at zero angle, f_e(0) (Peng 1996). So
@@ -7,6 +8,10 @@ in log space every element's component is centred at log s + log f_e(0)_Z with o
 intensity scale s: the components are ordered by Z from the start and only s, their spreads and
 their weights are refined on the data (EM). Each atom gets the most probable element and its
 posterior probability.
+
+B-factors: see `b_factors_from_calibration`: the fitted structure is simulated again without noise at
+two known B and refitted, which measures how each atom's fitted width answers to B in its own
+surroundings (neighbours, blur, pixel size, the single-Gaussian approximation of the profile).
 """
 
 from __future__ import annotations
@@ -64,3 +69,13 @@ def assign_species(amplitudes: np.ndarray, species: list[str], composition: dict
     labels = np.array(species)[best]
     return labels, resp[np.arange(len(best)), best], {"scale": float(np.exp(log_s)), "spread": spread.tolist(),
                                                       "weights": weights.tolist()}
+
+
+
+def b_factors_from_calibration(widths: np.ndarray, widths_at: dict) -> np.ndarray:
+    """Per-atom B (Å², B = 8π²⟨u_x²⟩, the simulator's convention) from fitted widths σ (Å) and the
+    widths the same atoms get when their structure is simulated at known B: {B0: σ0, B1: σ1}. The
+    fitted σ² grows linearly with ⟨u²⟩, so B is read off the line through the two calibration points."""
+    (b0, s0), (b1, s1) = sorted(widths_at.items())
+    s2, s0, s1 = (np.asarray(v, dtype=np.float64) ** 2 for v in (widths, s0, s1))
+    return b0 + (b1 - b0) * (s2 - s0) / np.where(np.abs(s1 - s0) > 1e-12, s1 - s0, np.nan)

@@ -26,7 +26,9 @@ def _add_fit_options(parser):
     parser.add_argument("--iters", type=int, default=None, help="optimisation steps")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--batch", type=int, default=None, help="projections per step (0: all)")
-    parser.add_argument("--species", default=None, help="expected elements, e.g. Pt,Ni (sets d_min)")
+    parser.add_argument("--species", default=None,
+                        help="expected elements, e.g. Pt,Ni: sets d_min, labels atoms, estimates B-factors")
+    parser.add_argument("--composition", default=None, help="expected fractions, e.g. Pt:0.6,Ni:0.4 (implies --species)")
     parser.add_argument("--loss", choices=["l2", "poisson"], default=None, help="data term (default l2)")
     parser.add_argument("--gain", type=float, default=None, help="Poisson loss: counts per data unit")
     parser.add_argument("--resume", metavar="DIR", default=None,
@@ -178,6 +180,13 @@ def _settings(args, base: dict) -> dict:
             settings[key] = getattr(args, key)
     if getattr(args, "species", None):
         settings["species"] = [s for s in args.species.split(",") if s]
+    if getattr(args, "composition", None):
+        try:
+            pairs = [item.split(":") for item in args.composition.split(",") if item]
+            settings["composition"] = {symbol: float(fraction) for symbol, fraction in pairs}
+        except ValueError:
+            raise InputError("--composition", f"expected e.g. Pt:0.6,Ni:0.4, got {args.composition!r}") from None
+        settings.setdefault("species", list(settings["composition"]))
     return settings
 
 

@@ -49,6 +49,7 @@ class ReconstructionConfig:
     densify_every: int = 100          # steps between density-control rounds
     densify_until: float = 0.6        # fraction of the run with count changes; the rest only refines
     species: list = field(default_factory=list)  # expected elements, e.g. ["Pt", "Ni"] (sets d_min)
+    composition: dict = field(default_factory=dict)  # optional expected fractions, e.g. {"Pt": 0.6, "Ni": 0.4}
     d_min: float = 0.0                # minimum interatomic distance, Å (0: 0.7 × shortest bond)
     cull_fraction: float = 0.3        # cull atoms fainter than this fraction of the median amplitude
     spawn_fraction: float = 0.35      # spawn at residual peaks above this fraction of a typical atom's
@@ -61,16 +62,13 @@ class ReconstructionConfig:
     voxel: float = 0.5                # back-projection grid for seeding and spawning, Å
     checkpoint_every: int = 200       # steps between checkpoints
     seed: int = 0
+    thermal_refits: int = 300         # steps of each B-calibration refit (0: no B-factors)
 
     @classmethod
     def scene_keys(cls) -> dict:
         """Allowed [reconstruct] keys of a scene file and their types."""
-        kinds = {int: int, float: (int, float), str: str, bool: bool}
-        out = {}
-        for f in fields(cls):
-            default = getattr(cls(), f.name)
-            out[f.name] = list if isinstance(default, list) else kinds[type(default)]
-        return out
+        kinds = {int: int, float: (int, float), str: str, bool: bool, list: list, dict: dict}
+        return {f.name: kinds[type(getattr(cls(), f.name))] for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict, source="reconstruction settings") -> "ReconstructionConfig":
@@ -86,6 +84,9 @@ class ReconstructionConfig:
         from .elements import normalize_symbol
 
         self.species = [normalize_symbol(s, source) for s in self.species]
+        self.composition = {normalize_symbol(s, source): float(v) for s, v in self.composition.items()}
+        if self.composition and set(self.composition) != set(self.species):
+            raise InputError(source, "composition must give a fraction for each expected species and no other")
         if self.loss not in ("l2", "poisson"):
             raise InputError(source, f"loss must be 'l2' or 'poisson', got {self.loss!r}")
         if self.iters < 1 or self.densify_every < 1 or self.checkpoint_every < 1 or self.voxel <= 0:
@@ -165,6 +166,7 @@ class Reconstructor:
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": 0.0, "densify": 0.0, "refine": 0.0, "output": 0.0}
         self.iteration = 0
+        self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         t0 = time.perf_counter()
         self.projector = TiltSeriesProjector(self.geometry, series.shape, series.pixel_size, self.data.blur)
         self.target = FitTarget(self.projector, self.normalised, config.loss, self.data, config.gain)
@@ -357,7 +359,38 @@ class Reconstructor:
                     self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
+        if self.config.species and self.config.thermal_refits > 0:
+            t0 = time.perf_counter()
+            self.b_factors = self.calibrate_b_factors()
+            self.phase_seconds["thermal"] = time.perf_counter() - t0
         return self.atoms()
+
+    def calibrate_b_factors(self) -> np.ndarray:
+        """B (Å²) of every atom, in the model's order: the fitted structure (positions, elements) is
+        simulated without noise at B = 0 and 1 Å² in the data's geometry, refitted from the fitted atoms
+        (no count changes) and the widths compared (`engine.chemistry.b_factors_from_calibration`)."""
+        import tempfile
+
+        from .chemistry import assign_species, b_factors_from_calibration
+        from .simulate import simulate_tilt_series
+
+        state = self.model.get_state()
+        species, _, _ = assign_species(state["amp"] * self.data.scale, self.config.species,
+                                       self.config.composition or None)
+        structure = Atoms(species, state["pos"])
+        config = ReconstructionConfig.from_dict({**asdict(self.config), "iters": self.config.thermal_refits,
+                                                 "densify_until": 0.0, "thermal_refits": 0})
+        widths_at = {}
+        for b in (0.0, 1.0):
+            clean = simulate_tilt_series(structure, self.series.angles, self.series.pixel_size, self.series.shape,
+                                         blur_sigma=self.data.blur, b_factor=b, geometry=self.geometry)
+            with tempfile.TemporaryDirectory() as scratch:
+                refit = Reconstructor(clean, config, scratch, progress=False)
+                refit._upload(self._with_moments({"pos": state["pos"], "sigma": state["sigma"],
+                                                  "amp": state["amp"] * self.data.scale / refit.data.scale}), sort=False)
+                refit.run(resume=True)
+                widths_at[b] = refit.model.get_state()["sigma"]
+        return b_factors_from_calibration(state["sigma"], widths_at)
 
     @staticmethod
     def _with_moments(state: dict) -> dict:
@@ -366,8 +399,9 @@ class Reconstructor:
 
     # ------------------------------------------------------------------ results
     def atoms(self) -> Atoms:
-        """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å); with several
-        expected species, each atom's most probable element and its probability (`engine.chemistry`)."""
+        """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å); with the expected
+        species given, each atom's element (and its probability when there are several) and its
+        Debye–Waller B in Å² (`engine.chemistry`)."""
         from .chemistry import assign_species
 
         state = self.model.get_state()
@@ -375,9 +409,11 @@ class Reconstructor:
         amplitude = state["amp"][order] * self.data.scale
         columns = {"amplitude": amplitude, "width": state["sigma"][order]}
         if self.config.species:
-            species, probability, _ = assign_species(amplitude, self.config.species)
+            species, probability, _ = assign_species(amplitude, self.config.species, self.config.composition or None)
             if len(self.config.species) > 1:
                 columns["species_prob"] = probability
+            if self.b_factors is not None:
+                columns["b_factor"] = self.b_factors[order]
         else:
             species = np.full(len(order), UNKNOWN_SPECIES)
         return Atoms(species, state["pos"][order], columns)

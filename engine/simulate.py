@@ -55,7 +55,8 @@ def specimen_gaussians(atoms: Atoms, b_factor: float = 0.0):
 
 def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blur_sigma: float = 0.0,
                          b_factor: float = 0.0, noise: float = 0.0, peak_counts: float | None = None,
-                         shifts=None, seed: int = 0, description: str = "") -> TiltSeries:
+                         shifts=None, seed: int = 0, description: str = "",
+                         geometry: TiltGeometry | None = None) -> TiltSeries:
     """Simulate a tilt series of ``atoms``.
 
     angles_deg  : tilt angles (degrees), active rotation about +y.
@@ -66,13 +67,16 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     peak_counts : Poisson noise: mean electron counts at the brightest clean pixel (None = no Poisson).
     shifts      : (n, 2) in-plane shifts (Å) applied to each projection (stage drift).
     seed        : seeds the noise.
+    geometry    : an explicit `TiltGeometry` to use instead of the one built from angles and shifts.
     """
     angles = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
     if pixel_size <= 0 or not np.isfinite(pixel_size):
         raise InputError("--pixel", f"pixel size must be a positive number of Å, got {pixel_size}")
     if noise < 0 or (peak_counts is not None and peak_counts <= 0):
         raise InputError("--noise", "noise levels must be positive")
-    geometry = TiltGeometry.from_tilt_angles(angles, shifts)
+    explicit = geometry is not None or shifts is not None
+    if geometry is None:
+        geometry = TiltGeometry.from_tilt_angles(angles, shifts)
     positions, weights, sigmas = specimen_gaussians(atoms, b_factor)
     clean = project_tilt_series(positions, weights, sigmas, geometry, shape, pixel_size, blur_sigma)
     clean = clean.astype(np.float64)
@@ -86,5 +90,5 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
         noise_sigma = noise * peak
         data = data + rng.normal(0.0, noise_sigma, clean.shape)
     return TiltSeries(projections=data.astype(np.float32), angles=angles, pixel_size=float(pixel_size),
-                      geometry=None if shifts is None else geometry, noise_sigma=noise_sigma,
+                      geometry=geometry if explicit else None, noise_sigma=noise_sigma,
                       blur_sigma=float(blur_sigma), description=description)

@@ -48,3 +48,32 @@ def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
     result = evaluate_atoms(atoms, read_atoms(shared_data / "dev_ptni_wedge_truth.xyz"))
     assert result["f1"] == 1.0
     assert result["species_accuracy"] >= 0.97
+
+
+def test_b_factor_line_through_two_calibration_points():
+    from engine.chemistry import b_factors_from_calibration
+
+    s0, s1 = np.array([0.30, 0.40]), np.array([0.32, 0.42])
+    widths = np.sqrt(s0**2 + 0.25 * (s1**2 - s0**2))  # a quarter of the way from B = 0 to B = 2
+    assert b_factors_from_calibration(widths, {0.0: s0, 2.0: s1}) == pytest.approx([0.5, 0.5])
+    assert b_factors_from_calibration(s0, {2.0: s1, 0.0: s0}) == pytest.approx([0.0, 0.0])
+
+
+def test_ordered_fept_particle_species_and_b_factor(arch, tmp_path):
+    """An L1_0 FePt particle simulated with B = 0.5 Å² and 3 % noise: species and B come back."""
+    if arch != "cpu":
+        pytest.skip("checked on the CPU")
+    from engine.metrics import evaluate_atoms
+    from engine.reconstruct import ReconstructionConfig, Reconstructor
+    from engine.simulate import parse_tilt_range, simulate_tilt_series
+    from engine.structures import build_structure
+
+    truth = build_structure({"kind": "octahedron", "species": {"Fe": 0.5, "Pt": 0.5}, "ordering": "l10",
+                             "length": 7, "cutoff": 2, "a": 3.85, "euler": [30.0, 50.0, -20.0]})
+    series = simulate_tilt_series(truth, parse_tilt_range("-70:70:4"), 0.3, (80, 80), blur_sigma=0.4,
+                                  b_factor=0.5, noise=0.03, seed=2)
+    atoms = Reconstructor(series, ReconstructionConfig(species=["Fe", "Pt"], iters=600), tmp_path,
+                          progress=False).run()
+    result = evaluate_atoms(atoms, truth)
+    assert result["f1"] == 1.0 and result["species_accuracy"] >= 0.97
+    assert np.median(atoms.columns["b_factor"]) == pytest.approx(0.5, rel=0.2)

@@ -96,3 +96,10 @@ def test_bad_settings_are_refused():
 def test_minimum_distance_follows_species():
     assert ReconstructionConfig(species=["Au"]).minimum_distance() == pytest.approx(0.7 * 4.08 / np.sqrt(2), rel=1e-3)
     assert ReconstructionConfig(d_min=1.2, species=["Au"]).minimum_distance() == 1.2
+
+
+def test_composition_must_match_species():
+    config = ReconstructionConfig.from_dict({"species": ["pt", "Ni"], "composition": {"Pt": 0.6, "ni": 0.4}})
+    assert config.species == ["Pt", "Ni"] and config.composition == {"Pt": 0.6, "Ni": 0.4}
+    with pytest.raises(InputError, match="composition"):
+        ReconstructionConfig.from_dict({"species": ["Pt", "Ni"], "composition": {"Pt": 1.0}})
