@@ -1,13 +1,12 @@
 """Chemistry of the fitted atoms: which element each is, and its thermal (Debye–Waller) B.
 
-Elements: a mixture model on the fitted amplitudes whose components sit where physics puts them.
-
-A fitted amplitude is the integrated projected potential of the atom (data units · Å²), which for
-element Z is proportional to its electron scattering factor at zero angle, f_e(0) (Peng 1996). So
-in log space every element's component is centred at log s + log f_e(0)_Z with one shared, unknown
-intensity scale s: the components are ordered by Z from the start and only s, their spreads and
-their weights are refined on the data (EM). Each atom gets the most probable element and its
-posterior probability.
+Elements: a mixture model on the fitted amplitudes and widths whose components sit where physics
+puts them. A fitted amplitude is (most of) the atom's integrated projected potential, which grows
+with its electron scattering factor f_e(0) (Peng 1996), and its width reflects how compact the
+potential is. Where one isolated atom of each element lands in (amplitude, width) is computed from
+the simulator's own parameterization (`isolated_atom_fit`), so the components are physically placed
+and ordered from the start; the data only refine one shared intensity scale, one shared width offset
+and the spreads and weights (EM). Each atom gets the most probable element and its probability.
 
 B-factors: see `b_factors_from_calibration`: the fitted structure is simulated again without noise at
 two known B and refitted, which measures how each atom's fitted width answers to B in its own
@@ -18,24 +17,55 @@ from __future__ import annotations
 
 import numpy as np
 
-from .elements import integrated_projected_potential, normalize_symbol
+from .elements import normalize_symbol, projected_potential_gaussians
 from .errors import InputError
 
 
-def assign_species(amplitudes: np.ndarray, species: list[str], composition: dict | None = None,
-                   iterations: int = 200) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Most probable element of each atom from its amplitude, its probability, and the fitted model.
+def isolated_atom_fit(symbol: str, pixel_size: float, blur: float) -> tuple[float, float]:
+    """Amplitude (V·Å³) and width σ (Å, blur excluded) of the single isotropic Gaussian that best fits,
+    in least squares at pixel centres, the projected potential of one isolated atom (B = 0) blurred by
+    ``blur`` (Å): where the fit puts that element. (The amplitude falls short of the integrated
+    potential by the part of the profile's tails a single Gaussian cannot hold.)"""
+    from scipy.optimize import least_squares
 
-    amplitudes  : (N,) fitted amplitudes (any consistent unit).
+    weights, sigmas = projected_potential_gaussians(symbol)
+    half = int(np.ceil(4.0 / pixel_size))
+    x = np.arange(-half, half + 1) * pixel_size
+    r2 = (x[:, None] ** 2 + x[None, :] ** 2).ravel()
+    s2 = sigmas**2 + blur**2
+    target = (weights / (2 * np.pi * s2) * np.exp(-r2[:, None] / (2 * s2))).sum(axis=1)
+
+    def residual(params):
+        t2 = params[1] ** 2 + blur**2
+        return params[0] / (2 * np.pi * t2) * np.exp(-r2 / (2 * t2)) - target
+
+    fit = least_squares(residual, x0=[weights.sum(), 0.3], bounds=([0.0, 0.01], [np.inf, 3.0]))
+    return float(fit.x[0]), float(fit.x[1])
+
+
+def assign_species(amplitudes: np.ndarray, widths: np.ndarray, species: list[str], pixel_size: float,
+                   blur: float, composition: dict | None = None, iterations: int = 300) -> tuple:
+    """Most probable element of each atom from its fitted amplitude and width, its probability, and
+    the fitted model.
+
+    amplitudes  : (N,) fitted amplitudes (any consistent unit); widths: (N,) fitted σ (Å).
     species     : the elements present, e.g. ["Pt", "Ni"].
+    pixel_size, blur : Å, to predict where each element's atoms sit (`isolated_atom_fit`).
     composition : optional expected fractions {"Pt": 0.6, "Ni": 0.4}; fixes the mixture weights.
-    Returns (labels (N,) str, probability (N,), {"scale", "spread", "weights"}).
+
+    Model: element k is a Gaussian in (log a, σ²) centred at (log s + log A_k, S_k + δ), with A_k, S_k
+    the isolated-atom fit and one shared intensity scale s and one shared width offset δ (thermal
+    smearing, ≈ B/8π²) refined by EM together with per-element spreads and weights.
+    Returns (labels (N,) str, probability (N,), {"scale", "width_offset_A2", "weights"}).
     """
     species = [normalize_symbol(s, "--species") for s in species]
-    log_a = np.log(np.maximum(np.asarray(amplitudes, dtype=np.float64), 1e-300))
+    n = len(amplitudes)
     if len(species) == 1:
-        return np.full(len(log_a), species[0]), np.ones(len(log_a)), {}
-    log_f = np.log([integrated_projected_potential(s) for s in species])
+        return np.full(n, species[0]), np.ones(n), {}
+    features = np.stack([np.log(np.maximum(np.asarray(amplitudes, np.float64), 1e-300)),
+                         np.asarray(widths, np.float64) ** 2], axis=1)
+    fits = np.array([isolated_atom_fit(s, pixel_size, blur) for s in species])
+    centres = np.stack([np.log(fits[:, 0]), fits[:, 1] ** 2], axis=1)
     if composition is not None:
         weights = np.array([composition.get(s, 0.0) for s in species], dtype=np.float64)
         if not np.all(weights > 0):
@@ -43,33 +73,33 @@ def assign_species(amplitudes: np.ndarray, species: list[str], composition: dict
         weights /= weights.sum()
     else:
         weights = np.full(len(species), 1.0 / len(species))
-    # Start: the scale that puts the median atom at the weighted mean element, a spread of a quarter of
-    # the closest spacing between elements.
-    log_s = np.median(log_a) - np.dot(weights, log_f)
-    spread = np.full(len(species), 0.25 * np.min(np.diff(np.sort(log_f))))
+    # Start: shifts that put the median atom on the weighted mean element; spreads a quarter of the
+    # closest spacing between elements along each feature.
+    shift = np.median(features, axis=0) - weights @ centres
+    spacing = np.array([np.min(np.diff(np.sort(c))) for c in centres.T])
+    spread = np.tile(0.25 * np.maximum(spacing, 1e-6), (len(species), 1))
     for _ in range(iterations):
-        z = (log_a[:, None] - log_s - log_f[None, :]) / spread[None, :]
-        log_p = np.log(weights)[None, :] - np.log(spread)[None, :] - 0.5 * z**2
+        d = features[:, None, :] - shift[None, None, :] - centres[None, :, :]
+        log_p = np.log(weights)[None, :] - np.log(spread).sum(axis=1)[None, :] - 0.5 * np.sum((d / spread) ** 2, axis=2)
         log_p -= log_p.max(axis=1, keepdims=True)
         resp = np.exp(log_p)
         resp /= resp.sum(axis=1, keepdims=True)
-        # M-step: the shared scale is a precision-weighted mean offset; spreads and weights per element.
-        precision = resp / spread[None, :] ** 2
-        new_log_s = np.sum(precision * (log_a[:, None] - log_f[None, :])) / np.sum(precision)
+        # M-step: shared shifts as precision-weighted mean offsets; spreads and weights per element.
+        precision = resp[:, :, None] / spread[None, :, :] ** 2
+        new_shift = np.sum(precision * (features[:, None, :] - centres[None]), axis=(0, 1)) / precision.sum(axis=(0, 1))
         counts = resp.sum(axis=0) + 1e-9
-        new_spread = np.sqrt(np.sum(resp * (log_a[:, None] - new_log_s - log_f[None, :]) ** 2, axis=0) / counts)
-        new_spread = np.maximum(new_spread, 1e-3)
+        d = features[:, None, :] - new_shift[None, None, :] - centres[None, :, :]
+        new_spread = np.sqrt(np.sum(resp[:, :, None] * d**2, axis=0) / counts[:, None])
+        new_spread = np.maximum(new_spread, 0.02 * np.maximum(spacing, 1e-6))
         if composition is None:
             weights = counts / counts.sum()
-        converged = abs(new_log_s - log_s) < 1e-10 and np.allclose(new_spread, spread, rtol=1e-8)
-        log_s, spread = new_log_s, new_spread
+        converged = np.allclose(new_shift, shift, rtol=0, atol=1e-12) and np.allclose(new_spread, spread, rtol=1e-9)
+        shift, spread = new_shift, new_spread
         if converged:
             break
     best = np.argmax(resp, axis=1)
-    labels = np.array(species)[best]
-    return labels, resp[np.arange(len(best)), best], {"scale": float(np.exp(log_s)), "spread": spread.tolist(),
-                                                      "weights": weights.tolist()}
-
+    return (np.array(species)[best], resp[np.arange(n), best],
+            {"scale": float(np.exp(shift[0])), "width_offset_A2": float(shift[1]), "weights": weights.tolist()})
 
 
 def b_factors_from_calibration(widths: np.ndarray, widths_at: dict) -> np.ndarray:

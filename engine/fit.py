@@ -30,12 +30,16 @@ class FitTarget:
         self.background = float(data_model.background)
         shape = projector.image.shape
         self.measured = ti.Vector.field(LANES, ti.f32, shape)
-        self.measured.from_numpy(pack_images(normalised))
+        self.set_measured(normalised)
         lanes = np.zeros((projector.row_blocks, LANES), np.float32)
         lanes.reshape(-1)[: projector.width] = 1.0
         self.lane_mask = ti.Vector.field(LANES, ti.f32, projector.row_blocks)
         self.lane_mask.from_numpy(lanes)
         self.loss_per_projection = ti.field(ti.f32, projector.n_proj)
+
+    def set_measured(self, normalised: np.ndarray) -> None:
+        """Replace the measured projections (n, H, W), normalised units."""
+        self.measured.from_numpy(pack_images(normalised))
 
     @ti.func
     def _terms(self, k, r, c):

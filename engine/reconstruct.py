@@ -40,7 +40,7 @@ CHECKPOINT = "checkpoint.npz"
 class ReconstructionConfig:
     """Settings of a fit; one default for every dataset. Lengths in Å."""
 
-    iters: int = 1200                 # optimisation steps
+    iters: int = 800                  # optimisation steps
     batch: int = 0                    # projections per step (0: all)
     lr_pos: float = 0.02              # Å per step at the start
     lr_amp: float = 0.05              # natural-log units per step
@@ -62,7 +62,7 @@ class ReconstructionConfig:
     voxel: float = 0.5                # back-projection grid for seeding and spawning, Å
     checkpoint_every: int = 200       # steps between checkpoints
     seed: int = 0
-    thermal_refits: int = 300         # steps of each B-calibration refit (0: no B-factors)
+    thermal_refits: int = 150         # steps of each B-calibration refit (0: no B-factors)
 
     @classmethod
     def scene_keys(cls) -> dict:
@@ -304,11 +304,13 @@ class Reconstructor:
                                    "sigma": np.full(n, sigma)})
 
     # ------------------------------------------------------------------ optimisation
-    def learning_rate_factor(self, it: int) -> float:
+    def learning_rate_factor(self, it: int, steps: int) -> float:
+        """Cosine decay from 1 to lr_final over ``steps``."""
         c = self.config
-        return c.lr_final + (1 - c.lr_final) * 0.5 * (1 + math.cos(math.pi * it / c.iters))
+        return c.lr_final + (1 - c.lr_final) * 0.5 * (1 + math.cos(math.pi * it / steps))
 
-    def step(self) -> None:
+    def step(self, lr_factor: float) -> None:
+        """One optimisation step at ``lr_factor`` times the configured learning rates."""
         c = self.config
         n = self.series.n_tilts
         if 0 < c.batch < n:
@@ -323,8 +325,7 @@ class Reconstructor:
             self.grid.build_from_field(cloud.pos, self.model.count)
             self.grid.repulsion_gradient(cloud.pos, self.model.count, self.d_min, c.repulsion * self.target.weight,
                                          cloud.grad_pos)
-        f = self.learning_rate_factor(self.iteration)
-        self.model.adam_step(c.lr_pos * f, c.lr_amp * f, c.lr_sigma * f)
+        self.model.adam_step(c.lr_pos * lr_factor, c.lr_amp * lr_factor, c.lr_sigma * lr_factor)
         self.iteration += 1
 
     def run(self, resume: bool = False) -> Atoms:
@@ -346,7 +347,7 @@ class Reconstructor:
                 counting = self.iteration < densify_end
                 if counting and self.iteration > 0 and self.iteration % c.densify_every == 0:
                     self.densify()
-                self.step()
+                self.step(self.learning_rate_factor(self.iteration, c.iters))
                 self.phase_seconds["densify" if counting else "refine"] += time.perf_counter() - t0
                 if self.iteration % 10 == 0 or self.iteration == c.iters:
                     loss = self.target.loss_value()
@@ -367,29 +368,29 @@ class Reconstructor:
 
     def calibrate_b_factors(self) -> np.ndarray:
         """B (Å²) of every atom, in the model's order: the fitted structure (positions, elements) is
-        simulated without noise at B = 0 and 1 Å² in the data's geometry, refitted from the fitted atoms
-        (no count changes) and the widths compared (`engine.chemistry.b_factors_from_calibration`)."""
-        import tempfile
-
+        simulated without noise at B = 0 and 1 Å² in the data's geometry and refitted, from the fitted
+        atoms and without count changes, for `thermal_refits` steps; the widths are then compared
+        (`engine.chemistry.b_factors_from_calibration`). The fit's own state is restored afterwards."""
         from .chemistry import assign_species, b_factors_from_calibration
         from .simulate import simulate_tilt_series
 
         state = self.model.get_state()
-        species, _, _ = assign_species(state["amp"] * self.data.scale, self.config.species,
-                                       self.config.composition or None)
+        species, _, _ = assign_species(state["amp"] * self.data.scale, state["sigma"], self.config.species,
+                                       self.series.pixel_size, self.data.blur, self.config.composition or None)
         structure = Atoms(species, state["pos"])
-        config = ReconstructionConfig.from_dict({**asdict(self.config), "iters": self.config.thermal_refits,
-                                                 "densify_until": 0.0, "thermal_refits": 0})
+        iteration, steps = self.iteration, self.config.thermal_refits
         widths_at = {}
         for b in (0.0, 1.0):
             clean = simulate_tilt_series(structure, self.series.angles, self.series.pixel_size, self.series.shape,
                                          blur_sigma=self.data.blur, b_factor=b, geometry=self.geometry)
-            with tempfile.TemporaryDirectory() as scratch:
-                refit = Reconstructor(clean, config, scratch, progress=False)
-                refit._upload(self._with_moments({"pos": state["pos"], "sigma": state["sigma"],
-                                                  "amp": state["amp"] * self.data.scale / refit.data.scale}), sort=False)
-                refit.run(resume=True)
-                widths_at[b] = refit.model.get_state()["sigma"]
+            self.target.set_measured((clean.projections - self.data.background) / self.data.scale)
+            self.model.set_state({k: state[k] for k in ("pos", "amp", "sigma")})
+            for i in range(steps):
+                self.step(self.learning_rate_factor(i, steps))
+            widths_at[b] = self.model.get_state()["sigma"]
+        self.target.set_measured(self.normalised)
+        self.model.set_state(state)
+        self.iteration = iteration
         return b_factors_from_calibration(state["sigma"], widths_at)
 
     @staticmethod
@@ -409,7 +410,9 @@ class Reconstructor:
         amplitude = state["amp"][order] * self.data.scale
         columns = {"amplitude": amplitude, "width": state["sigma"][order]}
         if self.config.species:
-            species, probability, _ = assign_species(amplitude, self.config.species, self.config.composition or None)
+            species, probability, _ = assign_species(amplitude, columns["width"], self.config.species,
+                                                     self.series.pixel_size, self.data.blur,
+                                                     self.config.composition or None)
             if len(self.config.species) > 1:
                 columns["species_prob"] = probability
             if self.b_factors is not None:

@@ -3,33 +3,59 @@
 import numpy as np
 import pytest
 
-from engine.chemistry import assign_species
+from engine.chemistry import assign_species, isolated_atom_fit
 from engine.elements import integrated_projected_potential
 from engine.errors import InputError
 
+PIXEL, BLUR = 0.3, 0.4
 
-def test_two_species_with_an_unknown_scale_are_separated_and_ordered_by_z():
-    rng = np.random.default_rng(0)
+
+def fitted_atoms(truth, scale=1.0, width_offset=0.0, noise=0.0, seed=0):
+    """Amplitudes and widths as a fit would return them for isolated atoms of the given elements."""
+    rng = np.random.default_rng(seed)
+    fits = {s: isolated_atom_fit(s, PIXEL, BLUR) for s in set(truth)}
+    amplitude = np.array([scale * fits[s][0] for s in truth]) * rng.normal(1, noise, len(truth))
+    width = np.sqrt(np.array([fits[s][1] ** 2 for s in truth]) + width_offset) * rng.normal(1, noise / 2, len(truth))
+    return amplitude, width
+
+
+def test_isolated_atom_fit_keeps_most_of_the_potential():
+    amplitude, width = isolated_atom_fit("Pt", PIXEL, BLUR)
+    assert 0.85 < amplitude / integrated_projected_potential("Pt") < 1.0  # tails beyond one Gaussian
+    assert 0.25 < width < 0.4
+    assert isolated_atom_fit("Fe", PIXEL, BLUR)[1] > width  # Fe's potential is less compact
+
+
+def test_two_species_with_unknown_scale_and_smearing_are_separated():
     truth = np.array(["Pt"] * 120 + ["Ni"] * 80)
-    scale = 0.37  # the data's own units: unknown to the model
-    amplitude = scale * np.array([integrated_projected_potential(s) for s in truth]) * rng.normal(1, 0.04, 200)
-    labels, probability, model = assign_species(amplitude, ["Ni", "Pt"])
+    amplitude, width = fitted_atoms(truth, scale=0.37, width_offset=0.006, noise=0.04)  # data units unknown
+    labels, probability, model = assign_species(amplitude, width, ["Ni", "Pt"], PIXEL, BLUR)
     assert np.mean(labels == truth) == 1.0
-    assert model["scale"] == pytest.approx(scale, rel=0.02)
+    assert model["scale"] == pytest.approx(0.37, rel=0.03)
+    assert model["width_offset_A2"] == pytest.approx(0.006, abs=0.003)
     assert model["weights"] == pytest.approx([0.4, 0.6], abs=0.02)  # in the order given: Ni, Pt
     assert probability.min() > 0.9
 
 
+def test_width_separates_elements_of_equal_amplitude():
+    # Pd and Fe differ by 14 % in amplitude but Pd's potential is far more compact.
+    truth = np.array(["Pd"] * 50 + ["Fe"] * 50)
+    amplitude, width = fitted_atoms(truth, noise=0.05, seed=3)
+    labels, _, _ = assign_species(amplitude, width, ["Fe", "Pd"], PIXEL, BLUR)
+    assert np.mean(labels == truth) >= 0.97
+
+
 def test_composition_fixes_the_weights_and_single_species_is_trivial():
-    amplitude = np.array([integrated_projected_potential("Fe")] * 5 + [integrated_projected_potential("Pt")] * 5)
-    labels, _, model = assign_species(amplitude * 2.0, ["Fe", "Pt"], composition={"Fe": 0.5, "Pt": 0.5})
-    assert list(labels) == ["Fe"] * 5 + ["Pt"] * 5 and model["weights"] == [0.5, 0.5]
-    labels, probability, _ = assign_species(amplitude, ["Au"])
+    truth = np.array(["Fe"] * 5 + ["Pt"] * 5)
+    amplitude, width = fitted_atoms(truth, scale=2.0)
+    labels, _, model = assign_species(amplitude, width, ["Fe", "Pt"], PIXEL, BLUR, composition={"Fe": 0.5, "Pt": 0.5})
+    assert list(labels) == list(truth) and model["weights"] == [0.5, 0.5]
+    labels, probability, _ = assign_species(amplitude, width, ["Au"], PIXEL, BLUR)
     assert set(labels) == {"Au"} and np.all(probability == 1)
     with pytest.raises(InputError, match="composition"):
-        assign_species(amplitude, ["Fe", "Pt"], composition={"Fe": 1.0})
+        assign_species(amplitude, width, ["Fe", "Pt"], PIXEL, BLUR, composition={"Fe": 1.0})
     with pytest.raises(InputError, match="Xx"):
-        assign_species(amplitude, ["Fe", "Xx"])
+        assign_species(amplitude, width, ["Fe", "Xx"], PIXEL, BLUR)
 
 
 def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
