@@ -52,9 +52,15 @@ def tilt_rotation(theta_deg, axis_angle_deg: float = 0.0):
     return rz @ rotation_about_y(theta_deg) @ rz.T
 
 
+def centre_index(n_pixels: int) -> float:
+    """Fractional pixel index of the coordinate origin along an image axis of n pixels: (n − 1)/2.
+    Kernels turn x' (Å) into a pixel index as x'/s + centre_index(n)."""
+    return (n_pixels - 1) / 2.0
+
+
 def pixel_centres(n_pixels: int, pixel_size: float) -> np.ndarray:
     """Coordinates (Å) of the n pixel centres along one image axis: (i − (n−1)/2)·s."""
-    return (np.arange(n_pixels, dtype=np.float64) - (n_pixels - 1) / 2.0) * pixel_size
+    return (np.arange(n_pixels, dtype=np.float64) - centre_index(n_pixels)) * pixel_size
 
 
 @dataclass

@@ -32,7 +32,7 @@ import numpy as np
 import taichi as ti
 
 from .backend import current_arch, session_cache
-from .geometry import TiltGeometry
+from .geometry import TiltGeometry, centre_index
 
 TRUNCATION_RELATIVE_ERROR = 1e-5
 # Footprint half-width in units of s: exp(−R²/2) = 1e-5.
@@ -179,8 +179,8 @@ class TiltSeriesProjector:
         """Centre (col, row) and s² in pixels, 1/(2π s²) in Å⁻², z' (Å), and the pixel ranges."""
         ps = ti.static(self.pixel_size)
         q = self.rot[k] @ p
-        col = (q[0] + self.shift[k][0]) / ps + ti.static((self.width - 1) * 0.5)
-        row = (q[1] + self.shift[k][1]) / ps + ti.static((self.height - 1) * 0.5)
+        col = (q[0] + self.shift[k][0]) / ps + ti.static(centre_index(self.width))
+        row = (q[1] + self.shift[k][1]) / ps + ti.static(centre_index(self.height))
         s2_a = sigma * sigma + ti.static(self.blur_sigma ** 2)
         s2 = s2_a / (ps * ps)
         radius = ti.static(TRUNCATION_RADIUS_SIGMAS) * ti.sqrt(s2)

@@ -18,7 +18,7 @@ import numpy as np
 import taichi as ti
 
 from .backend import current_arch, session_cache
-from .geometry import TiltGeometry
+from .geometry import TiltGeometry, centre_index
 from .projector import CPU_TASK_SPREAD
 
 
@@ -58,8 +58,8 @@ class VoxelProjector:
         p = ti.Vector([self.origin[0] + i * self.voxel, self.origin[1] + j * self.voxel,
                        self.origin[2] + l * self.voxel])
         q = self.rot[k] @ p
-        x = (q[0] + self.shift[k][0]) / self.pixel_size + (self.width - 1) * 0.5
-        y = (q[1] + self.shift[k][1]) / self.pixel_size + (self.height - 1) * 0.5
+        x = (q[0] + self.shift[k][0]) / self.pixel_size + ti.static(centre_index(self.width))
+        y = (q[1] + self.shift[k][1]) / self.pixel_size + ti.static(centre_index(self.height))
         inside = 0.0 <= x <= self.width - 1 and 0.0 <= y <= self.height - 1
         x0 = ti.min(ti.max(ti.cast(ti.floor(x), ti.i32), 0), self.width - 2)
         y0 = ti.min(ti.max(ti.cast(ti.floor(y), ti.i32), 0), self.height - 2)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from engine.backend import init_backend
-from engine.geometry import TiltGeometry
+from engine.geometry import TiltGeometry, centre_index, pixel_centres
 from engine.projector import TRUNCATION_RADIUS_SIGMAS, GaussianCloud, TiltSeriesProjector, pack_images
 
 SIZES = [dict(n=2000, tilts=90, px=128, radius=15.0), dict(n=20000, tilts=71, px=256, radius=33.0)]
@@ -37,7 +37,7 @@ def footprint_pixels(pos, geometry, px):
     square footprint."""
     s = math.sqrt(SIGMA**2 + BLUR**2) / PIXEL
     r = TRUNCATION_RADIUS_SIGMAS * s
-    q = geometry.to_beam_frame(pos)[..., :2] / PIXEL + (px - 1) / 2
+    q = geometry.to_beam_frame(pos)[..., :2] / PIXEL + centre_index(px)
     lo = np.clip(np.ceil(q - r), 0, px - 1)
     hi = np.clip(np.floor(q + r), 0, px - 1)
     return float(np.prod(np.clip(hi - lo + 1, 0, None), axis=-1).sum())
@@ -84,7 +84,7 @@ def bench_torch(problem, px, repeats, device="cpu", chunk=8):
     pos = torch.tensor(pos_np, **f32, requires_grad=True)
     amp = torch.tensor(amp_np, **f32, requires_grad=True)
     sig = torch.tensor(sig_np, **f32, requires_grad=True)
-    coords = (torch.arange(px, **f32) - (px - 1) / 2) * PIXEL  # Å
+    coords = torch.tensor(pixel_centres(px, PIXEL), **f32)  # Å
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
