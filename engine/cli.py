@@ -219,10 +219,9 @@ def cmd_baseline(args) -> int:
     out_dir = Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")
     if not args.overwrite and (out_dir / "atoms.xyz").exists():
         raise InputError(out_dir, "already holds a result (atoms.xyz); pass --overwrite to replace it")
-    species = [s for s in (args.species or "").split(",") if s]
-    from .reconstruct import ReconstructionConfig
+    from .elements import normalize_symbol
 
-    ReconstructionConfig.from_dict({"species": species}, "--species")  # validates the symbols
+    species = [normalize_symbol(s, "--species") for s in (args.species or "").split(",") if s]
     init_backend(args.arch, verbose=True)
     t0 = time.perf_counter()
     atoms, volume, projector = run_baseline(series, BaselineConfig(method=args.method, iterations=args.iters,

@@ -41,7 +41,7 @@ class AtomModel:
             raise ValueError(f"{n} atoms exceed the model's capacity {self.capacity}")
         pad = self.capacity - n
 
-        def padded(a, width=None):
+        def padded(a):
             a = np.asarray(a, dtype=np.float32)
             return np.pad(a, ((0, pad),) + (((0, 0),) if a.ndim == 2 else ()))
 

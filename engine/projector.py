@@ -208,6 +208,23 @@ class TiltSeriesProjector:
         return ti.exp(-d0 * d0 * inv2s2), ti.exp(-(2.0 * d0 + 1.0) * inv2s2)
 
     @ti.func
+    def _walk_setup(self, row, s2, r_lo):
+        """Per-pair constants of the footprint walk: 1/2s², the factor step exp(−1/s²), and the row
+        recurrence's start at the footprint's first row."""
+        inv2s2 = 0.5 / s2
+        ey0, qy0 = self._walk_start(r_lo - row, inv2s2)
+        return inv2s2, ti.exp(-2.0 * inv2s2), ey0, qy0
+
+    @ti.func
+    def _chunk(self, blk, col, inv2s2, step, c_lo, c_hi):
+        """Column chunk starting at block ``blk``: its number of blocks and its column profile and
+        offsets (`_chunk_profile`)."""
+        x0 = blk * LANES
+        profile, dx = self._chunk_profile(col, inv2s2, step, x0, ti.max(c_lo, x0),
+                                          ti.min(c_hi, x0 + LANES * CHUNK_BLOCKS - 1))
+        return ti.min(CHUNK_BLOCKS, c_hi // LANES - blk + 1), profile, dx
+
+    @ti.func
     def _chunk_profile(self, col, inv2s2, step, x0, lo, hi):
         """exp(−(x − col)² / 2s²) for the 8·CHUNK_BLOCKS pixels x0.. (zero outside [lo, hi]), as blocks
         of LANES, plus the matching offsets x − col."""
@@ -238,15 +255,10 @@ class TiltSeriesProjector:
     def _splat(self, k, p, a, sigma):
         col, row, s2, norm, _, c_lo, c_hi, r_lo, r_hi = self._footprint(k, p, sigma)
         if c_lo <= c_hi and r_lo <= r_hi:
-            inv2s2 = 0.5 / s2
-            step = ti.exp(-2.0 * inv2s2)
-            ey0, qy0 = self._walk_start(r_lo - row, inv2s2)
+            inv2s2, step, ey0, qy0 = self._walk_setup(row, s2, r_lo)
             blk = c_lo // LANES
             while blk * LANES <= c_hi:
-                x0 = blk * LANES
-                nblk = ti.min(CHUNK_BLOCKS, c_hi // LANES - blk + 1)
-                blocks, _ = self._chunk_profile(col, inv2s2, step, x0, ti.max(c_lo, x0),
-                                                ti.min(c_hi, x0 + LANES * CHUNK_BLOCKS - 1))
+                nblk, blocks, _ = self._chunk(blk, col, inv2s2, step, c_lo, c_hi)
                 e, q = ey0, qy0
                 for r in range(r_lo, r_hi + 1):
                     self._splat_row(k, r, blk, nblk, a * norm * self._gaussian(r - row, inv2s2, e), blocks)
@@ -313,14 +325,10 @@ class TiltSeriesProjector:
         ay = 0.0  # Σ G E dy
         ar = 0.0  # Σ G E (dx² + dy²)
         if c_lo <= c_hi and r_lo <= r_hi:
-            inv2s2 = 0.5 / s2
-            step = ti.exp(-2.0 * inv2s2)
-            ey0, qy0 = self._walk_start(r_lo - row, inv2s2)
+            inv2s2, step, ey0, qy0 = self._walk_setup(row, s2, r_lo)
             blk = c_lo // LANES
             while blk * LANES <= c_hi:
-                x0 = blk * LANES
-                profile, dx = self._chunk_profile(col, inv2s2, step, x0, ti.max(c_lo, x0),
-                                                  ti.min(c_hi, x0 + LANES * CHUNK_BLOCKS - 1))
+                _, profile, dx = self._chunk(blk, col, inv2s2, step, c_lo, c_hi)
                 for j in ti.static(range(SUM_SLOTS)):
                     self.column_sums[b, g, j] = ti.Vector.zero(ti.f32, LANES)
                 e, q = ey0, qy0
