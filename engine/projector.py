@@ -168,6 +168,11 @@ class TiltSeriesProjector:
         padded[: len(indices)] = indices
         self.batch.from_numpy(padded)
         self.batch_size = len(indices)
+        self._batch_host = indices.copy()
+
+    def batch_numpy(self) -> np.ndarray:
+        """The current batch's projection indices."""
+        return self._batch_host.copy()
 
     def images_numpy(self, field=None) -> np.ndarray:
         """A packed image field (default ``image``) as an (n, H, W) NumPy array."""

@@ -328,7 +328,12 @@ class Reconstructor:
         self.model.adam_step(c.lr_pos * lr_factor, c.lr_amp * lr_factor, c.lr_sigma * lr_factor)
         self.iteration += 1
 
-    def run(self, resume: bool = False) -> Atoms:
+    def run(self, resume: bool = False, observer=None) -> Atoms:
+        """Run the schedule to `config.iters` steps and return the fitted atoms.
+
+        ``observer``, if given, is called as ``observer(self)`` after every step and once more at the
+        end; it may read the model (`model.get_state`, `projection_images`) and may block (a paused
+        viewer), but must not change the fit's state."""
         from tqdm import tqdm
 
         c = self.config
@@ -358,12 +363,16 @@ class Reconstructor:
                 bar.update(1)
                 if self.iteration % c.checkpoint_every == 0:
                     self.save_checkpoint()
+                if observer is not None:
+                    observer(self)
         bar.close()
         self.save_checkpoint()
         if self.config.species and self.config.thermal_refits > 0:
             t0 = time.perf_counter()
             self.b_factors = self.calibrate_b_factors()
             self.phase_seconds["thermal"] = time.perf_counter() - t0
+        if observer is not None:
+            observer(self)
         return self.atoms()
 
     def calibrate_b_factors(self) -> np.ndarray:
@@ -420,6 +429,16 @@ class Reconstructor:
         else:
             species = np.full(len(order), UNKNOWN_SPECIES)
         return Atoms(species, state["pos"][order], columns)
+
+    def projection_images(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Measured and predicted projection ``index`` (H, W) in the data's own units, the prediction
+        from the current atoms in the current (refined) geometry."""
+        batch = self.projector.batch_numpy()
+        self.projector.set_batch(np.array([index]))
+        self.projector.forward(self.model.cloud)
+        predicted = self.projector.images_numpy()[index] * self.data.scale + self.data.background
+        self.projector.set_batch(batch)
+        return self.series.projections[index].astype(np.float64), predicted
 
     def save_checkpoint(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
