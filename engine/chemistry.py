@@ -21,11 +21,13 @@ from .elements import normalize_symbol, projected_potential_gaussians
 from .errors import InputError
 
 
-def isolated_atom_fit(symbol: str, pixel_size: float, blur: float) -> tuple[float, float]:
-    """Amplitude (V·Å³) and width σ (Å, blur excluded) of the single isotropic Gaussian that best fits,
-    in least squares at pixel centres, the projected potential of one isolated atom (B = 0) blurred by
-    ``blur`` (Å): where the fit puts that element. (The amplitude falls short of the integrated
-    potential by the part of the profile's tails a single Gaussian cannot hold.)"""
+def isolated_atom_fit(symbol: str, pixel_size: float, blur: float, profile=None) -> tuple[float, float]:
+    """Amplitude (V·Å³) and width σ (Å, blur excluded) of the atom model (``profile``, an
+    `engine.profile.AtomProfile`; default one isotropic Gaussian) that best fits, in least squares at
+    pixel centres, the projected potential of one isolated atom (B = 0) blurred by ``blur`` (Å): where
+    the fit puts that element. (With one Gaussian the amplitude falls short of the integrated
+    potential by the part of the profile's tails it cannot hold.)"""
+    from .profile import AtomProfile
     from scipy.optimize import least_squares
 
     weights, sigmas = projected_potential_gaussians(symbol)
@@ -35,22 +37,26 @@ def isolated_atom_fit(symbol: str, pixel_size: float, blur: float) -> tuple[floa
     s2 = sigmas**2 + blur**2
     target = (weights / (2 * np.pi * s2) * np.exp(-r2[:, None] / (2 * s2))).sum(axis=1)
 
+    profile = profile or AtomProfile()
+
     def residual(params):
-        t2 = params[1] ** 2 + blur**2
-        return params[0] / (2 * np.pi * t2) * np.exp(-r2 / (2 * t2)) - target
+        amps, widths = profile.gaussians(params[0], params[1])
+        t2 = widths**2 + blur**2
+        return (amps / (2 * np.pi * t2) * np.exp(-r2[:, None] / (2 * t2))).sum(axis=1) - target
 
     fit = least_squares(residual, x0=[weights.sum(), 0.3], bounds=([0.0, 0.01], [np.inf, 3.0]))
     return float(fit.x[0]), float(fit.x[1])
 
 
 def assign_species(amplitudes: np.ndarray, widths: np.ndarray, species: list[str], pixel_size: float,
-                   blur: float, composition: dict | None = None, iterations: int = 300) -> tuple:
+                   blur: float, composition: dict | None = None, iterations: int = 300, profile=None) -> tuple:
     """Most probable element of each atom from its fitted amplitude and width, its probability, and
     the fitted model.
 
     amplitudes  : (N,) fitted amplitudes (any consistent unit); widths: (N,) fitted σ (Å).
     species     : the elements present, e.g. ["Pt", "Ni"].
     pixel_size, blur : Å, to predict where each element's atoms sit (`isolated_atom_fit`).
+    profile     : the fit's `engine.profile.AtomProfile` (default one Gaussian).
     composition : optional expected fractions {"Pt": 0.6, "Ni": 0.4}; fixes the mixture weights.
 
     Model: element k is a Gaussian in (log a, σ²) centred at (log s + log A_k, S_k + δ), with A_k, S_k
@@ -64,7 +70,7 @@ def assign_species(amplitudes: np.ndarray, widths: np.ndarray, species: list[str
         return np.full(n, species[0]), np.ones(n), {}
     features = np.stack([np.log(np.maximum(np.asarray(amplitudes, np.float64), 1e-300)),
                          np.asarray(widths, np.float64) ** 2], axis=1)
-    fits = np.array([isolated_atom_fit(s, pixel_size, blur) for s in species])
+    fits = np.array([isolated_atom_fit(s, pixel_size, blur, profile) for s in species])
     centres = np.stack([np.log(fits[:, 0]), fits[:, 1] ** 2], axis=1)
     if composition is not None:
         weights = np.array([composition.get(s, 0.0) for s in species], dtype=np.float64)

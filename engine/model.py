@@ -2,7 +2,9 @@
 
 Parameters are kept in a form that stays physical: positions p (Å) as they are, amplitudes as
 log a (a > 0, data units · Å²), widths as log σ (σ > 0, Å; clamped to [SIGMA_MIN, SIGMA_MAX] when
-rendered). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
+rendered). Each atom renders as the Gaussians of its `AtomProfile` (one, or a core and a tail at
+its position; component k of atom i is cloud entry k·N + i, so entries 0…N−1 hold the atoms' first
+components in atom order). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
 `set_state` and `adam_step` write it; `adam_step` chain-rules the cloud's gradients back to the
 parameters and takes one Adam step with a learning rate per parameter kind.
 """
@@ -10,6 +12,7 @@ parameters and takes one Adam step with a learning rate per parameter kind.
 import numpy as np
 import taichi as ti
 
+from .profile import AtomProfile
 from .projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
@@ -19,10 +22,11 @@ SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
 class AtomModel:
     """Fields for ``capacity`` atoms (``count`` live): parameters, Adam moments and the rendered cloud."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, profile: AtomProfile = AtomProfile()):
         self.capacity = max(int(capacity), 1)
         self.count = 0
-        self.cloud = GaussianCloud(self.capacity)
+        self.profile = profile
+        self.cloud = GaussianCloud(self.capacity * profile.components)
         self.pos = ti.Vector.field(3, ti.f32, self.capacity)
         self.log_amp = ti.field(ti.f32, self.capacity)
         self.log_sigma = ti.field(ti.f32, self.capacity)
@@ -51,7 +55,8 @@ class AtomModel:
         self.m.from_numpy(padded(state.get("m", np.zeros((n, 5)))))
         self.v.from_numpy(padded(state.get("v", np.zeros((n, 5)))))
         self.age.from_numpy(np.pad(np.asarray(state.get("age", np.zeros(n)), np.int32), (0, pad)))
-        self.count = self.cloud.count = n
+        self.count = n
+        self.cloud.count = n * self.profile.components
         self._to_cloud(self.cloud, n)
 
     def get_state(self) -> dict:
@@ -64,12 +69,20 @@ class AtomModel:
                 "age": self.age.to_numpy()[:n].astype(np.int64)}
 
     # ------------------------------------------------------------------ kernels
+    @ti.func
+    def _render(self, cloud: ti.template(), i, n):
+        """Write atom i's Gaussians (of n atoms) into the cloud."""
+        amp = ti.exp(self.log_amp[i])
+        sigma = ti.min(ti.max(ti.exp(self.log_sigma[i]), SIGMA_MIN), SIGMA_MAX)
+        for k in ti.static(range(self.profile.components)):
+            cloud.pos[k * n + i] = self.pos[i]
+            cloud.amp[k * n + i] = amp * ti.static(self.profile.weights[k])
+            cloud.sigma[k * n + i] = ti.sqrt(sigma * sigma + ti.static(self.profile.extra_var[k]))
+
     @ti.kernel
     def _to_cloud(self, cloud: ti.template(), n: ti.i32):
         for i in range(n):
-            cloud.pos[i] = self.pos[i]
-            cloud.amp[i] = ti.exp(self.log_amp[i])
-            cloud.sigma[i] = ti.min(ti.max(ti.exp(self.log_sigma[i]), SIGMA_MIN), SIGMA_MAX)
+            self._render(cloud, i, n)
 
 
     @ti.kernel
@@ -80,10 +93,18 @@ class AtomModel:
             self.age[i] += 1
             bias1 = 1.0 - ti.pow(beta1, ti.cast(self.age[i], ti.f32))
             bias2 = 1.0 - ti.pow(beta2, ti.cast(self.age[i], ti.f32))
-            gp = cloud.grad_pos[i] * grad_scale
-            # d/dlog a = a d/da; d/dlog σ = σ d/dσ (zero where the clamp holds σ).
-            g = ti.Vector([gp[0], gp[1], gp[2], cloud.grad_amp[i] * cloud.amp[i] * grad_scale,
-                           cloud.grad_sigma[i] * cloud.sigma[i] * grad_scale])
+            # Sums over the atom's Gaussians: d/dlog a = Σ a_k dL/da_k; with σ_k² = σ² + Δ_k²,
+            # d/dlog σ = Σ (σ²/σ_k) dL/dσ_k.
+            gp = ti.Vector([0.0, 0.0, 0.0])
+            ga = 0.0
+            gs = 0.0
+            sigma2 = ti.exp(2.0 * self.log_sigma[i])
+            for k in ti.static(range(self.profile.components)):
+                c = k * n + i
+                gp += cloud.grad_pos[c]
+                ga += cloud.grad_amp[c] * cloud.amp[c]
+                gs += cloud.grad_sigma[c] * sigma2 / cloud.sigma[c]
+            g = ti.Vector([gp[0], gp[1], gp[2], ga, gs]) * grad_scale
             m = beta1 * self.m[i] + (1 - beta1) * g
             v = beta2 * self.v[i] + (1 - beta2) * g * g
             self.m[i] = m
@@ -93,10 +114,20 @@ class AtomModel:
             self.log_amp[i] -= lr_amp * step[3]
             self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], ti.log(SIGMA_MIN)),
                                        ti.log(SIGMA_MAX))
-            # Render the new values right away: one kernel launch per step instead of two.
-            cloud.pos[i] = self.pos[i]
-            cloud.amp[i] = ti.exp(self.log_amp[i])
-            cloud.sigma[i] = ti.exp(self.log_sigma[i])
+            self._render(cloud, i, n)  # right away: one kernel launch per step instead of two
+
+    @ti.kernel
+    def _transform(self, cloud: ti.template(), n: ti.i32, rotation: ti.types.matrix(3, 3, ti.f32),
+                   translation: ti.types.vector(3, ti.f32), log_amp_shift: ti.f32):
+        for i in range(n):
+            self.pos[i] = rotation @ self.pos[i] + translation
+            self.log_amp[i] += log_amp_shift
+            self._render(cloud, i, n)
+
+    def transform(self, rotation: np.ndarray, translation: np.ndarray, log_amp_shift: float) -> None:
+        """Move every atom rigidly, p → R p + t (Å), and scale every amplitude by exp(log_amp_shift)."""
+        self._transform(self.cloud, self.count, ti.Matrix(np.asarray(rotation, np.float32)),
+                        ti.Vector(np.asarray(translation, np.float32)), float(log_amp_shift))
 
     def adam_step(self, lr_pos: float, lr_amp: float, lr_sigma: float, grad_scale: float = 1.0) -> None:
         """One Adam step from the gradients in ``cloud``, which then holds the updated atoms; learning

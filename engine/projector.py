@@ -115,7 +115,8 @@ class TiltSeriesProjector:
     Fields (images in the packed layout of `pack_images`): ``image`` predicted projections,
     ``image_grad`` dL/dimage (written by the caller or a loss kernel; padding lanes must stay 0),
     ``grad_shift`` (n, 2) dL/dshift per Å, ``grad_angle`` (n,) dL/d(tilt-angle offset) per degree
-    about each projection's tilt axis.
+    about each projection's tilt axis, ``grad_axis_angle`` (n,) each projection's share of dL/dφ per
+    degree, φ the in-plane tilt-axis angle of a single-axis series (`geometry.tilt_rotation`).
     """
 
     def __init__(self, geometry: TiltGeometry, shape, pixel_size: float, blur_sigma: float = 0.0,
@@ -134,6 +135,7 @@ class TiltSeriesProjector:
         self.image_grad = ti.Vector.field(LANES, ti.f32, image_shape)
         self.grad_shift = ti.Vector.field(2, ti.f32, self.n_proj)
         self.grad_angle = ti.field(ti.f32, self.n_proj)
+        self.grad_axis_angle = ti.field(ti.f32, self.n_proj)
         self.batch = ti.field(ti.i32, self.n_proj)
         self.batch_size = 0
         self.pair_capacity = 0
@@ -391,14 +393,20 @@ class TiltSeriesProjector:
         k = self.batch[b]
         gsh = ti.Vector([0.0, 0.0])
         gang = 0.0
+        gphi = 0.0
         for g in range(n):
             d = pairs[b, g]
-            z = (self.rot[k] @ cloud.pos[g])[2]
+            p = cloud.pos[g]
+            q = self.rot[k] @ p
             gsh += ti.Vector([d[0], d[1]])
             # Rotating by δ about the in-plane axis (a_x, a_y, 0) moves (u, v) by δ z' (a_y, −a_x).
-            gang += z * (d[0] * self.axis[k][1] - d[1] * self.axis[k][0])
+            gang += q[2] * (d[0] * self.axis[k][1] - d[1] * self.axis[k][0])
+            # R = R_z(φ) R_y(θ) R_z(−φ): dR/dφ p = J R p − R J p, J the generator about z (J r = (−r_y, r_x, 0)).
+            rjp = self.rot[k] @ ti.Vector([-p[1], p[0], 0.0])
+            gphi += d[0] * (-q[1] - rjp[0]) + d[1] * (q[0] - rjp[1])
         self.grad_shift[k] = gsh
         self.grad_angle[k] = gang * ti.static(math.pi / 180.0)
+        self.grad_axis_angle[k] = gphi * ti.static(math.pi / 180.0)
 
     @ti.kernel
     def _reduce_per_projection(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):
@@ -412,7 +420,7 @@ class TiltSeriesProjector:
 
     def backward(self, cloud: GaussianCloud, alignment: bool = True) -> None:
         """From ``image_grad`` of the current batch, write the cloud's grad_* fields and, with
-        ``alignment``, ``grad_shift`` and ``grad_angle`` of the batch's projections."""
+        ``alignment``, ``grad_shift``, ``grad_angle`` and ``grad_axis_angle`` of the batch's projections."""
         self.ensure_capacity(cloud.capacity)
         for g0 in range(0, cloud.count, self.slab):
             self._backward_pairs(cloud, self.pair_grad, g0, min(self.slab, cloud.count - g0), self.batch_size)
@@ -457,7 +465,8 @@ def project_tilt_series(positions, amplitudes, sigmas, geometry: TiltGeometry, s
 def project_tilt_series_adjoint(positions, amplitudes, sigmas, geometry: TiltGeometry, shape, pixel_size: float,
                                 image_grad, blur_sigma: float = 0.0, indices=None) -> dict:
     """Gradients of L given dL/dimage (len(indices), H, W): 'pos' (N, 3) per Å, 'amp' (N,),
-    'sigma' (N,) per Å, 'shift' (len(indices), 2) per Å, 'angle' (len(indices),) per degree."""
+    'sigma' (N,) per Å, 'shift' (len(indices), 2) per Å, 'angle' (len(indices),) per degree,
+    'axis_angle' (len(indices),) per degree (each projection's share of dL/dφ)."""
     cloud, projector, indices = _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size,
                                          blur_sigma, indices)
     full = np.zeros((projector.n_proj, projector.height, projector.width), np.float32)
@@ -467,4 +476,5 @@ def project_tilt_series_adjoint(positions, amplitudes, sigmas, geometry: TiltGeo
     grads = cloud.gradients()
     grads["shift"] = projector.grad_shift.to_numpy()[indices].astype(np.float64)
     grads["angle"] = projector.grad_angle.to_numpy()[indices].astype(np.float64)
+    grads["axis_angle"] = projector.grad_axis_angle.to_numpy()[indices].astype(np.float64)
     return grads

@@ -56,8 +56,17 @@ class ReconstructionConfig:
     split_width: float = 1.8          # split atoms wider than this multiple of the median width
     repulsion: float = 0.0            # soft penalty Σ (d_min − d)² on close pairs, in noise-weighted
                                       # data-term units (0: off)
-    loss: str = "l2"                  # "l2" (noise-weighted least squares) or "poisson"
-    gain: float = 0.0                 # Poisson: counts per data unit (0: estimated from the data)
+    loss: str = "l2"                  # "l2" (noise-weighted least squares), "huber" (robust to outlier
+                                      # pixels) or "poisson" (counted data)
+    gain: float = 0.0                 # Poisson: counts per data unit (0: read off whole-count data)
+    refine_alignment: bool = False    # fit per-projection shifts, tilt-angle offsets, intensity scale and
+                                      # offset, and the tilt-axis angle, jointly with the atoms
+    align_start: float = 0.1          # fraction of the run before the alignment moves (atoms settle first)
+    lr_shift: float = 0.005           # Å per step
+    lr_angle: float = 0.01            # degrees per step (tilt-angle offsets and the axis angle)
+    lr_intensity: float = 0.002       # log-scale and normalised-offset units per step
+    atom_profile: str = "gaussian"    # "gaussian" (one per atom) or "peng" (core + tail from the expected
+                                      # species' scattering factors; see engine.profile)
     blur: float = -1.0                # microscope blur σ, Å (< 0: from the file, else 0)
     voxel: float = 0.5                # back-projection grid for seeding and spawning, Å
     checkpoint_every: int = 200       # steps between checkpoints
@@ -87,8 +96,14 @@ class ReconstructionConfig:
         self.composition = {normalize_symbol(s, source): float(v) for s, v in self.composition.items()}
         if self.composition and set(self.composition) != set(self.species):
             raise InputError(source, "composition must give a fraction for each expected species and no other")
-        if self.loss not in ("l2", "poisson"):
-            raise InputError(source, f"loss must be 'l2' or 'poisson', got {self.loss!r}")
+        from .fit import LOSSES
+
+        if self.loss not in LOSSES:
+            raise InputError(source, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.atom_profile not in ("gaussian", "peng"):
+            raise InputError(source, f"atom_profile must be 'gaussian' or 'peng', got {self.atom_profile!r}")
+        if self.atom_profile == "peng" and not self.species:
+            raise InputError(source, "the 'peng' atom profile needs the expected species")
         if self.iters < 1 or self.densify_every < 1 or self.checkpoint_every < 1 or self.voxel <= 0:
             raise InputError(source, "iters, densify_every, checkpoint_every and voxel must be positive")
 
@@ -148,9 +163,11 @@ class Reconstructor:
     """Owns the device state of one fit: data, projector, model, loss; runs the schedule."""
 
     def __init__(self, series: TiltSeries, config: ReconstructionConfig, out_dir, progress: bool = True):
-        from .fit import FitTarget
+        from .alignment import AlignmentRefiner, prealign, require_single_axis
+        from .fit import FitTarget, estimate_counts_gain
         from .model import AtomModel
         from .neighbours import NeighbourGrid
+        from .profile import atom_profile
         from .projector import TiltSeriesProjector
         from .volume import projector_for
 
@@ -168,13 +185,23 @@ class Reconstructor:
         self.iteration = 0
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         t0 = time.perf_counter()
+        self.refiner = None
+        if config.refine_alignment:
+            require_single_axis(series)
+            self.refiner = AlignmentRefiner(prealign(self.normalised, series.angles, series.pixel_size,
+                                                     self.data.noise), series.angles)
+            self.geometry = self.refiner.geometry()
+        self.gain = config.gain
+        if config.loss == "poisson" and not self.gain > 0:
+            self.gain = estimate_counts_gain(series.projections, series.source or "tilt series")
         self.projector = TiltSeriesProjector(self.geometry, series.shape, series.pixel_size, self.data.blur)
-        self.target = FitTarget(self.projector, self.normalised, config.loss, self.data, config.gain)
+        self.target = FitTarget(self.projector, self.normalised, config.loss, self.data, self.gain)
         self.volume_projector = projector_for(series.n_tilts, series.shape, series.pixel_size, config.voxel)
         self.volume_projector.set_geometry(self.geometry)
         self.support = self._support()
         self.data_fbp = self._fbp(self.normalised)
-        self.model = AtomModel(256)
+        self.profile = atom_profile(config.atom_profile, config.species, self.data.blur)
+        self.model = AtomModel(256, self.profile)
         self.grid = NeighbourGrid(self.d_min, capacity=256)
         self.phase_seconds["prepare"] += time.perf_counter() - t0
 
@@ -232,12 +259,16 @@ class Reconstructor:
             state = {k: np.asarray(v)[order] for k, v in state.items()}
         n = len(state["pos"])
         if n > self.model.capacity:
-            self.model = AtomModel(1 << (n - 1).bit_length())
+            self.model = AtomModel(1 << (n - 1).bit_length(), self.profile)
         self.model.set_state(state)
-        self.projector.ensure_capacity(self.model.capacity)
+        self.projector.ensure_capacity(self.model.cloud.capacity)
 
     def densify(self) -> dict:
         """One round of cull, merge, split and spawn; returns how many atoms each step changed."""
+        if self.refiner is not None:  # the volumes follow the refined geometry
+            self.volume_projector.set_geometry(self.geometry)
+            self.support = self._support()
+            self.data_fbp = self._fbp(self.normalised)
         state = self.model.get_state()
         n0 = len(state["pos"])
         changes = {}
@@ -286,9 +317,7 @@ class Reconstructor:
 
     def _spawn(self, state: dict, grid) -> dict:
         """New atoms at peaks of the back-projected residual with no atom within d_min."""
-        self.projector.set_batch(np.arange(self.series.n_tilts))
-        self.projector.forward(self.model.cloud)
-        residual = self.normalised - self.projector.images_numpy()
+        residual = self.normalised - self._predicted(np.arange(self.series.n_tilts))
         volume = self._fbp(residual)
         typical = float(np.median(self._sample(self.data_fbp, state["pos"]))) if len(state["pos"]) else 1.0
         positions, values = self._peaks(volume, self.config.spawn_fraction * typical)
@@ -309,8 +338,9 @@ class Reconstructor:
         c = self.config
         return c.lr_final + (1 - c.lr_final) * 0.5 * (1 + math.cos(math.pi * it / steps))
 
-    def step(self, lr_factor: float) -> None:
-        """One optimisation step at ``lr_factor`` times the configured learning rates."""
+    def step(self, lr_factor: float, refine_alignment: bool = False) -> None:
+        """One optimisation step at ``lr_factor`` times the configured learning rates; with
+        ``refine_alignment``, of the alignment too."""
         c = self.config
         n = self.series.n_tilts
         if 0 < c.batch < n:
@@ -320,13 +350,49 @@ class Reconstructor:
         cloud = self.model.cloud
         self.projector.forward(cloud)
         self.target.residual(self.projector.batch_size, n / self.projector.batch_size)
-        self.projector.backward(cloud, alignment=False)
+        self.projector.backward(cloud, alignment=refine_alignment)
         if c.repulsion > 0:  # positions moved since the last step: rebuild the grid on the device
             self.grid.build_from_field(cloud.pos, self.model.count)
             self.grid.repulsion_gradient(cloud.pos, self.model.count, self.d_min, c.repulsion * self.target.weight,
                                          cloud.grad_pos)
         self.model.adam_step(c.lr_pos * lr_factor, c.lr_amp * lr_factor, c.lr_sigma * lr_factor)
+        if refine_alignment:
+            self._alignment_step(lr_factor)
         self.iteration += 1
+
+    def _alignment_step(self, lr_factor: float) -> None:
+        c, p = self.config, self.projector
+        grads = {"shift": p.grad_shift.to_numpy().astype(np.float64), "angle": p.grad_angle.to_numpy().astype(np.float64),
+                 "axis_angle": p.grad_axis_angle.to_numpy().astype(np.float64),
+                 "scale": self.target.grad_scale.to_numpy().astype(np.float64),
+                 "offset": self.target.grad_offset.to_numpy().astype(np.float64)}
+        # Counted data have no background to drift: empty pixels hold zero counts, and an offset there
+        # would sit on the edge of the Poisson likelihood's domain (λ ≥ 0).
+        self.refiner.step(grads, p.batch_numpy(), c.lr_shift * lr_factor, c.lr_angle * lr_factor,
+                          c.lr_intensity * lr_factor, fit_offsets=c.loss != "poisson")
+        if self.iteration % 10 == 0:
+            turn, translation, gain = self.refiner.fix_gauge()
+            self.model.transform(turn, translation, math.log(gain))
+        self._apply_alignment()
+
+    def _apply_alignment(self) -> None:
+        a = self.refiner.alignment
+        self.geometry = self.refiner.geometry()
+        self.projector.set_geometry(self.geometry)
+        self.target.set_intensity(a.intensity_scale, a.intensity_offset)
+
+    def _predicted(self, indices: np.ndarray) -> np.ndarray:
+        """Predicted projections ``indices`` in normalised units: the rendered atoms with each
+        projection's intensity scale and offset."""
+        batch = self.projector.batch_numpy()
+        self.projector.set_batch(indices)
+        self.projector.forward(self.model.cloud)
+        images = self.projector.images_numpy()[indices]
+        self.projector.set_batch(batch)
+        if self.refiner is not None:
+            a = self.refiner.alignment
+            images = images * a.intensity_scale[indices, None, None] + a.intensity_offset[indices, None, None]
+        return images
 
     def run(self, resume: bool = False, observer=None) -> Atoms:
         """Run the schedule to `config.iters` steps and return the fitted atoms.
@@ -340,6 +406,7 @@ class Reconstructor:
         if not resume:
             self._upload(self._with_moments(self.initial_atoms()))
         densify_end = int(c.densify_until * c.iters)
+        align_begin = int(c.align_start * c.iters) if self.refiner is not None else c.iters
         bar = tqdm(total=c.iters, initial=self.iteration, disable=not self.progress, unit="it",
                    file=sys.stderr, dynamic_ncols=True)
         with _deferred_interrupt() as interrupted:
@@ -352,7 +419,7 @@ class Reconstructor:
                 counting = self.iteration < densify_end
                 if counting and self.iteration > 0 and self.iteration % c.densify_every == 0:
                     self.densify()
-                self.step(self.learning_rate_factor(self.iteration, c.iters))
+                self.step(self.learning_rate_factor(self.iteration, c.iters), self.iteration >= align_begin)
                 self.phase_seconds["densify" if counting else "refine"] += time.perf_counter() - t0
                 if self.iteration % 10 == 0 or self.iteration == c.iters:
                     loss = self.target.loss_value()
@@ -385,9 +452,12 @@ class Reconstructor:
 
         state = self.model.get_state()
         species, _, _ = assign_species(state["amp"] * self.data.scale, state["sigma"], self.config.species,
-                                       self.series.pixel_size, self.data.blur, self.config.composition or None)
+                                       self.series.pixel_size, self.data.blur, self.config.composition or None,
+                                       profile=self.profile)
         structure = Atoms(species, state["pos"])
         iteration, steps = self.iteration, self.config.thermal_refits
+        n = self.series.n_tilts
+        self.target.set_intensity(np.ones(n), np.zeros(n))  # the simulations have none to fit
         widths_at = {}
         for b in (0.0, 1.0):
             clean = simulate_tilt_series(structure, self.series.angles, self.series.pixel_size, self.series.shape,
@@ -398,6 +468,8 @@ class Reconstructor:
                 self.step(self.learning_rate_factor(i, steps))
             widths_at[b] = self.model.get_state()["sigma"]
         self.target.set_measured(self.normalised)
+        if self.refiner is not None:
+            self._apply_alignment()
         self.model.set_state(state)
         self.iteration = iteration
         return b_factors_from_calibration(state["sigma"], widths_at)
@@ -421,7 +493,7 @@ class Reconstructor:
         if self.config.species:
             species, probability, _ = assign_species(amplitude, columns["width"], self.config.species,
                                                      self.series.pixel_size, self.data.blur,
-                                                     self.config.composition or None)
+                                                     self.config.composition or None, profile=self.profile)
             if len(self.config.species) > 1:
                 columns["species_prob"] = probability
             if self.b_factors is not None:
@@ -433,17 +505,15 @@ class Reconstructor:
     def projection_images(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Measured and predicted projection ``index`` (H, W) in the data's own units, the prediction
         from the current atoms in the current (refined) geometry."""
-        batch = self.projector.batch_numpy()
-        self.projector.set_batch(np.array([index]))
-        self.projector.forward(self.model.cloud)
-        predicted = self.projector.images_numpy()[index] * self.data.scale + self.data.background
-        self.projector.set_batch(batch)
+        predicted = self._predicted(np.array([index]))[0] * self.data.scale + self.data.background
         return self.series.projections[index].astype(np.float64), predicted
 
     def save_checkpoint(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.model.get_state()
         payload = {f"state_{k}": v for k, v in state.items()}
+        if self.refiner is not None:
+            payload.update({f"align_{k}": v for k, v in self.refiner.state().items()})
         payload["meta"] = np.array(json.dumps({
             "iteration": self.iteration, "config": asdict(self.config), "history": self.history,
             "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state}))
@@ -456,6 +526,7 @@ class Reconstructor:
         try:
             with np.load(path, allow_pickle=False) as f:
                 state = {k[len("state_"):]: f[k] for k in f.files if k.startswith("state_")}
+                alignment = {k[len("align_"):]: f[k] for k in f.files if k.startswith("align_")}
                 meta = json.loads(str(f["meta"]))
         except (OSError, ValueError, KeyError) as err:
             raise InputError(path, f"not a readable atomsplat checkpoint ({err})") from err
@@ -463,6 +534,10 @@ class Reconstructor:
         self.history = meta["history"]
         self.phase_seconds = meta["phase_seconds"]
         self.rng.bit_generator.state = meta["rng"]
+        if self.refiner is not None and alignment:
+            self.refiner.load_state(alignment)
+            self._apply_alignment()
+            self.volume_projector.set_geometry(self.geometry)
         self._upload(state, sort=False)  # the order the run had: same sums, same results
 
     def write_outputs(self, atoms: Atoms, arch: str, wall_seconds: float, extra: dict | None = None) -> dict:
@@ -472,17 +547,22 @@ class Reconstructor:
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         write_atoms(atoms, out / "atoms.xyz", overwrite=True)
-        self.projector.set_batch(np.arange(self.series.n_tilts))
-        self.projector.forward(self.model.cloud)
-        predicted = self.projector.images_numpy() * self.data.scale + self.data.background
+        predicted = self._predicted(np.arange(self.series.n_tilts)) * self.data.scale + self.data.background
         measured = self.series.projections.astype(np.float64)
         nrmse = float(np.linalg.norm(predicted - measured) / np.linalg.norm(measured - self.data.background))
         projection_panel(self.series.projections, predicted, self.series.angles, path=out / "projections.png")
         it = np.asarray(self.history["iteration"], float)
         line_plot({"loss": (it, np.asarray(self.history["loss"], float))}, path=out / "loss.png",
                   title="LOSS", xlabel="ITERATION", logy=True)
+        alignment = None
+        if self.refiner is not None:
+            from .alignment import misalignment_summary, write_alignment
+
+            write_alignment(self.refiner.alignment, out, self.series.angles, self.series.pixel_size, self.data.scale)
+            alignment = misalignment_summary(self.refiner.alignment, self.series.pixel_size)
+            del alignment["refine_advised"]
         self.phase_seconds["output"] += time.perf_counter() - t0
-        report = {"source": self.series.source, "arch": arch, "config": asdict(self.config),
+        report = {"alignment": alignment, "gain": self.gain, "source": self.series.source, "arch": arch, "config": asdict(self.config),
                   "data_model": asdict(self.data), "d_min_A": self.d_min, "iterations": self.iteration,
                   "final_loss": self.history["loss"][-1] if self.history["loss"] else None,
                   "projection_nrmse": nrmse, "n_atoms": len(atoms), "history": self.history,

@@ -56,7 +56,7 @@ def specimen_gaussians(atoms: Atoms, b_factor: float = 0.0):
 def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blur_sigma: float = 0.0,
                          b_factor: float = 0.0, noise: float = 0.0, peak_counts: float | None = None,
                          shifts=None, seed: int = 0, description: str = "",
-                         geometry: TiltGeometry | None = None) -> TiltSeries:
+                         geometry: TiltGeometry | None = None, intensity_scale=None) -> TiltSeries:
     """Simulate a tilt series of ``atoms``.
 
     angles_deg  : tilt angles (degrees), active rotation about +y.
@@ -68,6 +68,7 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     shifts      : (n, 2) in-plane shifts (Å) applied to each projection (stage drift).
     seed        : seeds the noise.
     geometry    : an explicit `TiltGeometry` to use instead of the one built from angles and shifts.
+    intensity_scale : (n,) factors on each clean projection before noise (beam-current drift).
     """
     angles = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
     if pixel_size <= 0 or not np.isfinite(pixel_size):
@@ -80,6 +81,8 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     positions, weights, sigmas = specimen_gaussians(atoms, b_factor)
     clean = project_tilt_series(positions, weights, sigmas, geometry, shape, pixel_size, blur_sigma)
     clean = clean.astype(np.float64)
+    if intensity_scale is not None:
+        clean *= np.asarray(intensity_scale, np.float64).reshape(-1, 1, 1)
     rng = np.random.default_rng(seed)
     peak = clean.max()
     data = clean

@@ -68,8 +68,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     interrupted = Reconstructor(series, config, tmp_path / "b", progress=False)
     step = interrupted.step
 
-    def step_then_interrupt(lr_factor):
-        step(lr_factor)
+    def step_then_interrupt(lr_factor, refine_alignment=False):
+        step(lr_factor, refine_alignment)
         if interrupted.iteration == 137:
             os.kill(os.getpid(), signal.SIGINT)
 
