@@ -1,0 +1,145 @@
+"""Alignment: the gauge, pre-alignment from the images, the written files, and joint refinement
+against a known misalignment (engine.alignment, Reconstructor with refine_alignment)."""
+
+import numpy as np
+import pytest
+
+from engine.alignment import (Alignment, AlignmentRefiner, prealign, random_misalignment, read_alignment,
+                              translation_gauge, write_alignment)
+from engine.atoms import read_atoms
+from engine.cli import main
+from engine.errors import InputError
+from engine.metrics import evaluate_atoms
+from engine.projector import project_tilt_series
+from engine.reconstruct import ReconstructionConfig, Reconstructor, estimate_data_model
+from engine.simulate import simulate_tilt_series
+from engine.structures import build_structure, parse_recipe
+
+TILTS = np.arange(-70.0, 70.01, 5.0)
+PIXEL = 0.3
+
+
+@pytest.fixture(scope="module")
+def particle():
+    return build_structure(parse_recipe("cuboctahedron element=Au shells=3 euler=-52,28,139"))
+
+
+def misaligned_series(atoms, misalignment, seed=1, shape=(96, 96)):
+    series = simulate_tilt_series(atoms, TILTS, PIXEL, shape, blur_sigma=0.4, peak_counts=25, seed=seed,
+                                  geometry=misalignment.geometry(TILTS),
+                                  intensity_scale=misalignment.intensity_scale)
+    series.geometry = None
+    return series
+
+
+def shift_rmse_px(estimate: Alignment, truth: Alignment) -> float:
+    return float(np.sqrt(np.mean((estimate.shifts - truth.shifts) ** 2)) / PIXEL)
+
+
+def test_random_misalignment_is_bounded_and_gauge_free():
+    a = random_misalignment(TILTS, PIXEL, 2.0, 0.5, 1.0, 0.05, seed=4)
+    assert np.abs(a.shifts / PIXEL).max() == pytest.approx(2.0)
+    assert np.abs(a.angle_offsets).max() == pytest.approx(0.5) and abs(a.angle_offsets.mean()) < 1e-12
+    assert np.abs(translation_gauge(a.shifts, a.geometry(TILTS).rotations)).max() < 1e-12
+    assert np.exp(np.mean(np.log(a.intensity_scale))) == pytest.approx(1.0)
+    assert np.all(np.abs(np.log(a.intensity_scale)) <= 0.1)
+
+
+def test_gauge_fix_leaves_every_projection_unchanged(arch):
+    rng = np.random.default_rng(0)
+    positions = rng.uniform(-4, 4, (12, 3))
+    amplitudes = rng.uniform(1, 2, 12)
+    widths = np.full(12, 0.4)
+    a = Alignment(rng.uniform(0.1, 0.6, len(TILTS)), rng.uniform(-0.5, 0.5, (len(TILTS), 2)), 2.0,
+                  rng.uniform(0.8, 1.3, len(TILTS)), np.zeros(len(TILTS)))
+    refiner = AlignmentRefiner(a, TILTS)
+
+    def images(pos, amp):
+        raw = project_tilt_series(pos, amp, widths, refiner.geometry(), (40, 40), PIXEL, 0.3)
+        return raw * a.intensity_scale[:, None, None]
+
+    before = images(positions, amplitudes)
+    turn, translation, gain = refiner.fix_gauge()
+    after = images(positions @ turn.T + translation, amplitudes * gain)
+    assert np.abs(after - before).max() <= 1e-4 * before.max()
+    assert abs(a.angle_offsets.mean()) < 1e-12
+    assert np.abs(translation_gauge(a.shifts, refiner.geometry().rotations)).max() < 1e-9
+    assert np.exp(np.mean(np.log(a.intensity_scale))) == pytest.approx(1.0)
+    axis = np.array([-np.sin(np.radians(2.0)), np.cos(np.radians(2.0)), 0.0])  # the turned tilt axis
+    assert np.allclose(turn @ axis, axis) and not np.allclose(turn, np.eye(3))
+
+
+def test_prealign_finds_shifts_and_tilt_axis(arch, particle):
+    truth = random_misalignment(TILTS, PIXEL, 2.0, 0.0, 3.0, 0.0, seed=2)
+    series = misaligned_series(particle, truth)
+    data = estimate_data_model(series, 0.4)
+    estimate = prealign((series.projections - data.background) / data.scale, TILTS, PIXEL, data.noise)
+    assert abs(estimate.axis_angle - 3.0) < 0.3
+    assert shift_rmse_px(estimate, truth) < 0.15
+
+
+def test_alignment_files_round_trip_and_xf_maps_raw_to_aligned(tmp_path):
+    a = random_misalignment(TILTS, PIXEL, 2.0, 0.5, 1.5, 0.05, seed=5)
+    a.intensity_offset = np.linspace(-0.01, 0.01, len(TILTS))
+    write_alignment(a, tmp_path, TILTS, PIXEL, data_scale=7.0)
+    back = read_alignment(tmp_path / "alignment.json")
+    for name in ("angle_offsets", "shifts", "intensity_scale", "intensity_offset"):
+        np.testing.assert_allclose(getattr(back, name), getattr(a, name), rtol=1e-12, atol=1e-15)
+    assert back.axis_angle == a.axis_angle
+    # A point u of the aligned image (tilt axis along +y) appears in the raw image at R(φ) u + s/pixel.
+    rows = np.loadtxt(tmp_path / "alignment.xf")
+    u = np.array([3.0, -7.0])
+    phi = np.radians(a.axis_angle)
+    rotate = np.array([[np.cos(phi), -np.sin(phi)], [np.sin(phi), np.cos(phi)]])
+    for row, shift in zip(rows, a.shifts):
+        raw = rotate @ u + shift / PIXEL
+        np.testing.assert_allclose(row[:4].reshape(2, 2) @ raw + row[4:], u, atol=2e-3)
+    with pytest.raises(InputError, match="alignment"):
+        (tmp_path / "bad.json").write_text("{}")
+        read_alignment(tmp_path / "bad.json")
+
+
+def test_joint_refinement_recovers_the_misalignment(arch, particle, tmp_path):
+    if arch != "cpu":
+        pytest.skip("the end-to-end fit is checked on the CPU")
+    truth = random_misalignment(TILTS, PIXEL, 2.0, 0.5, 1.0, 0.05, seed=1)
+    series = misaligned_series(particle, truth)
+    results = {}
+    for refine in (False, True):
+        config = ReconstructionConfig(species=["Au"], loss="poisson", atom_profile="peng", refine_alignment=refine,
+                                      iters=600, thermal_refits=0)
+        rec = Reconstructor(series, config, tmp_path / str(refine), progress=False)
+        results[refine] = (rec, evaluate_atoms(rec.run(), particle, radius=1.0))
+    rec, metrics = results[True]
+    estimate = rec.refiner.alignment
+    assert metrics["f1"] == 1.0
+    assert results[False][1]["f1"] < 0.97  # what the refinement is for
+    assert shift_rmse_px(estimate, truth) <= 0.1
+    assert abs(estimate.axis_angle - truth.axis_angle) <= 0.1
+    # 147 atoms at 25 counts pin each tilt angle to about ±0.15° (the 561-atom check in
+    # scripts/alignment_check.py reaches 0.08°).
+    assert np.sqrt(np.mean((estimate.angle_offsets - truth.angle_offsets) ** 2)) <= 0.2
+    assert np.sqrt(np.mean((estimate.intensity_scale / truth.intensity_scale - 1) ** 2)) <= 0.02
+    rec.write_outputs(rec.atoms(), "cpu", 0.0)
+    assert read_alignment(tmp_path / "True" / "alignment.json").axis_angle == pytest.approx(estimate.axis_angle)
+
+
+def test_cli_simulates_misalignment_and_info_advises_refinement(arch, tmp_path, capsys):
+    if arch != "cpu":
+        pytest.skip("CLI checked on the CPU")
+    recipe = "cuboctahedron element=Au shells=2 euler=-52,28,139"
+    for name, extra in (("aligned", []), ("misaligned", ["--misalign", "2,0.5,2"])):
+        assert main(["simulate", "--build", recipe, "--tilts=-60:60:5", "--peak-counts", "50", "--arch", "cpu",
+                     "--out", str(tmp_path / f"{name}.npz")] + extra) == 0
+        capsys.readouterr()
+        assert main(["info", str(tmp_path / f"{name}.npz")]) == 0
+        advised = "--refine-alignment" in capsys.readouterr().out
+        assert advised == (name == "misaligned")
+    truth = read_alignment(tmp_path / "misaligned_alignment.json")
+    assert truth.axis_angle == 2.0 and np.abs(truth.shifts / 0.3).max() == pytest.approx(2.0)
+    assert len(read_atoms(tmp_path / "misaligned_truth.xyz")) == 55
+    assert main(["simulate", "--build", recipe, "--misalign", "2,x,1", "--out", str(tmp_path / "bad.npz")]) == 2
+    assert "--misalign" in capsys.readouterr().err
+    assert main(["reconstruct", str(tmp_path / "aligned.npz"), "--noise", "poisson", "--robust",
+                 "--out", str(tmp_path / "fit")]) == 2
+    assert "--robust" in capsys.readouterr().err
