@@ -1,4 +1,4 @@
-"""The `atomsplat` command line: simulate, info, reconstruct, baseline, evaluate and run.
+"""The `atomsplat` command line: simulate, info, reconstruct, baseline, evaluate, run and view.
 
 Every bad input ends in one line `atomsplat: error: FILE: problem` and exit status 2, never a
 traceback; Ctrl-C ends with status 130.
@@ -29,8 +29,19 @@ def _add_fit_options(parser):
     parser.add_argument("--species", default=None,
                         help="expected elements, e.g. Pt,Ni: sets d_min, labels atoms, estimates B-factors")
     parser.add_argument("--composition", default=None, help="expected fractions, e.g. Pt:0.6,Ni:0.4 (implies --species)")
-    parser.add_argument("--loss", choices=["l2", "poisson"], default=None, help="data term (default l2)")
-    parser.add_argument("--gain", type=float, default=None, help="Poisson loss: counts per data unit")
+    parser.add_argument("--noise", choices=["gaussian", "poisson"], default=None,
+                        help="noise model, i.e. the likelihood: gaussian (least squares, default) or poisson "
+                             "(counted data)")
+    parser.add_argument("--gain", type=float, default=None,
+                        help="poisson: counts per data unit (default: read off whole-count data)")
+    parser.add_argument("--robust", action="store_true",
+                        help="gaussian: Huber loss, so outlier pixels (hot pixels, dust) pull linearly, not quadratically")
+    parser.add_argument("--refine-alignment", action="store_true",
+                        help="pre-align the series, then fit per-projection shifts, tilt-angle offsets, intensity "
+                             "scale and offset, and the tilt-axis angle with the atoms (writes alignment.json, .xf)")
+    parser.add_argument("--profile", choices=["gaussian", "peng"], default=None,
+                        help="atom shape: one Gaussian (default) or a core and tail from the species' scattering "
+                             "factors (needs --species; more accurate, about 2x slower)")
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
@@ -48,9 +59,11 @@ def auto_shape(atoms, pixel_size: float, margin: float = 6.0) -> tuple[int, int]
 
 
 def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise, peak_counts, b_factor, seed,
-                   arch):
+                   arch, misalignment=None):
     """Returns (atoms, series) for a structure file or a builder recipe. Inputs are read and checked
-    before the backend starts, so bad input fails fast."""
+    before the backend starts, so bad input fails fast. With ``misalignment`` (an
+    `engine.alignment.Alignment`) the series is recorded in that geometry and intensity but carries
+    only the nominal angles, as a misaligned experiment would."""
     from .atoms import read_atoms
     from .simulate import parse_tilt_range, simulate_tilt_series
     from .structures import build_structure, parse_recipe
@@ -70,7 +83,11 @@ def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise,
                                   noise=noise, peak_counts=peak_counts, seed=seed,
                                   description=f"atomsplat simulate: {label}; {len(atoms)} atoms; "
                                               f"tilts {tilts} deg; pixel {pixel_size} A; blur {blur} A; "
-                                              f"noise {noise}; seed {seed}")
+                                              f"noise {noise}; seed {seed}",
+                                  geometry=None if misalignment is None else misalignment.geometry(angles),
+                                  intensity_scale=None if misalignment is None else misalignment.intensity_scale)
+    if misalignment is not None:
+        series.geometry = None  # the experimenter knows only the nominal angles
     return atoms, series
 
 
@@ -80,14 +97,34 @@ def cmd_simulate(args) -> int:
 
     if (args.structure is None) == (args.build is None):
         raise InputError("simulate", "give a STRUCTURE file or --build RECIPE (exactly one)")
+    out = Path(args.out)
+    misalignment = None
+    if args.misalign is not None:
+        from .alignment import random_misalignment
+        from .simulate import parse_tilt_range
+
+        try:
+            values = [float(v) for v in args.misalign.split(",")]
+            if len(values) not in (3, 4) or min(values[:2] + values[3:]) < 0:  # only the axis angle may be negative
+                raise ValueError
+        except ValueError:
+            raise InputError("--misalign", f"expected SHIFT_PX,ANGLE_DEG,AXIS_DEG[,DRIFT], got {args.misalign!r}") from None
+        misalignment = random_misalignment(parse_tilt_range(args.tilts), args.pixel, *values, seed=args.seed)
+        alignment_truth = out.with_name(out.stem + "_alignment.json")
+        if alignment_truth.exists() and not args.overwrite:
+            raise InputError(alignment_truth, "already exists; pass --overwrite to replace it")
     atoms, series = _simulate_from(args.structure, args.build, args.tilts, args.pixel,
                                    tuple(args.shape) if args.shape else None, args.blur, args.noise,
-                                   args.peak_counts, args.b_factor, args.seed, args.arch)
-    out = Path(args.out)
+                                   args.peak_counts, args.b_factor, args.seed, args.arch, misalignment)
     truth = out.with_name(out.stem + "_truth.xyz")
     if args.build is not None and truth.exists() and not args.overwrite:
         raise InputError(truth, "already exists; pass --overwrite to replace it")
     write_tilt_series(series, out, overwrite=args.overwrite)
+    if misalignment is not None:
+        from .alignment import write_alignment
+
+        write_alignment(misalignment, out.parent, series.angles, series.pixel_size, 1.0, stem=out.stem + "_alignment")
+        print(f"wrote {alignment_truth} (the true misalignment)")
     if args.build is not None:
         write_atoms(atoms, truth, overwrite=args.overwrite)
         print(f"wrote {truth} ({len(atoms)} atoms)")
@@ -101,6 +138,7 @@ def cmd_info(args) -> int:
 
     series = read_tilt_series(args.file, pixel_size=args.pixel)
     summary = summarize(series)
+    summary["alignment_check"] = _alignment_check(series)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -120,13 +158,36 @@ def cmd_info(args) -> int:
         print(f"noise sigma     {s['noise_sigma']:.4g} (from file)")
     if s["blur_sigma"] is not None:
         print(f"blur sigma      {s['blur_sigma']:g} A (from file)")
+    check = s["alignment_check"]
+    if check is not None:
+        print(f"alignment       pre-alignment finds shifts of {check['shift_rms_px']:.2f} px rms "
+              f"(max {check['shift_max_px']:.2f} px), tilt axis at {check['axis_angle_deg']:.2f} deg")
+        if check["refine_advised"]:
+            print("                the series looks misaligned: reconstruct with --refine-alignment")
     return 0
 
 
+def _alignment_check(series) -> dict | None:
+    """Coarse pre-alignment of a single-axis series (engine.alignment.prealign) and whether refining the
+    alignment is advised; None for other geometries or series without a usable signal."""
+    from .alignment import misalignment_summary, prealign, require_single_axis
+    from .reconstruct import estimate_data_model
+
+    try:
+        require_single_axis(series)
+        data = estimate_data_model(series, blur=0.0)
+        normalised = (series.projections.astype(np.float64) - data.background) / data.scale
+        alignment = prealign(normalised, series.angles, series.pixel_size, data.noise)
+    except InputError:
+        return None
+    return misalignment_summary(alignment, series.pixel_size)
+
+
 def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool, truth_path=None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, observer=None) -> dict:
     """Fit ``series`` with ``settings`` into ``out_dir``; evaluate against ``truth_path`` afterwards
-    (the truth is read only once the atoms are written). Returns the report."""
+    (the truth is read only once the atoms are written). ``observer``: a viewer watching the fit
+    (`viewer.cli.fit_observer`), finished once the results are written. Returns the report."""
     import time
 
     from .atoms import read_atoms
@@ -139,7 +200,7 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
     if resume:
         rec.load_checkpoint(out_dir / CHECKPOINT)
     try:
-        atoms = rec.run(resume=resume)
+        atoms = rec.run(resume=resume, observer=observer)
     except KeyboardInterrupt:
         print(f"atomsplat: interrupted; checkpoint in {out_dir / CHECKPOINT} (continue with --resume {out_dir})",
               file=sys.stderr)
@@ -155,6 +216,8 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(format_table(metrics))
         report["metrics"] = metrics
+    if observer is not None:
+        observer.finish()
     return report
 
 
@@ -175,9 +238,19 @@ def _output_dir(args, default: Path) -> Path:
 
 def _settings(args, base: dict) -> dict:
     settings = dict(base)
-    for key in ("iters", "seed", "batch", "loss", "gain"):
+    for key in ("iters", "seed", "batch", "gain"):
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
+    if getattr(args, "noise", None) == "poisson" and getattr(args, "robust", False):
+        raise InputError("--robust", "the robust (Huber) loss is for Gaussian noise; drop it or --noise poisson")
+    if getattr(args, "noise", None) is not None:
+        settings["loss"] = "poisson" if args.noise == "poisson" else "l2"
+    if getattr(args, "robust", False):
+        settings["loss"] = "huber"
+    if getattr(args, "refine_alignment", False):
+        settings["refine_alignment"] = True
+    if getattr(args, "profile", None) is not None:
+        settings["atom_profile"] = args.profile
     if getattr(args, "species", None):
         settings["species"] = [s for s in args.species.split(",") if s]
     if getattr(args, "composition", None):
@@ -203,8 +276,11 @@ def cmd_reconstruct(args) -> int:
     out_dir = _output_dir(args, Path("out") / Path(args.data).stem)
     if truth is not None and not Path(truth).exists():
         raise InputError(truth, "truth file not found")
+    from viewer.cli import fit_observer
+
+    observer = fit_observer(args, scene.viewer if args.scene else {}, args.scene, out_dir, truth, args.resume is not None)
     _reconstruct(series, _settings(args, base), out_dir, args.arch, args.resume is not None, truth,
-                 progress=not args.quiet)
+                 progress=not args.quiet, observer=observer)
     return 0
 
 
@@ -277,12 +353,17 @@ def cmd_run(args) -> int:
     s = summarize(series)
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
           f"{s['angle_max']:g} deg, pixel {s['pixel_size']:g} A")
+    from viewer.cli import fit_observer
+
+    observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth, args.resume is not None)
     _reconstruct(series, _settings(args, scene.reconstruct), out_dir, args.arch, args.resume is not None, truth,
-                 progress=not args.quiet)
+                 progress=not args.quiet, observer=observer)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from viewer.cli import add_view_options, add_view_parser
+
     parser = argparse.ArgumentParser(prog="atomsplat", description="Direct 3D atom fitting for atomic electron "
                                      "tomography with differentiable Gaussians (lengths in Å, angles in degrees).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-counts", type=float, default=None,
                    help="Poisson noise: mean counts at the brightest pixel (default: none)")
     p.add_argument("--b-factor", type=float, default=0.0, help="Debye-Waller B in Å² (default 0)")
+    p.add_argument("--misalign", metavar="SHIFT_PX,ANGLE_DEG,AXIS_DEG[,DRIFT]", default=None,
+                   help="record a misaligned series: random shifts within SHIFT_PX px, tilt-angle errors within "
+                        "ANGLE_DEG, the tilt axis turned by AXIS_DEG, intensity drift within ±DRIFT (fraction); "
+                        "the file keeps the nominal angles, the truth goes to OUT_alignment.json")
     p.add_argument("--seed", type=int, default=0, help="random seed for noise and random structures")
     p.add_argument("--out", required=True, help="output .npz or .mrc (a .tlt is written beside an MRC)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -320,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
     p.add_argument("--truth", help="ground-truth atoms to score against after the fit")
     _add_fit_options(p)
+    add_view_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("evaluate", help="score predicted atoms against the truth (optimal one-to-one matching)")
@@ -346,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scene", help="scene .toml")
     p.add_argument("--out", default=None, help="output folder (default: the scene's [output] dir)")
     _add_fit_options(p)
+    add_view_options(p)
     p.set_defaults(func=cmd_run)
+
+    add_view_parser(sub, _add_arch)
     return parser
 
 

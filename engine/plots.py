@@ -8,6 +8,8 @@ and write PNGs through `save_png` (imageio). Text uses a built-in 5x7 bitmap fon
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,10 +437,29 @@ def line_plot(series: dict, path=None, title: str = "", xlabel: str = "", ylabel
 # ---------------------------------------------------------------- output
 
 
-def save_png(image, path) -> Path:
+def _png_unfiltered(image: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W) or (H, W, 3|4) uint8 image with no row filters and zlib level 1: about
+    4x faster to encode than Pillow's adaptive filtering, files about 15 % larger."""
+    h, w = image.shape[:2]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, w * channels)], axis=1)  # filter byte 0
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + chunk(b"IEND", b""))
+
+
+def save_png(image, path, fast: bool = False) -> Path:
     """Write ``image`` (H, W) or (H, W, 3|4) as a PNG at ``path``, replacing any file there.
 
     The PNG goes to a temporary file in the same directory first and is then renamed over
-    ``path``, so readers never see a half-written file. Returns the path.
+    ``path``, so readers never see a half-written file. ``fast`` (uint8 images): skip row filters
+    and compress lightly (`_png_unfiltered`), for frames written while a fit runs. Returns the path.
     """
-    return write_atomically(path, lambda tmp: iio.imwrite(tmp, np.asarray(image), extension=".png"))
+    image = np.asarray(image)
+    if fast and image.dtype == np.uint8:
+        return write_atomically(path, lambda tmp: Path(tmp).write_bytes(_png_unfiltered(np.ascontiguousarray(image))))
+    return write_atomically(path, lambda tmp: iio.imwrite(tmp, image, extension=".png"))

@@ -260,6 +260,13 @@ def test_png_round_trip_and_atomic_replace(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 
 
+@pytest.mark.parametrize("shape", [(30, 40), (30, 40, 3), (30, 40, 4)])
+def test_fast_png_reads_back_exactly(tmp_path, shape):
+    image = np.random.default_rng(4).integers(0, 256, size=shape, dtype=np.uint8)
+    plots.save_png(image, tmp_path / "fast.png", fast=True)
+    assert np.array_equal(iio.imread(tmp_path / "fast.png"), image)
+
+
 def test_plots_write_what_they_return(tmp_path):
     measured, predicted = _stacks()
     panel = plots.projection_panel(measured, predicted, np.arange(5.0), path=tmp_path / "panel.png")

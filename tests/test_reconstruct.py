@@ -58,12 +58,15 @@ def test_missing_and_extra_atoms_are_fixed_by_density_control(arch, small_partic
     assert result["f1"] == 1.0
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, tmp_path):
+@pytest.mark.parametrize("refine_alignment", [False, True])
+def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, tmp_path, refine_alignment):
     if arch != "cpu":
         pytest.skip("determinism is promised on the CPU")
     series = simulate(small_particle)
-    config = ReconstructionConfig(iters=250, densify_every=50, checkpoint_every=100, batch=8, seed=3)
-    straight = Reconstructor(series, config, tmp_path / "a", progress=False).run()
+    config = ReconstructionConfig(iters=250, densify_every=50, checkpoint_every=100, batch=8, seed=3,
+                                  refine_alignment=refine_alignment)
+    straight_fit = Reconstructor(series, config, tmp_path / "a", progress=False)
+    straight = straight_fit.run()
 
     interrupted = Reconstructor(series, config, tmp_path / "b", progress=False)
     step = interrupted.step
@@ -82,6 +85,8 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     atoms = resumed.run(resume=True)
     assert np.array_equal(atoms.positions, straight.positions)
     assert np.array_equal(atoms.columns["amplitude"], straight.columns["amplitude"])
+    if refine_alignment:
+        assert np.array_equal(resumed.refiner.alignment.shifts, straight_fit.refiner.alignment.shifts)
 
 
 def test_bad_settings_are_refused():
