@@ -128,11 +128,11 @@ class DataModel:
     blur: float            # Å
 
 
-def estimate_data_model(series: TiltSeries, blur: float) -> DataModel:
+def estimate_data_model(series: TiltSeries, blur: float, projections: np.ndarray | None = None) -> DataModel:
     """Background and noise from the outer 3-pixel frame of every projection (AET images keep the
     particle inside the field of view); scale from the 99.9th percentile of the background-subtracted
-    signal."""
-    p = series.projections
+    signal. ``projections`` replaces the series' own images (e.g. without hot pixels)."""
+    p = series.projections if projections is None else projections
     frame = np.concatenate([p[:, :3].ravel(), p[:, -3:].ravel(), p[:, :, :3].ravel(), p[:, :, -3:].ravel()])
     background = float(np.median(frame))
     spread = 1.4826 * float(np.median(np.abs(frame - background)))
@@ -177,7 +177,16 @@ class Reconstructor:
         self.progress = progress
         self.geometry = series.get_geometry()
         self.data = estimate_data_model(series, config.blur)
+        # What the loss sees: every pixel. What seeds, spawns and aligns: with the robust loss, the
+        # images without isolated hot pixels (a back-projection would smear each into a streak).
+        screened = series.projections
+        if config.loss == "huber":
+            from .fit import remove_hot_pixels
+
+            screened = remove_hot_pixels(series.projections, self.data.background, self.data.noise * self.data.scale)
+            self.data = estimate_data_model(series, config.blur, screened)
         self.normalised = (series.projections.astype(np.float64) - self.data.background) / self.data.scale
+        self.screened = (screened.astype(np.float64) - self.data.background) / self.data.scale
         self.d_min = config.minimum_distance()
         self.rng = np.random.default_rng(config.seed)
         self.history = {"iteration": [], "loss": [], "atoms": []}
@@ -188,7 +197,7 @@ class Reconstructor:
         self.refiner = None
         if config.refine_alignment:
             require_single_axis(series)
-            self.refiner = AlignmentRefiner(prealign(self.normalised, series.angles, series.pixel_size,
+            self.refiner = AlignmentRefiner(prealign(self.screened, series.angles, series.pixel_size,
                                                      self.data.noise), series.angles)
             self.geometry = self.refiner.geometry()
         self.gain = config.gain
@@ -199,7 +208,7 @@ class Reconstructor:
         self.volume_projector = projector_for(series.n_tilts, series.shape, series.pixel_size, config.voxel)
         self.volume_projector.set_geometry(self.geometry)
         self.support = self._support()
-        self.data_fbp = self._fbp(self.normalised)
+        self.data_fbp = self._fbp(self.screened)
         self.profile = atom_profile(config.atom_profile, config.species, self.data.blur)
         self.model = AtomModel(256, self.profile)
         self.grid = NeighbourGrid(self.d_min, capacity=256)
@@ -214,7 +223,7 @@ class Reconstructor:
         5 σ of its noise and 8 % of its maximum) in every projection, dilated by d_min."""
         from scipy import ndimage
 
-        smooth = ndimage.gaussian_filter(self.normalised, sigma=(0, 2, 2))
+        smooth = ndimage.gaussian_filter(self.screened, sigma=(0, 2, 2))
         smoothed_noise = self.data.noise / (2 * math.sqrt(math.pi) * 2)  # white noise after a σ = 2 px blur
         mask = smooth > max(5 * smoothed_noise, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.series.pixel_size)),
@@ -247,7 +256,7 @@ class Reconstructor:
         bright = np.median(values[: max(1, len(values) // 10)])
         keep = values > bright / 3.0
         positions, values = positions[keep], values[keep]
-        total = float(np.mean(self.normalised.sum(axis=(1, 2)))) * self.series.pixel_size ** 2
+        total = float(np.mean(self.screened.sum(axis=(1, 2)))) * self.series.pixel_size ** 2
         amp = np.full(len(positions), total / len(positions))
         return {"pos": positions, "amp": amp, "sigma": np.full(len(positions), 0.35)}
 
@@ -268,7 +277,7 @@ class Reconstructor:
         if self.refiner is not None:  # the volumes follow the refined geometry
             self.volume_projector.set_geometry(self.geometry)
             self.support = self._support()
-            self.data_fbp = self._fbp(self.normalised)
+            self.data_fbp = self._fbp(self.screened)
         state = self.model.get_state()
         n0 = len(state["pos"])
         changes = {}
@@ -317,7 +326,7 @@ class Reconstructor:
 
     def _spawn(self, state: dict, grid) -> dict:
         """New atoms at peaks of the back-projected residual with no atom within d_min."""
-        residual = self.normalised - self._predicted(np.arange(self.series.n_tilts))
+        residual = self.screened - self._predicted(np.arange(self.series.n_tilts))
         volume = self._fbp(residual)
         typical = float(np.median(self._sample(self.data_fbp, state["pos"]))) if len(state["pos"]) else 1.0
         positions, values = self._peaks(volume, self.config.spawn_fraction * typical)
