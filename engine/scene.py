@@ -17,8 +17,9 @@
     [reconstruct]                # see engine.reconstruct.ReconstructionConfig
     [output]
     dir = "out/demo"             # relative to the scene file
-    [viewer]
-    view = false
+    [viewer]                     # see viewer.cli; --view/--no-view and --view-every override
+    view = false                 # watch the fit live (headless frames without a display)
+    every = 100                  # iterations between frames
 
 Unknown sections or keys are an error naming the scene file and the key.
 """

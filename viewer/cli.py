@@ -1,0 +1,127 @@
+"""The viewer's part of the command line: `--view`, `--headless`, `--view-every`, `--movie` for fits
+(`atomsplat reconstruct`, `atomsplat run`) and the `atomsplat view` command for saved results.
+`engine.cli` calls `add_view_options`, `add_view_parser` and `fit_observer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .frame import ViewSettings
+from .window import DEFAULT_EVERY, HeadlessRecorder, LiveViewer, check_every, display_available
+
+
+def add_view_options(parser) -> None:
+    """Viewer options of a fit command."""
+    group = parser.add_argument_group("viewer")
+    group.add_argument("--view", action=argparse.BooleanOptionalAction, default=None,
+                       help="watch the fit in a live window; headless frames when there is no display "
+                            "(default: the scene's [viewer] view)")
+    group.add_argument("--headless", action="store_true",
+                       help="render the viewer's frames offscreen to OUT/frames/*.png and a movie (OUT/fit.gif)")
+    group.add_argument("--view-every", type=int, default=None, metavar="K",
+                       help=f"draw every K iterations (default: the scene's [viewer] every, else {DEFAULT_EVERY})")
+    group.add_argument("--movie", default=None, metavar="PATH",
+                       help="the headless movie, .gif or .mp4 (MP4 needs imageio-ffmpeg); implies --headless")
+
+
+def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth_path=None, resume: bool = False):
+    """The observer the options ask for (a LiveViewer or a HeadlessRecorder), or None. Checks every
+    option before the fit starts; a live window without a display falls back to headless frames."""
+    from engine.errors import InputError
+
+    view = args.view if args.view is not None else scene_viewer.get("view", False)
+    headless = args.headless or args.movie is not None
+    if args.view_every is not None:
+        every = check_every(args.view_every)
+    else:
+        every = check_every(scene_viewer.get("every", DEFAULT_EVERY), str(scene_path))
+    if not (view or headless):
+        if args.view_every is not None:
+            raise InputError("--view-every", "needs --view or --headless")
+        return None
+    if args.movie is not None and Path(args.movie).exists() and not args.overwrite:
+        raise InputError(args.movie, "already exists; pass --overwrite to replace it")
+    if not headless:
+        if display_available():
+            from engine.atoms import read_atoms
+
+            truth = read_atoms(truth_path) if truth_path is not None else None  # shown only; the fit never sees it
+            return LiveViewer(out_dir, every, ViewSettings(truth=truth))
+        print(f"atomsplat: no display found; rendering the viewer headless into {Path(out_dir) / 'frames'}",
+              file=sys.stderr)
+    return HeadlessRecorder(out_dir, every, args.movie, fresh=not resume)
+
+
+def add_view_parser(sub, add_arch) -> None:
+    """The `view` command; ``add_arch`` adds the shared --arch option."""
+    p = sub.add_parser("view", help="show saved atoms (and their projections) in the viewer, render a PNG, "
+                                    "or export a sphere mesh")
+    p.add_argument("atoms", help="atoms: .xyz (extended XYZ) or .pdb")
+    p.add_argument("--data", metavar="SERIES", help="the tilt series the atoms were fitted to: shows measured, "
+                                                    "predicted and residual projections")
+    p.add_argument("--truth", help="true atoms: shows matched, missed and spurious atoms")
+    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the series file has none")
+    p.add_argument("--out", metavar="PNG", help="render one frame to this PNG instead of opening a window")
+    p.add_argument("--headless", action="store_true",
+                   help="no window: render the frame to --out (default ATOMS_view.png beside the atoms)")
+    p.add_argument("--mesh", metavar="OUT", help="export the atoms as spheres to OUT.glb or OUT.ply (alone: "
+                                                 "nothing else is shown or written)")
+    p.add_argument("--colour", choices=["species", "amplitude"], default=None,
+                   help="atom colours (default: species when known, else amplitude)")
+    p.add_argument("--tilt", type=int, default=None, help="projection shown, 0-based (default: nearest 0°)")
+    p.add_argument("--camera", type=float, nargs=2, metavar=("AZIMUTH", "ELEVATION"), default=None,
+                   help="view direction in degrees: turned about the tilt axis, then tipped (0 0: along the beam "
+                        "at zero tilt)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_arch(p)
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_view(args) -> int:
+    from engine.atoms import read_atoms
+    from engine.backend import init_backend
+    from engine.errors import InputError
+    from engine.tiltseries import read_tilt_series
+
+    atoms = read_atoms(args.atoms)
+    truth = read_atoms(args.truth) if args.truth else None
+    series = read_tilt_series(args.data, pixel_size=args.pixel) if args.data else None
+    if args.mesh:
+        from .mesh import export_mesh
+
+        export_mesh(atoms, args.mesh, overwrite=args.overwrite)
+        print(f"wrote {args.mesh}: {len(atoms)} atoms as spheres")
+        if not (args.out or args.headless):
+            return 0
+    if args.tilt is not None and (series is None or not 0 <= args.tilt < series.n_tilts):
+        raise InputError("--tilt", "needs --data" if series is None else
+                         f"no projection {args.tilt} in a series of {series.n_tilts} (0-based)")
+    headless = bool(args.out or args.headless) or not display_available()
+    out = Path(args.out) if args.out else Path(args.atoms).with_name(Path(args.atoms).stem + "_view.png")
+    if headless and out.exists() and not args.overwrite:
+        raise InputError(out, "already exists; pass --overwrite to replace it")
+    init_backend(args.arch, verbose=True)
+    from .sources import SavedResult, default_colour_mode, fit_history
+
+    result = SavedResult(atoms, Path(args.atoms).name, series, atoms_source=args.atoms,
+                         history=fit_history(args.atoms))
+    tilt = result.default_tilt() if args.tilt is None else args.tilt
+    settings = ViewSettings(colour_mode=args.colour or default_colour_mode(atoms), truth=truth,
+                            show_truth=truth is not None)
+    if args.camera is not None:
+        settings.camera.set_angles(*args.camera)
+    if not headless:
+        LiveViewer(Path(args.atoms).parent, settings=settings).show_result(result, tilt)
+        return 0
+    from engine.plots import save_png
+
+    from .frame import compose_frame
+
+    if not (args.out or args.headless):
+        print(f"atomsplat: no display found; rendering {out} instead", file=sys.stderr)
+    save_png(compose_frame(result.snapshot(tilt), settings), out)
+    print(f"wrote {out}")
+    return 0
