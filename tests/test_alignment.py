@@ -143,3 +143,27 @@ def test_cli_simulates_misalignment_and_info_advises_refinement(arch, tmp_path, 
     assert main(["reconstruct", str(tmp_path / "aligned.npz"), "--noise", "poisson", "--robust",
                  "--out", str(tmp_path / "fit")]) == 2
     assert "--robust" in capsys.readouterr().err
+
+
+def test_viewer_predicts_saved_atoms_in_the_refined_alignment(arch):
+    from engine.atoms import Atoms
+    from engine.projector import project_tilt_series
+    from engine.tiltseries import TiltSeries
+    from viewer.sources import SavedResult
+
+    rng = np.random.default_rng(3)
+    atoms = Atoms(np.full(15, "Au"), rng.uniform(-4, 4, (15, 3)),
+                  {"amplitude": rng.uniform(50, 80, 15), "width": np.full(15, 0.4)})
+    truth = random_misalignment(TILTS, PIXEL, 2.0, 0.5, 2.0, 0.05, seed=3)
+    clean = project_tilt_series(atoms.positions, atoms.columns["amplitude"], atoms.columns["width"],
+                                truth.geometry(TILTS), (48, 48), PIXEL, 0.4)
+    series = TiltSeries(projections=(clean * truth.intensity_scale[:, None, None] + 10.0).astype(np.float32),
+                        angles=TILTS, pixel_size=PIXEL, blur_sigma=0.4)
+    k = 3
+    error = {}
+    for name, alignment in (("nominal", None), ("refined", truth)):
+        snapshot = SavedResult(atoms, "atoms", series, alignment=alignment).snapshot(k)
+        error[name] = np.abs(snapshot.predicted - snapshot.measured).max() / clean[k].max()
+    assert error["refined"] < 1e-3 < 0.1 < error["nominal"]
+    with pytest.raises(InputError, match="aligns"):
+        SavedResult(atoms, "atoms", series, alignment=random_misalignment(TILTS[:5], PIXEL, 1, 0, 0))

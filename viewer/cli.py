@@ -64,6 +64,9 @@ def add_view_parser(sub, add_arch) -> None:
                                                     "predicted and residual projections")
     p.add_argument("--truth", help="true atoms: shows matched, missed and spurious atoms")
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the series file has none")
+    p.add_argument("--alignment", metavar="JSON", default=None,
+                   help="refined alignment to predict the projections with (default: alignment.json beside the "
+                        "atoms, when the fit wrote one)")
     p.add_argument("--out", metavar="PNG", help="render one frame to this PNG instead of opening a window")
     p.add_argument("--headless", action="store_true",
                    help="no window: render the frame to --out (default ATOMS_view.png beside the atoms)")
@@ -106,8 +109,16 @@ def cmd_view(args) -> int:
     init_backend(args.arch, verbose=True)
     from .sources import SavedResult, default_colour_mode, fit_history
 
+    alignment_path = args.alignment
+    if alignment_path is None and series is not None and Path(args.atoms).with_name("alignment.json").exists():
+        alignment_path = Path(args.atoms).with_name("alignment.json")
+    alignment = None
+    if alignment_path is not None:
+        from engine.alignment import read_alignment
+
+        alignment = read_alignment(alignment_path)
     result = SavedResult(atoms, Path(args.atoms).name, series, atoms_source=args.atoms,
-                         history=fit_history(args.atoms))
+                         history=fit_history(args.atoms), alignment=alignment, alignment_source=str(alignment_path))
     tilt = result.default_tilt() if args.tilt is None else args.tilt
     settings = ViewSettings(colour_mode=args.colour or default_colour_mode(atoms), truth=truth,
                             show_truth=truth is not None)

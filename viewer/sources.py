@@ -53,12 +53,13 @@ class SavedResult:
     history (`report.json`'s "history").
 
     With a series, the predicted projections are rendered from the atoms' 'amplitude' (data units ·
-    Å²) and 'width' (σ, Å) columns with the series' nominal geometry and blur, plus the background
-    estimated from the data as the fit does it.
+    Å²) and 'width' (σ, Å) columns with the series' blur and its nominal geometry, or the refined
+    ``alignment`` (an `engine.alignment.Alignment`: geometry, intensity scale and offset) when the fit
+    wrote one, plus the background estimated from the data as the fit does it.
     """
 
     def __init__(self, atoms: Atoms, label: str, series: TiltSeries | None = None, atoms_source: str = "atoms",
-                 history: dict | None = None):
+                 history: dict | None = None, alignment=None, alignment_source: str = "alignment"):
         from engine.reconstruct import estimate_data_model
 
         self.atoms = atoms
@@ -70,8 +71,16 @@ class SavedResult:
             if missing:
                 raise InputError(atoms_source, f"has no {' or '.join(missing)} column, so its projections cannot "
                                                f"be predicted (--data needs atoms written by atomsplat reconstruct)")
-            self.geometry = series.get_geometry()
             self.data = estimate_data_model(series, blur=-1.0)
+            self.geometry = series.get_geometry()
+            self.intensity_scale, self.intensity_offset = np.ones(series.n_tilts), np.zeros(series.n_tilts)
+            if alignment is not None:
+                if len(alignment.shifts) != series.n_tilts:
+                    raise InputError(alignment_source, f"aligns {len(alignment.shifts)} projections, the series has "
+                                                       f"{series.n_tilts}")
+                self.geometry = alignment.geometry(series.angles)
+                self.intensity_scale = alignment.intensity_scale
+                self.intensity_offset = alignment.intensity_offset * self.data.scale
 
     @property
     def n_tilts(self) -> int:
@@ -86,9 +95,9 @@ class SavedResult:
         from engine.projector import project_tilt_series
 
         a = self.atoms
-        predicted = project_tilt_series(a.positions, a.columns["amplitude"], a.columns["width"], self.geometry,
-                                        self.series.shape, self.series.pixel_size, self.data.blur,
-                                        indices=[tilt])[0] + self.data.background
+        rendered = project_tilt_series(a.positions, a.columns["amplitude"], a.columns["width"], self.geometry,
+                                       self.series.shape, self.series.pixel_size, self.data.blur, indices=[tilt])[0]
+        predicted = self.intensity_scale[tilt] * rendered + self.intensity_offset[tilt] + self.data.background
         return Snapshot(atoms=a, rotations=self.geometry.rotations, tilt_axes=self.geometry.tilt_axes,
                         angles=self.series.angles, tilt=tilt, measured=self.series.projections[tilt].astype(np.float64),
                         predicted=predicted.astype(np.float64), history=self.history, label=self.label)
