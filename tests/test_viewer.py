@@ -230,3 +230,16 @@ def test_viewer_options_reject_bad_input(tmp_path, capsys, monkeypatch, argv, wo
     assert code == 2 and err.strip().splitlines()[-1].startswith("atomsplat: error:") and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+def test_live_window_keeps_its_drawing_within_budget(tmp_path, monkeypatch):
+    import viewer.window as window_module
+
+    clock = [100.0]
+    monkeypatch.setattr(window_module.time, "perf_counter", lambda: clock[0])
+    live = window_module.LiveViewer(tmp_path, every=1)  # no window opens before the first draw
+    assert live._within_budget()  # the first frame starts the count
+    live.draw_seconds, clock[0] = 0.5, 101.0  # 0.5 s of drawing in 1 s: 0.5 s of fitting
+    assert not live._within_budget()
+    clock[0] = 106.0  # 5.5 s of fitting: 0.5 s is within 10 %
+    assert live._within_budget()

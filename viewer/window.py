@@ -29,6 +29,9 @@ from .sources import fit_snapshot, nearest_zero_tilt
 
 DEFAULT_EVERY = 100
 """Iterations between frames by default (viewer overhead ≤ 10 % of the fit, see scripts/bench_viewer.py)."""
+LIVE_BUDGET = 0.1
+"""The live window skips a due frame while its drawing has taken more than this share of the fit's
+time since the last pause: on a slow display (software rendering) the fit still comes first."""
 MOVIE_FPS = 5
 MOVIE_FORMATS = (".gif", ".mp4")
 FRAME_PATTERN = "frame_*.png"
@@ -223,18 +226,32 @@ class LiveViewer(_FitWatcher):
         self.cached = None  # (key, snapshot): recomputed when the fit moved or the tilt changed
         self.frame = None
         self.shot = False  # a screenshot was asked for: taken once the frame is drawn
+        self.budget = None  # (time, drawing seconds) when the LIVE_BUDGET accounting last started
 
     # ------------------------------------------------------------------ fit observer
     def __call__(self, rec) -> None:
         if self.rec is not None and self.window is None:
             return  # closed: the fit goes on alone
-        if not (self.paused or self.due(rec)):
+        if not (self.paused or self.due(rec) and self._within_budget()):
             return
+        paused = self.paused
         self._begin(rec)
         self.step = False
         self._run(lambda tilt: fit_snapshot(rec, tilt, self.rate, "PAUSED" if self.paused else ""),
                   rec.geometry.rotations, fitting=True)
         self._end(rec)
+        if paused or self.paused:
+            self.budget = None  # time spent paused is nobody's drawing: start counting afresh
+
+    def _within_budget(self) -> bool:
+        """Whether drawing has taken at most LIVE_BUDGET of the fit's time since counting started."""
+        now = time.perf_counter()
+        if self.budget is None:
+            self.budget = (now, self.draw_seconds)
+            return True
+        start, spent_before = self.budget
+        spent = self.draw_seconds - spent_before
+        return spent <= LIVE_BUDGET * (now - start - spent)
 
     def finish(self) -> None:
         """After the fit: keep showing the result until the window is closed."""
