@@ -230,18 +230,24 @@ def misalignment_summary(alignment: Alignment, pixel_size: float) -> dict:
 
 # ---------------------------------------------------------------------- refinement in the fit
 class _Adam:
-    """Adam on a small host array (the alignment has a few numbers per projection)."""
+    """Adam on a small host array (the alignment has a few numbers per projection), one step count
+    per row, so that projections outside a mini-batch neither move nor age."""
 
     def __init__(self, shape):
         self.m = np.zeros(shape)
         self.v = np.zeros(shape)
-        self.t = 0
+        self.t = np.zeros(self.m.shape[:1])
 
-    def step(self, grad: np.ndarray, lr: float) -> np.ndarray:
-        self.t += 1
-        self.m = 0.9 * self.m + 0.1 * grad
-        self.v = 0.999 * self.v + 0.001 * grad * grad
-        return -lr * (self.m / (1 - 0.9**self.t)) / (np.sqrt(self.v / (1 - 0.999**self.t)) + 1e-12)
+    def step(self, grad: np.ndarray, lr: float, rows=Ellipsis) -> np.ndarray:
+        """The update of the parameters for ``grad``; only ``rows`` (default all) change."""
+        self.t[rows] += 1
+        self.m[rows] = 0.9 * self.m[rows] + 0.1 * grad[rows]
+        self.v[rows] = 0.999 * self.v[rows] + 0.001 * grad[rows] ** 2
+        t = self.t.reshape(self.t.shape + (1,) * (self.m.ndim - self.t.ndim))
+        update = np.zeros_like(self.m)
+        update[rows] = (-lr * (self.m / (1 - 0.9**np.maximum(t, 1))) /
+                        (np.sqrt(self.v / (1 - 0.999**np.maximum(t, 1))) + 1e-12))[rows]
+        return update
 
 
 class AlignmentRefiner:
@@ -265,16 +271,13 @@ class AlignmentRefiner:
         'angle' (n,) and 'axis_angle' (n,) per degree, 'scale' (n,), 'offset' (n,) per normalised unit.
         Without ``fit_offsets`` the intensity offsets stay as they are."""
         a = self.alignment
-        full = {}
-        for name in ("shift", "angle", "scale", "offset"):
-            full[name] = np.zeros_like(grads[name])
-            full[name][batch] = grads[name][batch]
-        a.shifts += self.adam["shifts"].step(full["shift"], lr_shift)
-        a.angle_offsets += self.adam["angle_offsets"].step(full["angle"], lr_angle)
+        a.shifts += self.adam["shifts"].step(grads["shift"], lr_shift, batch)
+        a.angle_offsets += self.adam["angle_offsets"].step(grads["angle"], lr_angle, batch)
         a.axis_angle = float(a.axis_angle + self.adam["axis_angle"].step(np.sum(grads["axis_angle"][batch]), lr_angle))
-        a.intensity_scale *= np.exp(self.adam["log_scale"].step(full["scale"] * a.intensity_scale, lr_intensity))
+        a.intensity_scale *= np.exp(self.adam["log_scale"].step(grads["scale"] * a.intensity_scale, lr_intensity,
+                                                                batch))
         if fit_offsets:
-            a.intensity_offset += self.adam["intensity_offset"].step(full["offset"], lr_intensity)
+            a.intensity_offset += self.adam["intensity_offset"].step(grads["offset"], lr_intensity, batch)
 
     def fix_gauge(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Remove the gauge directions from the alignment (module docstring). Returns the atom
@@ -296,7 +299,7 @@ class AlignmentRefiner:
         out = {"angle_offsets": a.angle_offsets, "shifts": a.shifts, "axis_angle": np.array(a.axis_angle),
                "intensity_scale": a.intensity_scale, "intensity_offset": a.intensity_offset}
         for name, adam in self.adam.items():
-            out[f"m_{name}"], out[f"v_{name}"], out[f"t_{name}"] = adam.m, adam.v, np.array(adam.t)
+            out[f"m_{name}"], out[f"v_{name}"], out[f"t_{name}"] = adam.m, adam.v, adam.t
         return out
 
     def load_state(self, state: dict) -> None:
@@ -305,7 +308,8 @@ class AlignmentRefiner:
         a.axis_angle = float(state["axis_angle"])
         a.intensity_scale, a.intensity_offset = np.array(state["intensity_scale"]), np.array(state["intensity_offset"])
         for name, adam in self.adam.items():
-            adam.m, adam.v, adam.t = np.array(state[f"m_{name}"]), np.array(state[f"v_{name}"]), int(state[f"t_{name}"])
+            adam.m, adam.v, adam.t = (np.array(state[f"m_{name}"]), np.array(state[f"v_{name}"]),
+                                      np.array(state[f"t_{name}"]))
 
 
 # ---------------------------------------------------------------------- output
