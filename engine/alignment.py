@@ -92,6 +92,18 @@ def random_misalignment(angles_deg, pixel_size: float, max_shift_px: float, max_
     return a
 
 
+def alignment_errors(estimate: Alignment, truth: Alignment, pixel_size: float) -> dict:
+    """How far a refined alignment is from the true one: shifts (pixels), tilt-angle offsets and the
+    axis angle (degrees), intensity scales (relative). Both must be gauge-free (as refined ones and
+    `random_misalignment`'s are)."""
+    shifts = (estimate.shifts - truth.shifts) / pixel_size
+    scale = estimate.intensity_scale / truth.intensity_scale - 1
+    return {"shift_rmse_px": float(np.sqrt(np.mean(shifts**2))), "shift_max_px": float(np.abs(shifts).max()),
+            "angle_rmse_deg": float(np.sqrt(np.mean((estimate.angle_offsets - truth.angle_offsets) ** 2))),
+            "axis_error_deg": float(estimate.axis_angle - truth.axis_angle),
+            "scale_rmse": float(np.sqrt(np.mean(scale**2)))}
+
+
 # ---------------------------------------------------------------------- coarse pre-alignment
 def _axis_profiles(images: np.ndarray, axis_angle: float) -> np.ndarray:
     """Projection of every image onto the tilt axis turned by φ (degrees): (n, L) profiles on a
@@ -147,12 +159,16 @@ def _profile_shifts(profiles: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, 
     return shifts, mismatch
 
 
+AXIS_EVIDENCE = 0.05  # relative drop of the common-line mismatch that moves the axis off its nominal angle
+
+
 def estimate_axis_angle(images: np.ndarray, search_deg: float = 10.0, step_deg: float = 0.5) -> float:
     """In-plane tilt-axis angle φ (degrees) that makes the common-line profiles of all projections
     agree best after registration: a grid search over ±``search_deg`` refined by a parabola, on
     images binned to at most 128 px a side (the angle does not depend on the pixel size). Coarse:
-    for a compact particle the projection onto the axis changes little with a degree of axis error;
-    the fit refines φ (`AlignmentRefiner`)."""
+    for a compact particle the projection onto the axis changes little with a degree of axis error,
+    and for a small one noise can make a flat landscape look tilted, so the nominal φ = 0 stays unless
+    the best angle agrees at least AXIS_EVIDENCE better; the fit refines φ (`AlignmentRefiner`)."""
     n, h, w = images.shape
     factor = max(1, int(np.ceil(max(h, w) / 128)))
     if factor > 1:
@@ -161,6 +177,8 @@ def estimate_axis_angle(images: np.ndarray, search_deg: float = 10.0, step_deg: 
     grid = np.arange(-search_deg, search_deg + 1e-9, step_deg)
     mismatch = np.array([_profile_shifts(_axis_profiles(images, phi))[1] for phi in grid])
     best = int(np.argmin(mismatch))
+    if mismatch[best] > (1 - AXIS_EVIDENCE) * _profile_shifts(_axis_profiles(images, 0.0))[1]:
+        return 0.0
     fine = np.linspace(grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)], 9)
     mismatch = np.array([_profile_shifts(_axis_profiles(images, phi))[1] for phi in fine])
     return float(fine[0] + (fine[1] - fine[0]) * _subpixel_peak(-mismatch))

@@ -342,13 +342,26 @@ def cmd_run(args) -> int:
         series, truth = read_tilt_series(out_dir / "series.npz"), out_dir / "truth.xyz"
     else:
         sim = scene.simulate
+        misalignment = None
+        if "misalign" in sim:
+            from .alignment import random_misalignment, write_alignment
+            from .simulate import parse_tilt_range
+
+            values = sim["misalign"]
+            if len(values) not in (3, 4) or not all(isinstance(v, (int, float)) for v in values):
+                raise InputError(args.scene, "'data.simulate.misalign' must be [shift px, angle deg, axis deg"
+                                             "(, intensity drift)]")
+            misalignment = random_misalignment(parse_tilt_range(sim["tilts"]), sim["pixel_size"], *values,
+                                               seed=sim.get("seed", 0))
         atoms, series = _simulate_from(sim.get("structure"), sim.get("build"), sim["tilts"], sim["pixel_size"],
                                        tuple(sim["shape"]) if "shape" in sim else None, sim.get("blur", 0.4),
                                        sim.get("noise", 0.0), sim.get("peak_counts"), sim.get("b_factor", 0.0),
-                                       sim.get("seed", 0), args.arch)
+                                       sim.get("seed", 0), args.arch, misalignment)
         write_tilt_series(series, out_dir / "series.npz", overwrite=True)
         truth = out_dir / "truth.xyz"
         write_atoms(atoms, truth, overwrite=True)
+        if misalignment is not None:
+            write_alignment(misalignment, out_dir, series.angles, series.pixel_size, 1.0, stem="true_alignment")
         print(f"simulated {len(atoms)} atoms -> {out_dir / 'series.npz'}")
     s = summarize(series)
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
@@ -358,6 +371,13 @@ def cmd_run(args) -> int:
     observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth, args.resume is not None)
     _reconstruct(series, _settings(args, scene.reconstruct), out_dir, args.arch, args.resume is not None, truth,
                  progress=not args.quiet, observer=observer)
+    if (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
+        from .alignment import alignment_errors, read_alignment
+
+        errors = alignment_errors(read_alignment(out_dir / "alignment.json"),
+                                  read_alignment(out_dir / "true_alignment.json"), series.pixel_size)
+        (out_dir / "alignment_errors.json").write_text(json.dumps(errors, indent=2))
+        print("alignment vs truth: " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
     return 0
 
 

@@ -13,6 +13,8 @@
     blur = 0.4                   # Å
     noise = 0.02                 # fraction of the clean maximum
     seed = 0
+    misalign = [2.0, 0.5, 1.0, 0.05]   # optional: shifts (px), tilt-angle errors (deg), axis angle (deg),
+                                       # intensity drift, as `atomsplat simulate --misalign`
 
     [reconstruct]                # see engine.reconstruct.ReconstructionConfig
     [output]
@@ -39,7 +41,7 @@ from .errors import InputError
 
 SIMULATE_KEYS = {"build": dict, "structure": str, "tilts": str, "pixel_size": (int, float),
                  "shape": list, "blur": (int, float), "noise": (int, float), "peak_counts": (int, float),
-                 "b_factor": (int, float), "seed": int}
+                 "b_factor": (int, float), "seed": int, "misalign": list}
 DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "simulate": dict}
 SECTIONS = {"data": DATA_KEYS, "reconstruct": None, "output": {"dir": str}, "viewer": {"view": bool, "every": int}}
 

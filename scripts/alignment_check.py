@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.alignment import Alignment, random_misalignment  # noqa: E402
+from engine.alignment import Alignment, alignment_errors, random_misalignment  # noqa: E402
 from engine.atoms import Atoms  # noqa: E402
 from engine.backend import init_backend  # noqa: E402
 from engine.metrics import evaluate_atoms  # noqa: E402
@@ -62,15 +62,6 @@ def fit(series, refine: bool, iters: int, out_dir: Path, profile: str = "peng"):
     return rec, atoms, time.perf_counter() - t0
 
 
-def alignment_errors(estimate: Alignment, truth: Alignment) -> dict:
-    shifts = (estimate.shifts - truth.shifts) / PIXEL
-    scale_error = estimate.intensity_scale / truth.intensity_scale - 1
-    return {"shift_rmse_px": float(np.sqrt(np.mean(shifts**2))), "shift_max_px": float(np.abs(shifts).max()),
-            "angle_rmse_deg": float(np.sqrt(np.mean((estimate.angle_offsets - truth.angle_offsets) ** 2))),
-            "axis_error_deg": float(estimate.axis_angle - truth.axis_angle),
-            "scale_rmse": float(np.sqrt(np.mean(scale_error**2)))}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="cpu")
@@ -101,7 +92,7 @@ def main(argv=None) -> int:
             row = {"case": name, "f1": metrics["f1"], "rmsd_pm": metrics["rmsd_pm"], "atoms": len(fitted),
                    "seconds": seconds}
             if refine:
-                row.update(alignment_errors(rec.refiner.alignment, truth))
+                row.update(alignment_errors(rec.refiner.alignment, truth, PIXEL))
             rows.append(row)
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                   flush=True)

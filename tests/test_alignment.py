@@ -1,6 +1,8 @@
 """Alignment: the gauge, pre-alignment from the images, the written files, and joint refinement
 against a known misalignment (engine.alignment, Reconstructor with refine_alignment)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,20 @@ def test_viewer_predicts_saved_atoms_in_the_refined_alignment(arch):
     assert error["refined"] < 1e-3 < 0.1 < error["nominal"]
     with pytest.raises(InputError, match="aligns"):
         SavedResult(atoms, "atoms", series, alignment=random_misalignment(TILTS[:5], PIXEL, 1, 0, 0))
+
+
+def test_scene_with_misalignment_scores_the_refined_alignment(arch, tmp_path, capsys):
+    if arch != "cpu":
+        pytest.skip("CLI checked on the CPU")
+    scene = tmp_path / "scene.toml"
+    scene.write_text('[data.simulate]\nbuild = { kind = "cuboctahedron", element = "Au", shells = 2 }\n'
+                     'tilts = "-60:60:6"\npixel_size = 0.3\npeak_counts = 50.0\nmisalign = [1.5, 0.3, 1.0]\n'
+                     '[output]\ndir = "out"\n[reconstruct]\nspecies = ["Au"]\nloss = "poisson"\n'
+                     'refine_alignment = true\niters = 400\nthermal_refits = 0\n')
+    assert main(["run", str(scene), "--arch", "cpu", "--quiet"]) == 0
+    assert "alignment vs truth" in capsys.readouterr().out
+    errors = json.loads((tmp_path / "out" / "alignment_errors.json").read_text())
+    assert errors["shift_rmse_px"] < 0.3 and abs(errors["axis_error_deg"]) < 0.3
+    scene.write_text(scene.read_text().replace("misalign = [1.5, 0.3, 1.0]", 'misalign = [1.5, "x", 1.0]'))
+    assert main(["run", str(scene), "--arch", "cpu", "--overwrite"]) == 2
+    assert "misalign" in capsys.readouterr().err
