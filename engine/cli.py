@@ -19,7 +19,7 @@ from .errors import InputError
 
 def _add_arch(parser):
     parser.add_argument("--arch", choices=ARCH_CHOICES, default="auto",
-                        help="Taichi backend; auto tries cuda, then vulkan, then cpu (default: auto)")
+                        help="Taichi backend; auto tries cuda, then vulkan (with a GPU only), then cpu (default: auto)")
 
 
 def _add_fit_options(parser):

@@ -106,3 +106,14 @@ def test_reconstruct_and_evaluate_from_the_command_line(arch, tmp_path, capsys):
     assert code == 2 and "--overwrite" in err and (out / "atoms.xyz").read_bytes() == before
     code, _, err = run_cli(capsys, "reconstruct", str(series), "--resume", str(tmp_path), "--arch", arch)
     assert code == 2 and "checkpoint" in err
+
+
+def test_auto_backend_skips_vulkan_without_a_gpu(monkeypatch):
+    # Software Vulkan (lavapipe) is far slower than the CPU backend: 'auto' must not pick it.
+    import engine.backend as backend
+
+    monkeypatch.setattr(backend.sys, "platform", "linux")
+    monkeypatch.setattr(backend.glob, "glob", lambda pattern: [])
+    assert not backend._gpu_present()
+    monkeypatch.setattr(backend.glob, "glob", lambda pattern: ["/dev/dri/renderD128"] if "dri" in pattern else [])
+    assert backend._gpu_present()
