@@ -69,6 +69,19 @@ def translation_gauge(shifts: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return t
 
 
+def misalignment_from(values, source, angles_deg, pixel_size: float, seed: int = 0) -> Alignment:
+    """`random_misalignment` from the user's [SHIFT_PX, ANGLE_DEG, AXIS_DEG(, DRIFT)] (a command-line
+    option or a scene key named by ``source``); only the axis angle may be negative."""
+    try:
+        values = [float(v) for v in values]
+        if len(values) not in (3, 4) or min(values[:2] + values[3:]) < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(source, f"expected SHIFT_PX, ANGLE_DEG, AXIS_DEG[, DRIFT] (all but the axis angle >= 0), "
+                                 f"got {values!r}") from None
+    return random_misalignment(angles_deg, pixel_size, *values, seed=seed)
+
+
 def random_misalignment(angles_deg, pixel_size: float, max_shift_px: float, max_angle_error_deg: float,
                         axis_angle_deg: float, intensity_drift: float = 0.0, seed: int = 0) -> Alignment:
     """A random, gauge-free misalignment for simulations: shifts with every component within
@@ -174,10 +187,11 @@ def estimate_axis_angle(images: np.ndarray, search_deg: float = 10.0, step_deg: 
     if factor > 1:
         h, w = h // factor * factor, w // factor * factor
         images = images[:, :h, :w].reshape(n, h // factor, factor, w // factor, factor).sum(axis=(2, 4))
-    grid = np.arange(-search_deg, search_deg + 1e-9, step_deg)
+    steps = int(round(search_deg / step_deg))
+    grid = step_deg * np.arange(-steps, steps + 1)  # holds φ = 0, the nominal angle, at index `steps`
     mismatch = np.array([_profile_shifts(_axis_profiles(images, phi))[1] for phi in grid])
     best = int(np.argmin(mismatch))
-    if mismatch[best] > (1 - AXIS_EVIDENCE) * _profile_shifts(_axis_profiles(images, 0.0))[1]:
+    if mismatch[best] > (1 - AXIS_EVIDENCE) * mismatch[steps]:
         return 0.0
     fine = np.linspace(grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)], 9)
     mismatch = np.array([_profile_shifts(_axis_profiles(images, phi))[1] for phi in fine])
@@ -270,8 +284,6 @@ class _Adam:
 
 class AlignmentRefiner:
     """Gradient steps on an `Alignment` from the projector's and the loss's alignment gradients."""
-
-    PARAMETERS = ("angle_offsets", "shifts", "axis_angle", "log_scale", "intensity_offset")
 
     def __init__(self, alignment: Alignment, angles_deg):
         self.alignment = alignment

@@ -100,16 +100,11 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     misalignment = None
     if args.misalign is not None:
-        from .alignment import random_misalignment
+        from .alignment import misalignment_from
         from .simulate import parse_tilt_range
 
-        try:
-            values = [float(v) for v in args.misalign.split(",")]
-            if len(values) not in (3, 4) or min(values[:2] + values[3:]) < 0:  # only the axis angle may be negative
-                raise ValueError
-        except ValueError:
-            raise InputError("--misalign", f"expected SHIFT_PX,ANGLE_DEG,AXIS_DEG[,DRIFT], got {args.misalign!r}") from None
-        misalignment = random_misalignment(parse_tilt_range(args.tilts), args.pixel, *values, seed=args.seed)
+        misalignment = misalignment_from(args.misalign.split(","), "--misalign", parse_tilt_range(args.tilts),
+                                         args.pixel, seed=args.seed)
         alignment_truth = out.with_name(out.stem + "_alignment.json")
         if alignment_truth.exists() and not args.overwrite:
             raise InputError(alignment_truth, "already exists; pass --overwrite to replace it")
@@ -344,15 +339,11 @@ def cmd_run(args) -> int:
         sim = scene.simulate
         misalignment = None
         if "misalign" in sim:
-            from .alignment import random_misalignment, write_alignment
+            from .alignment import misalignment_from, write_alignment
             from .simulate import parse_tilt_range
 
-            values = sim["misalign"]
-            if len(values) not in (3, 4) or not all(isinstance(v, (int, float)) for v in values):
-                raise InputError(args.scene, "'data.simulate.misalign' must be [shift px, angle deg, axis deg"
-                                             "(, intensity drift)]")
-            misalignment = random_misalignment(parse_tilt_range(sim["tilts"]), sim["pixel_size"], *values,
-                                               seed=sim.get("seed", 0))
+            misalignment = misalignment_from(sim["misalign"], f"{args.scene}: data.simulate.misalign",
+                                             parse_tilt_range(sim["tilts"]), sim["pixel_size"], seed=sim.get("seed", 0))
         atoms, series = _simulate_from(sim.get("structure"), sim.get("build"), sim["tilts"], sim["pixel_size"],
                                        tuple(sim["shape"]) if "shape" in sim else None, sim.get("blur", 0.4),
                                        sim.get("noise", 0.0), sim.get("peak_counts"), sim.get("b_factor", 0.0),

@@ -179,14 +179,15 @@ class Reconstructor:
         self.data = estimate_data_model(series, config.blur)
         # What the loss sees: every pixel. What seeds, spawns and aligns: with the robust loss, the
         # images without isolated hot pixels (a back-projection would smear each into a streak).
-        screened = series.projections
+        screened = None
         if config.loss == "huber":
             from .fit import remove_hot_pixels
 
             screened = remove_hot_pixels(series.projections, self.data.background, self.data.noise * self.data.scale)
             self.data = estimate_data_model(series, config.blur, screened)
         self.normalised = (series.projections.astype(np.float64) - self.data.background) / self.data.scale
-        self.screened = (screened.astype(np.float64) - self.data.background) / self.data.scale
+        self.screened = (self.normalised if screened is None  # one array, not a copy, for the usual losses
+                         else (screened - self.data.background) / self.data.scale)
         self.d_min = config.minimum_distance()
         self.rng = np.random.default_rng(config.seed)
         self.history = {"iteration": [], "loss": [], "atoms": []}

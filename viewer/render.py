@@ -197,26 +197,21 @@ class AtomRenderer:
             spheres.screen[i] = ti.Vector([v[0], v[1], v[2], spheres.radius[i] * self.camera[12]])
 
     @ti.kernel
-    def _depth_pass(self, spheres: ti.template(), n: ti.i32, box: ti.i32, runs: ti.i32):
-        for i, a, run in ti.ndrange(n, box, runs):
-            v, r, row0, col0 = self._disc(spheres, i)
-            for k in ti.static(range(self.span)):
-                col = col0 + run * self.span + k
-                level = self._surface_level(v, r, row0 + a, col)
-                if level >= 0:
-                    ti.atomic_min(self.depth[row0 + a, col], level)
-
-    @ti.kernel
-    def _owner_pass(self, spheres: ti.template(), n: ti.i32, box: ti.i32, runs: ti.i32):
-        """The sphere at the stored depth owns the pixel; exact ties go to the higher index."""
+    def _sphere_pass(self, spheres: ti.template(), n: ti.i32, box: ti.i32, runs: ti.i32, claim: ti.template()):
+        """Over every pixel of every sphere's disc: the depth pass (``claim`` False) keeps the nearest
+        surface level per pixel; the owner pass (``claim`` True) gives the pixel to the sphere at
+        that depth, exact ties to the higher index."""
         for i, a, run in ti.ndrange(n, box, runs):
             v, r, row0, col0 = self._disc(spheres, i)
             for k in ti.static(range(self.span)):
                 col = col0 + run * self.span + k
                 level = self._surface_level(v, r, row0 + a, col)
                 if level >= 0:  # nested, not `and`: Taichi evaluates both operands; the read needs a valid pixel
-                    if level <= self.depth[row0 + a, col] + DEPTH_TOLERANCE:
-                        ti.atomic_max(self.owner[row0 + a, col], i)
+                    if ti.static(claim):
+                        if level <= self.depth[row0 + a, col] + DEPTH_TOLERANCE:
+                            ti.atomic_max(self.owner[row0 + a, col], i)
+                    else:
+                        ti.atomic_min(self.depth[row0 + a, col], level)
 
     @ti.kernel
     def _shade(self, spheres: ti.template()):
@@ -277,8 +272,8 @@ class AtomRenderer:
             box = int(math.ceil(2 * radii.max() * self.height / camera.extent)) + 2  # px, covers every disc
             runs = -(-box // self.span)
             self._project(self.spheres, n)
-            self._depth_pass(self.spheres, n, box, runs)
-            self._owner_pass(self.spheres, n, box, runs)
+            self._sphere_pass(self.spheres, n, box, runs, False)
+            self._sphere_pass(self.spheres, n, box, runs, True)
             self._shade(self.spheres)
         if m:
             self._draw_segments(m)
