@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import ARCH_CHOICES, init_backend
-from .errors import InputError
+from engine.core.backend import ARCH_CHOICES, init_backend
+from engine.core.errors import InputError
 
 
 def _add_arch(parser):
@@ -62,11 +62,11 @@ def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise,
                    arch, misalignment=None):
     """Returns (atoms, series) for a structure file or a builder recipe. Inputs are read and checked
     before the backend starts, so bad input fails fast. With ``misalignment`` (an
-    `engine.alignment.Alignment`) the series is recorded in that geometry and intensity but carries
+    `engine.measure.alignment.Alignment`) the series is recorded in that geometry and intensity but carries
     only the nominal angles, as a misaligned experiment would."""
-    from .atoms import read_atoms
-    from .simulate import parse_tilt_range, simulate_tilt_series
-    from .structures import build_structure, parse_recipe
+    from engine.io.atoms import read_atoms
+    from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+    from engine.physics.structures import build_structure, parse_recipe
 
     if structure_path is not None:
         atoms = read_atoms(structure_path)
@@ -92,16 +92,16 @@ def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise,
 
 
 def cmd_simulate(args) -> int:
-    from .atoms import write_atoms
-    from .tiltseries import write_tilt_series
+    from engine.io.atoms import write_atoms
+    from engine.io.tiltseries import write_tilt_series
 
     if (args.structure is None) == (args.build is None):
         raise InputError("simulate", "give a STRUCTURE file or --build RECIPE (exactly one)")
     out = Path(args.out)
     misalignment = None
     if args.misalign is not None:
-        from .alignment import misalignment_from
-        from .simulate import parse_tilt_range
+        from engine.measure.alignment import misalignment_from
+        from engine.physics.simulate import parse_tilt_range
 
         misalignment = misalignment_from(args.misalign.split(","), "--misalign", parse_tilt_range(args.tilts),
                                          args.pixel, seed=args.seed)
@@ -116,7 +116,7 @@ def cmd_simulate(args) -> int:
         raise InputError(truth, "already exists; pass --overwrite to replace it")
     write_tilt_series(series, out, overwrite=args.overwrite)
     if misalignment is not None:
-        from .alignment import write_alignment
+        from engine.measure.alignment import write_alignment
 
         write_alignment(misalignment, out.parent, series.angles, series.pixel_size, 1.0, stem=out.stem + "_alignment")
         print(f"wrote {alignment_truth} (the true misalignment)")
@@ -129,7 +129,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .tiltseries import read_tilt_series, summarize
+    from engine.io.tiltseries import read_tilt_series, summarize
 
     series = read_tilt_series(args.file, pixel_size=args.pixel)
     summary = summarize(series)
@@ -163,10 +163,10 @@ def cmd_info(args) -> int:
 
 
 def _alignment_check(series) -> dict | None:
-    """Coarse pre-alignment of a single-axis series (engine.alignment.prealign) and whether refining the
+    """Coarse pre-alignment of a single-axis series (engine.measure.alignment.prealign) and whether refining the
     alignment is advised; None for other geometries or series without a usable signal."""
-    from .alignment import misalignment_summary, prealign, require_single_axis
-    from .reconstruct import estimate_data_model
+    from engine.measure.alignment import misalignment_summary, prealign, require_single_axis
+    from engine.measure.datamodel import estimate_data_model
 
     try:
         require_single_axis(series)
@@ -185,8 +185,8 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
     (`viewer.cli.fit_observer`), finished once the results are written. Returns the report."""
     import time
 
-    from .atoms import read_atoms
-    from .reconstruct import CHECKPOINT, ReconstructionConfig, Reconstructor
+    from engine.io.atoms import read_atoms
+    from engine.fit.reconstruct import CHECKPOINT, ReconstructionConfig, Reconstructor
 
     config = ReconstructionConfig.from_dict(settings)
     actual = init_backend(arch, verbose=True)
@@ -205,7 +205,7 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
     print(f"{len(atoms)} atoms -> {out_dir / 'atoms.xyz'} ({rec.iteration} iterations, {wall:.1f} s, "
           f"loss {report['final_loss']:.4g})")
     if truth_path is not None:
-        from .metrics import evaluate_atoms, format_table
+        from engine.evaluate.metrics import evaluate_atoms, format_table
 
         metrics = evaluate_atoms(atoms, read_atoms(truth_path), radius=1.0, radii_extra=(0.5,))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -259,8 +259,8 @@ def _settings(args, base: dict) -> dict:
 
 
 def cmd_reconstruct(args) -> int:
-    from .scene import load_scene
-    from .tiltseries import read_tilt_series
+    from engine.scene import load_scene
+    from engine.io.tiltseries import read_tilt_series
 
     base, truth = {}, args.truth
     if args.scene:
@@ -282,15 +282,15 @@ def cmd_reconstruct(args) -> int:
 def cmd_baseline(args) -> int:
     import time
 
-    from .atoms import read_atoms, write_atoms
-    from .baseline import BaselineConfig, run_baseline, write_volume_mrc
-    from .tiltseries import read_tilt_series
+    from engine.io.atoms import read_atoms, write_atoms
+    from engine.classical.baseline import BaselineConfig, run_baseline, write_volume_mrc
+    from engine.io.tiltseries import read_tilt_series
 
     series = read_tilt_series(args.data, pixel_size=args.pixel)
     out_dir = Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")
     if not args.overwrite and (out_dir / "atoms.xyz").exists():
         raise InputError(out_dir, "already holds a result (atoms.xyz); pass --overwrite to replace it")
-    from .elements import normalize_symbol
+    from engine.core.elements import normalize_symbol
 
     species = [normalize_symbol(s, "--species") for s in (args.species or "").split(",") if s]
     init_backend(args.arch, verbose=True)
@@ -303,7 +303,7 @@ def cmd_baseline(args) -> int:
     print(f"{args.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> {out_dir / 'volume.mrc'} "
           f"({time.perf_counter() - t0:.1f} s)")
     if args.truth:
-        from .metrics import evaluate_atoms, format_table
+        from engine.evaluate.metrics import evaluate_atoms, format_table
 
         metrics = evaluate_atoms(atoms, read_atoms(args.truth), radius=1.0, radii_extra=(0.5,))
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -312,8 +312,8 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .atoms import read_atoms
-    from .metrics import evaluate_atoms, format_table
+    from engine.io.atoms import read_atoms
+    from engine.evaluate.metrics import evaluate_atoms, format_table
 
     pred, truth = read_atoms(args.pred), read_atoms(args.truth)
     radii = tuple(r for r in (0.5, 1.0) if r != args.radius)
@@ -323,9 +323,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .atoms import write_atoms
-    from .scene import load_scene
-    from .tiltseries import read_tilt_series, summarize, write_tilt_series
+    from engine.io.atoms import write_atoms
+    from engine.scene import load_scene
+    from engine.io.tiltseries import read_tilt_series, summarize, write_tilt_series
 
     scene = load_scene(args.scene)
     out_dir = _output_dir(args, scene.output_dir or Path("out") / Path(args.scene).stem)
@@ -339,8 +339,8 @@ def cmd_run(args) -> int:
         sim = scene.simulate
         misalignment = None
         if "misalign" in sim:
-            from .alignment import misalignment_from, write_alignment
-            from .simulate import parse_tilt_range
+            from engine.measure.alignment import misalignment_from, write_alignment
+            from engine.physics.simulate import parse_tilt_range
 
             misalignment = misalignment_from(sim["misalign"], f"{args.scene}: data.simulate.misalign",
                                              parse_tilt_range(sim["tilts"]), sim["pixel_size"], seed=sim.get("seed", 0))
@@ -363,7 +363,7 @@ def cmd_run(args) -> int:
     _reconstruct(series, _settings(args, scene.reconstruct), out_dir, args.arch, args.resume is not None, truth,
                  progress=not args.quiet, observer=observer)
     if (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
-        from .alignment import alignment_errors, read_alignment
+        from engine.measure.alignment import alignment_errors, read_alignment
 
         errors = alignment_errors(read_alignment(out_dir / "alignment.json"),
                                   read_alignment(out_dir / "true_alignment.json"), series.pixel_size)

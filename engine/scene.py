@@ -16,7 +16,7 @@
     misalign = [2.0, 0.5, 1.0, 0.05]   # optional: shifts (px), tilt-angle errors (deg), axis angle (deg),
                                        # intensity drift, as `atomsplat simulate --misalign`
 
-    [reconstruct]                # see engine.reconstruct.ReconstructionConfig
+    [reconstruct]                # see engine.fit.reconstruct.ReconstructionConfig
     [output]
     dir = "out/demo"             # relative to the scene file
     [viewer]                     # see viewer.cli; --view/--no-view and --view-every override
@@ -37,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import InputError
+from engine.core.errors import InputError
 
 SIMULATE_KEYS = {"build": dict, "structure": str, "tilts": str, "pixel_size": (int, float),
                  "shape": list, "blur": (int, float), "noise": (int, float), "peak_counts": (int, float),
@@ -71,7 +71,7 @@ def _check(table: dict, schema: dict, where: str, path: Path) -> None:
 
 def load_scene(path) -> Scene:
     """Read and validate a scene file; [reconstruct] takes the keys of `ReconstructionConfig`."""
-    from .reconstruct import ReconstructionConfig
+    from engine.fit.reconstruct import ReconstructionConfig
 
     path = Path(path)
     try:

@@ -26,13 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.alignment import Alignment, alignment_errors, random_misalignment  # noqa: E402
-from engine.atoms import Atoms  # noqa: E402
-from engine.backend import init_backend  # noqa: E402
-from engine.metrics import evaluate_atoms  # noqa: E402
-from engine.reconstruct import ReconstructionConfig, Reconstructor  # noqa: E402
-from engine.simulate import simulate_tilt_series  # noqa: E402
-from engine.structures import build_structure, parse_recipe  # noqa: E402
+from engine.measure.alignment import Alignment, alignment_errors, random_misalignment  # noqa: E402
+from engine.io.atoms import Atoms  # noqa: E402
+from engine.core.backend import init_backend  # noqa: E402
+from engine.evaluate.metrics import evaluate_atoms  # noqa: E402
+from engine.fit.reconstruct import ReconstructionConfig, Reconstructor  # noqa: E402
+from engine.physics.simulate import simulate_tilt_series  # noqa: E402
+from engine.physics.structures import build_structure, parse_recipe  # noqa: E402
 
 MAX_SHIFT, MAX_ANGLE, AXIS, DRIFT, PEAK = 2.0, 0.5, 1.0, 0.05, 25.0
 TILTS = np.arange(-70.0, 70.01, 3.0)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=800)
     args = parser.parse_args(argv)
     init_backend(args.arch)
-    from engine.atoms import read_atoms
+    from engine.io.atoms import read_atoms
 
     atoms = read_atoms(args.structure) if args.structure else default_particle()
     extent = np.abs(atoms.positions).max() + 6.0

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from engine.backend import init_backend
-from engine.geometry import TiltGeometry, centre_index, pixel_centres
-from engine.projector import TRUNCATION_RADIUS_SIGMAS, GaussianCloud, TiltSeriesProjector, pack_images
+from engine.core.backend import init_backend
+from engine.core.geometry import TiltGeometry, centre_index, pixel_centres
+from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS, GaussianCloud, TiltSeriesProjector, pack_images
 
 SIZES = [dict(n=2000, tilts=90, px=128, radius=15.0), dict(n=20000, tilts=71, px=256, radius=33.0)]
 SIGMA, PIXEL, BLUR = 0.5, 0.3, 0.0

@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.backend import init_backend
+from engine.core.backend import init_backend
 from engine.cli import auto_shape
-from engine.reconstruct import ReconstructionConfig, Reconstructor
+from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
 from engine.scene import load_scene
-from engine.simulate import parse_tilt_range, simulate_tilt_series
-from engine.structures import build_structure
+from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+from engine.physics.structures import build_structure
 from viewer.window import DEFAULT_EVERY, HeadlessRecorder, LiveViewer, display_available
 
 DEMO = Path(__file__).resolve().parents[1] / "scenes" / "demo.toml"

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.atoms import read_atoms
-from engine.metrics import evaluate_atoms
+from engine.io.atoms import read_atoms
+from engine.evaluate.metrics import evaluate_atoms
 from engine.scene import load_scene
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 
-from engine.backend import init_backend
+from engine.core.backend import init_backend
 from engine.cli import auto_shape
-from engine.metrics import evaluate_atoms
-from engine.reconstruct import ReconstructionConfig, Reconstructor
-from engine.simulate import parse_tilt_range, simulate_tilt_series
-from engine.structures import build_structure
+from engine.evaluate.metrics import evaluate_atoms
+from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+from engine.physics.structures import build_structure
 
 CASES = {
     "fept": ({"kind": "octahedron", "species": {"Fe": 0.5, "Pt": 0.5}, "ordering": "l10", "length": 11,

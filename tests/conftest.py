@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session", params=ARCHES)
 def arch(request):
-    from engine.backend import init_backend
+    from engine.core.backend import init_backend
 
     return init_backend(request.param)
 

@@ -6,16 +6,18 @@ import json
 import numpy as np
 import pytest
 
-from engine.alignment import (Alignment, AlignmentRefiner, prealign, random_misalignment, read_alignment,
+from engine.fit.alignment import AlignmentRefiner
+from engine.measure.alignment import (Alignment, prealign, random_misalignment, read_alignment,
                               translation_gauge, write_alignment)
-from engine.atoms import read_atoms
+from engine.io.atoms import read_atoms
 from engine.cli import main
-from engine.errors import InputError
-from engine.metrics import evaluate_atoms
-from engine.projector import project_tilt_series
-from engine.reconstruct import ReconstructionConfig, Reconstructor, estimate_data_model
-from engine.simulate import simulate_tilt_series
-from engine.structures import build_structure, parse_recipe
+from engine.core.errors import InputError
+from engine.evaluate.metrics import evaluate_atoms
+from engine.kernels.projector import project_tilt_series
+from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.measure.datamodel import estimate_data_model
+from engine.physics.simulate import simulate_tilt_series
+from engine.physics.structures import build_structure, parse_recipe
 
 TILTS = np.arange(-70.0, 70.01, 5.0)
 PIXEL = 0.3
@@ -148,9 +150,9 @@ def test_cli_simulates_misalignment_and_info_advises_refinement(arch, tmp_path, 
 
 
 def test_viewer_predicts_saved_atoms_in_the_refined_alignment(arch):
-    from engine.atoms import Atoms
-    from engine.projector import project_tilt_series
-    from engine.tiltseries import TiltSeries
+    from engine.io.atoms import Atoms
+    from engine.kernels.projector import project_tilt_series
+    from engine.io.tiltseries import TiltSeries
     from viewer.sources import SavedResult
 
     rng = np.random.default_rng(3)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.atoms import Atoms, read_atoms, write_atoms
-from engine.errors import InputError
+from engine.io.atoms import Atoms, read_atoms, write_atoms
+from engine.core.errors import InputError
 
 from conftest import SHARED_DATA as DATA
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from engine.chemistry import assign_species, isolated_atom_fit
-from engine.elements import integrated_projected_potential
-from engine.errors import InputError
+from engine.physics.chemistry import assign_species, isolated_atom_fit
+from engine.core.elements import integrated_projected_potential
+from engine.core.errors import InputError
 
 PIXEL, BLUR = 0.3, 0.4
 
@@ -63,10 +63,10 @@ def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
     physically placed mixture recovers the species of ≥ 97 % of the atoms."""
     if arch != "cpu":
         pytest.skip("checked on the CPU")
-    from engine.atoms import read_atoms
-    from engine.metrics import evaluate_atoms
-    from engine.reconstruct import ReconstructionConfig, Reconstructor
-    from engine.tiltseries import read_tilt_series
+    from engine.io.atoms import read_atoms
+    from engine.evaluate.metrics import evaluate_atoms
+    from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+    from engine.io.tiltseries import read_tilt_series
 
     series = read_tilt_series(shared_data / "dev_ptni_wedge.npz")
     atoms = Reconstructor(series, ReconstructionConfig(species=["Pt", "Ni"], iters=400), tmp_path,
@@ -77,7 +77,7 @@ def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
 
 
 def test_b_factor_line_through_two_calibration_points():
-    from engine.chemistry import b_factors_from_calibration
+    from engine.physics.chemistry import b_factors_from_calibration
 
     s0, s1 = np.array([0.30, 0.40]), np.array([0.32, 0.42])
     widths = np.sqrt(s0**2 + 0.25 * (s1**2 - s0**2))  # a quarter of the way from B = 0 to B = 2
@@ -89,10 +89,10 @@ def test_ordered_fept_particle_species_and_b_factor(arch, tmp_path):
     """An L1_0 FePt particle simulated with B = 0.5 Å² and 3 % noise: species and B come back."""
     if arch != "cpu":
         pytest.skip("checked on the CPU")
-    from engine.metrics import evaluate_atoms
-    from engine.reconstruct import ReconstructionConfig, Reconstructor
-    from engine.simulate import parse_tilt_range, simulate_tilt_series
-    from engine.structures import build_structure
+    from engine.evaluate.metrics import evaluate_atoms
+    from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+    from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+    from engine.physics.structures import build_structure
 
     truth = build_structure({"kind": "octahedron", "species": {"Fe": 0.5, "Pt": 0.5}, "ordering": "l10",
                              "length": 7, "cutoff": 2, "a": 3.85, "euler": [30.0, 50.0, -20.0]})

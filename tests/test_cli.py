@@ -110,7 +110,7 @@ def test_reconstruct_and_evaluate_from_the_command_line(arch, tmp_path, capsys):
 
 def test_auto_backend_skips_vulkan_without_a_gpu(monkeypatch):
     # Software Vulkan (lavapipe) is far slower than the CPU backend: 'auto' must not pick it.
-    import engine.backend as backend
+    import engine.core.backend as backend
 
     monkeypatch.setattr(backend.sys, "platform", "linux")
     monkeypatch.setattr(backend.glob, "glob", lambda pattern: [])

@@ -4,11 +4,11 @@ the per-projection intensity scale and offset; and reading the gain off counted 
 import numpy as np
 import pytest
 
-from engine.errors import InputError
-from engine.fit import HUBER_DELTA, FitTarget, estimate_counts_gain, remove_hot_pixels
-from engine.geometry import TiltGeometry
-from engine.projector import TiltSeriesProjector, pack_images
-from engine.reconstruct import DataModel
+from engine.core.errors import InputError
+from engine.kernels.loss import HUBER_DELTA, FitTarget
+from engine.measure.datamodel import DataModel, estimate_counts_gain, remove_hot_pixels
+from engine.core.geometry import TiltGeometry
+from engine.kernels.projector import TiltSeriesProjector, pack_images
 
 SHAPE = (12, 19)  # 19 columns: the last 8-pixel block has padding lanes that must not count
 DATA = DataModel(background=0.2, scale=3.0, noise=0.05, blur=0.0)

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from engine.atoms import Atoms
-from engine.errors import InputError
-from engine.metrics import evaluate_atoms, format_table, match_atoms
+from engine.io.atoms import Atoms
+from engine.core.errors import InputError
+from engine.evaluate.metrics import evaluate_atoms, format_table, match_atoms
 
 
 def _line(*xs) -> np.ndarray:

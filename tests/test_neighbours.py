@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import taichi as ti
 
-from engine.backend import session_cache
-from engine.neighbours import NeighbourGrid
+from engine.core.backend import session_cache
+from engine.kernels.neighbours import NeighbourGrid
 
 CUTOFF = 2.4  # Å
 # 1, 2 and 9 cells: along x and y, 1.7 and 2.5 cutoffs wide, a point's 27 neighbour cells repeat.

@@ -8,8 +8,8 @@ both the images and their analytic gradients. Finite differences check the refer
 import numpy as np
 import pytest
 
-from engine.geometry import TiltGeometry
-from engine.projector import (TRUNCATION_RELATIVE_ERROR, GaussianCloud, TiltSeriesProjector, pack_images,
+from engine.core.geometry import TiltGeometry
+from engine.kernels.projector import (TRUNCATION_RELATIVE_ERROR, GaussianCloud, TiltSeriesProjector, pack_images,
                               project_tilt_series, project_tilt_series_adjoint)
 
 

@@ -7,11 +7,11 @@ import signal
 import numpy as np
 import pytest
 
-from engine.errors import InputError
-from engine.metrics import evaluate_atoms
-from engine.reconstruct import ReconstructionConfig, Reconstructor
-from engine.simulate import parse_tilt_range, simulate_tilt_series
-from engine.structures import build_structure
+from engine.core.errors import InputError
+from engine.evaluate.metrics import evaluate_atoms
+from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+from engine.physics.structures import build_structure
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from engine.atoms import Atoms, read_atoms
-from engine.elements import integrated_projected_potential
-from engine.errors import InputError
-from engine.simulate import parse_tilt_range, simulate_tilt_series
-from engine.tiltseries import read_tilt_series
+from engine.io.atoms import Atoms, read_atoms
+from engine.core.elements import integrated_projected_potential
+from engine.core.errors import InputError
+from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+from engine.io.tiltseries import read_tilt_series
 
 
 def one_atom(symbol="Au", position=(0.0, 0.0, 0.0), **columns):

@@ -9,9 +9,9 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist
 
-from engine.atoms import Atoms, read_atoms
-from engine.errors import InputError
-from engine.structures import (CRYSTALS, amorphous, build_structure, cuboctahedron, nearest_neighbour_distance,
+from engine.io.atoms import Atoms, read_atoms
+from engine.core.errors import InputError
+from engine.physics.structures import (CRYSTALS, amorphous, build_structure, cuboctahedron, nearest_neighbour_distance,
                                octahedron, order_l10, parse_recipe, random_alloy, rotate, sphere)
 
 from conftest import SHARED_DATA as DATA

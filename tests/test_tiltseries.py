@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import InputError
-from engine.geometry import TiltGeometry, euler_zyz, rotation_about_y
-from engine.tiltseries import TiltSeries, read_tilt_series, summarize, write_tilt_series
+from engine.core.errors import InputError
+from engine.core.geometry import TiltGeometry, euler_zyz, rotation_about_y
+from engine.io.tiltseries import TiltSeries, read_tilt_series, summarize, write_tilt_series
 
 from conftest import SHARED_DATA as DATA
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import trimesh
 
-from engine.atoms import Atoms, write_atoms
+from engine.io.atoms import Atoms, write_atoms
 from engine.cli import main
-from engine.errors import InputError
-from engine.geometry import tilt_rotation
-from engine.simulate import simulate_tilt_series
-from engine.tiltseries import TiltSeries, write_tilt_series
+from engine.core.errors import InputError
+from engine.core.geometry import tilt_rotation
+from engine.physics.simulate import simulate_tilt_series
+from engine.io.tiltseries import TiltSeries, write_tilt_series
 from viewer.frame import FRAME_SHAPE
 from viewer.mesh import atoms_to_mesh, export_mesh, sphere_template
 from viewer.palette import TRUTH_COLOURS, amplitude_colours, atom_radii, element_colour

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from engine.baseline import classify_species, otsu_threshold, refine_subvoxel, trace_atoms
-from engine.geometry import TiltGeometry
-from engine.volume import VoxelProjector, suppress_close
+from engine.classical.baseline import classify_species, otsu_threshold, refine_subvoxel, trace_atoms
+from engine.core.geometry import TiltGeometry
+from engine.kernels.volume import VoxelProjector, suppress_close
 
 GRID = (20, 16, 20)
 ORIGIN = (-4.75, -3.75, -4.75)

@@ -30,7 +30,7 @@ def add_view_options(parser) -> None:
 def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth_path=None, resume: bool = False):
     """The observer the options ask for (a LiveViewer or a HeadlessRecorder), or None. Checks every
     option before the fit starts; a live window without a display falls back to headless frames."""
-    from engine.errors import InputError
+    from engine.core.errors import InputError
 
     view = args.view if args.view is not None else scene_viewer.get("view", False)
     headless = args.headless or args.movie is not None
@@ -46,7 +46,7 @@ def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth_path=None,
         raise InputError(args.movie, "already exists; pass --overwrite to replace it")
     if not headless:
         if display_available():
-            from engine.atoms import read_atoms
+            from engine.io.atoms import read_atoms
 
             truth = read_atoms(truth_path) if truth_path is not None else None  # shown only; the fit never sees it
             return LiveViewer(out_dir, every, ViewSettings(truth=truth))
@@ -84,10 +84,10 @@ def add_view_parser(sub, add_arch) -> None:
 
 
 def cmd_view(args) -> int:
-    from engine.atoms import read_atoms
-    from engine.backend import init_backend
-    from engine.errors import InputError
-    from engine.tiltseries import read_tilt_series
+    from engine.io.atoms import read_atoms
+    from engine.core.backend import init_backend
+    from engine.core.errors import InputError
+    from engine.io.tiltseries import read_tilt_series
 
     atoms = read_atoms(args.atoms)
     truth = read_atoms(args.truth) if args.truth else None
@@ -114,7 +114,7 @@ def cmd_view(args) -> int:
         alignment_path = Path(args.atoms).with_name("alignment.json")
     alignment = None
     if alignment_path is not None:
-        from engine.alignment import read_alignment
+        from engine.measure.alignment import read_alignment
 
         alignment = read_alignment(alignment_path)
     result = SavedResult(atoms, Path(args.atoms).name, series, atoms_source=args.atoms,
@@ -127,7 +127,7 @@ def cmd_view(args) -> int:
     if not headless:
         LiveViewer(Path(args.atoms).parent, settings=settings).show_result(result, tilt)
         return 0
-    from engine.plots import save_png
+    from engine.io.plots import save_png
 
     from .frame import compose_frame
 

@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from engine.atoms import UNKNOWN_SPECIES, Atoms
-from engine.plots import diverging_map, grey_map, line_plot, text_image
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.io.plots import diverging_map, grey_map, line_plot, text_image
 
 from .palette import (TRUTH_COLOURS, amplitude_colours, amplitude_range, atom_radii, element_colour,
                       species_colours)
@@ -113,7 +113,7 @@ def atom_appearance(atoms: Atoms, settings: ViewSettings) -> tuple[np.ndarray, n
     rows [(label, RGB 0..1)] or, for amplitudes, [("AMPLITUDE", (lo, hi))]."""
     radii = atom_radii(atoms.species, atoms.columns.get("width"))
     if settings.show_truth and settings.truth is not None:
-        from engine.metrics import match_atoms
+        from engine.evaluate.metrics import match_atoms
 
         truth = settings.truth
         match = match_atoms(atoms.positions, truth.positions, settings.match_radius)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-from engine.atoms import Atoms
-from engine.errors import InputError
-from engine.files import write_atomically
+from engine.io.atoms import Atoms
+from engine.core.errors import InputError
+from engine.core.files import write_atomically
 
 from .palette import atom_radii, species_colours
 

@@ -10,10 +10,10 @@ import colorsys
 
 import numpy as np
 
-from engine.atoms import UNKNOWN_SPECIES
-from engine.elements import ATOMIC_NUMBER
-from engine.errors import InputError
-from engine.structures import nearest_neighbour_distance
+from engine.io.atoms import UNKNOWN_SPECIES
+from engine.core.elements import ATOMIC_NUMBER
+from engine.core.errors import InputError
+from engine.physics.structures import nearest_neighbour_distance
 
 _ELEMENT_RGB8 = {
     "H": (255, 255, 255), "C": (144, 144, 144), "N": (48, 80, 248), "O": (255, 13, 13), "F": (144, 224, 80),

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import taichi as ti
 
-from engine.backend import current_arch, session_cache
-from engine.geometry import rotation_about_y
+from engine.core.backend import current_arch, session_cache
+from engine.core.geometry import rotation_about_y
 
 BACKGROUND = (0.09, 0.10, 0.12)
 """RGB of empty pixels in the 3D view."""

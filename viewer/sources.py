@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atoms import UNKNOWN_SPECIES, Atoms
-from engine.errors import InputError
-from engine.tiltseries import TiltSeries
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.core.errors import InputError
+from engine.io.tiltseries import TiltSeries
 
 from .frame import Snapshot
 
@@ -38,7 +38,7 @@ def default_colour_mode(atoms: Atoms) -> str:
 
 
 def fit_snapshot(rec, tilt: int, rate: float | None = None, status: str = "") -> Snapshot:
-    """The state of a running `engine.reconstruct.Reconstructor` (read only): its atoms, projection
+    """The state of a running `engine.fit.reconstruct.Reconstructor` (read only): its atoms, projection
     ``tilt`` measured and predicted in the current geometry, and its history."""
     measured, predicted = rec.projection_images(tilt)
     geometry = rec.geometry  # read every time: the fit may refine it
@@ -54,13 +54,13 @@ class SavedResult:
 
     With a series, the predicted projections are rendered from the atoms' 'amplitude' (data units ·
     Å²) and 'width' (σ, Å) columns with the series' blur and its nominal geometry, or the refined
-    ``alignment`` (an `engine.alignment.Alignment`: geometry, intensity scale and offset) when the fit
+    ``alignment`` (an `engine.measure.alignment.Alignment`: geometry, intensity scale and offset) when the fit
     wrote one, plus the background estimated from the data as the fit does it.
     """
 
     def __init__(self, atoms: Atoms, label: str, series: TiltSeries | None = None, atoms_source: str = "atoms",
                  history: dict | None = None, alignment=None, alignment_source: str = "alignment"):
-        from engine.reconstruct import estimate_data_model
+        from engine.measure.datamodel import estimate_data_model
 
         self.atoms = atoms
         self.label = label
@@ -92,7 +92,7 @@ class SavedResult:
     def snapshot(self, tilt: int) -> Snapshot:
         if self.series is None:
             return Snapshot(atoms=self.atoms, label=self.label, history=self.history)
-        from engine.projector import project_tilt_series
+        from engine.kernels.projector import project_tilt_series
 
         a = self.atoms
         rendered = project_tilt_series(a.positions, a.columns["amplitude"], a.columns["width"], self.geometry,

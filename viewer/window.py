@@ -20,9 +20,9 @@ import numpy as np
 import taichi as ti
 from taichi.ui.utils import get_field_info
 
-from engine.errors import InputError
-from engine.files import write_atomically
-from engine.plots import save_png
+from engine.core.errors import InputError
+from engine.core.files import write_atomically
+from engine.io.plots import save_png
 
 from .frame import COLOUR_MODES, DEFAULT_ANGLES, FRAME_SHAPE, VIEW_BOX, ViewSettings, compose_frame
 from .sources import fit_snapshot, nearest_zero_tilt

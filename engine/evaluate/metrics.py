@@ -17,8 +17,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from .atoms import UNKNOWN_SPECIES, Atoms
-from .errors import InputError
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.core.errors import InputError
 
 PM_PER_ANGSTROM = 100.0
 

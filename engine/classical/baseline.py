@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atoms import UNKNOWN_SPECIES, Atoms
-from .errors import InputError
-from .tiltseries import TiltSeries
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.core.errors import InputError
+from engine.io.tiltseries import TiltSeries
 
 
 @dataclass
@@ -59,7 +59,7 @@ def refine_subvoxel(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
 def classify_species(intensity: np.ndarray, species: list[str]) -> np.ndarray:
     """1D k-means of integrated intensities into len(species) classes; the brightest class gets the
     heaviest element."""
-    from .elements import atomic_number
+    from engine.core.elements import atomic_number
 
     by_z = sorted(species, key=atomic_number)
     k = len(by_z)
@@ -76,7 +76,7 @@ def classify_species(intensity: np.ndarray, species: list[str]) -> np.ndarray:
 
 def trace_atoms(volume: np.ndarray, projector, d_min: float, species: list[str]) -> Atoms:
     """Atoms traced in ``volume`` (on ``projector``'s grid): positions (Å), 'intensity' column."""
-    from .volume import local_maxima, suppress_close
+    from engine.kernels.volume import local_maxima, suppress_close
 
     positions, values = local_maxima(volume, projector, d_min, 0.0)
     if len(values) == 0:
@@ -97,8 +97,9 @@ def trace_atoms(volume: np.ndarray, projector, d_min: float, species: list[str])
 
 def run_baseline(series: TiltSeries, config: BaselineConfig) -> tuple[Atoms, np.ndarray, object]:
     """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector)."""
-    from .reconstruct import ReconstructionConfig, estimate_data_model
-    from .volume import VoxelProjector
+    from engine.fit.reconstruct import ReconstructionConfig
+    from engine.measure.datamodel import estimate_data_model
+    from engine.kernels.volume import VoxelProjector
 
     if config.method not in ("sirt", "fbp"):
         raise InputError("--method", f"unknown method {config.method!r} (known: sirt, fbp)")
@@ -119,7 +120,7 @@ def write_volume_mrc(volume: np.ndarray, voxel: float, path, overwrite: bool = F
     """Write a (nx, ny, nz) volume as MRC (sections along z, rows along y), voxel size in Å."""
     import mrcfile
 
-    from .files import write_atomically
+    from engine.core.files import write_atomically
     from pathlib import Path
 
     path = Path(path)

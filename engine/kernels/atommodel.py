@@ -12,8 +12,8 @@ parameters and takes one Adam step with a learning rate per parameter kind.
 import numpy as np
 import taichi as ti
 
-from .profile import AtomProfile
-from .projector import GaussianCloud
+from engine.physics.profile import AtomProfile
+from engine.kernels.projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
 

@@ -14,10 +14,10 @@ import itertools
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .atoms import UNKNOWN_SPECIES, Atoms
-from .elements import normalize_symbol
-from .errors import InputError
-from .geometry import euler_zyz
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.core.elements import normalize_symbol
+from engine.core.errors import InputError
+from engine.core.geometry import euler_zyz
 
 CRYSTALS: dict[str, tuple] = {
     # fcc: (lattice, a [Å])
@@ -447,7 +447,7 @@ def rotate(atoms: Atoms, euler_zyz_deg) -> Atoms:
     atoms : Atoms
         Positions [Å].
     euler_zyz_deg : sequence of 3 float
-        (α, β, γ) [degrees], see `engine.geometry.euler_zyz`.
+        (α, β, γ) [degrees], see `engine.core.geometry.euler_zyz`.
 
     Returns
     -------

@@ -24,9 +24,9 @@ import imageio.v3 as iio
 import mrcfile
 import numpy as np
 
-from .errors import InputError
-from .files import write_atomically
-from .geometry import TiltGeometry
+from engine.core.errors import InputError
+from engine.core.files import write_atomically
+from engine.core.geometry import TiltGeometry
 
 MRC_SUFFIXES = (".mrc", ".st", ".mrcs")
 TIFF_SUFFIXES = (".tif", ".tiff")

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .elements import normalize_symbol, projected_potential_gaussians
-from .errors import InputError
+from engine.core.elements import normalize_symbol, projected_potential_gaussians
+from engine.core.errors import InputError
 
 
 def isolated_atom_fit(symbol: str, pixel_size: float, blur: float, profile=None) -> tuple[float, float]:
     """Amplitude (V·Å³) and width σ (Å, blur excluded) of the atom model (``profile``, an
-    `engine.profile.AtomProfile`; default one isotropic Gaussian) that best fits, in least squares at
+    `engine.physics.profile.AtomProfile`; default one isotropic Gaussian) that best fits, in least squares at
     pixel centres, the projected potential of one isolated atom (B = 0) blurred by ``blur`` (Å): where
     the fit puts that element. (With one Gaussian the amplitude falls short of the integrated
     potential by the part of the profile's tails it cannot hold.)"""
-    from .profile import AtomProfile
+    from engine.physics.profile import AtomProfile
     from scipy.optimize import least_squares
 
     weights, sigmas = projected_potential_gaussians(symbol)
@@ -56,7 +56,7 @@ def assign_species(amplitudes: np.ndarray, widths: np.ndarray, species: list[str
     amplitudes  : (N,) fitted amplitudes (any consistent unit); widths: (N,) fitted σ (Å).
     species     : the elements present, e.g. ["Pt", "Ni"].
     pixel_size, blur : Å, to predict where each element's atoms sit (`isolated_atom_fit`).
-    profile     : the fit's `engine.profile.AtomProfile` (default one Gaussian).
+    profile     : the fit's `engine.physics.profile.AtomProfile` (default one Gaussian).
     composition : optional expected fractions {"Pt": 0.6, "Ni": 0.4}; fixes the mixture weights.
 
     Model: element k is a Gaussian in (log a, σ²) centred at (log s + log A_k, S_k + δ), with A_k, S_k

@@ -1,7 +1,7 @@
 """Physics simulator: atoms → tilt series in the geometry contract (independent-atom potential).
 
 Each atom's projected potential is Peng et al. (1996)'s 5-Gaussian elastic scattering factor turned
-into a sum of 2D Gaussians (`engine.elements.projected_potential_gaussians`), smeared by its thermal
+into a sum of 2D Gaussians (`engine.core.elements.projected_potential_gaussians`), smeared by its thermal
 B-factor, so a whole specimen is a sum of isotropic 3D Gaussians and the projector renders it
 exactly (line integrals of Gaussians are Gaussians). Then microscope blur (Å), per-projection
 shifts, and additive Gaussian and/or Poisson (dose) noise. Units of the result: projected potential,
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .atoms import Atoms, UNKNOWN_SPECIES
-from .elements import projected_potential_gaussians
-from .errors import InputError
-from .geometry import TiltGeometry
-from .projector import project_tilt_series
-from .tiltseries import TiltSeries
+from engine.io.atoms import Atoms, UNKNOWN_SPECIES
+from engine.core.elements import projected_potential_gaussians
+from engine.core.errors import InputError
+from engine.core.geometry import TiltGeometry
+from engine.kernels.projector import project_tilt_series
+from engine.io.tiltseries import TiltSeries
 
 
 def parse_tilt_range(text: str) -> np.ndarray:

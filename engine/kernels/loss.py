@@ -16,8 +16,8 @@ for drifting beam current and background). Losses, over the batch's pixels:
 import numpy as np
 import taichi as ti
 
-from .errors import InputError
-from .projector import CPU_TASK_SPREAD, LANES, TiltSeriesProjector, pack_images
+from engine.core.errors import InputError
+from engine.kernels.projector import CPU_TASK_SPREAD, LANES, TiltSeriesProjector, pack_images
 
 LOSSES = ("l2", "huber", "poisson")
 HUBER_DELTA = 3.0  # noise σ: residuals beyond 3 σ are rare under Gaussian noise (0.3 %), so only outliers are tempered
@@ -148,47 +148,3 @@ class FitTarget:
         self._loss(nb)
         per = self.loss_per_projection.to_numpy()[:nb].astype(np.float64)
         return float(per.sum() / (nb * self.projector.height * self.projector.width))
-
-
-def estimate_counts_gain(projections: np.ndarray, source: str = "tilt series") -> float:
-    """Counts per data unit of counted (Poisson) data: such data are whole counts times one quantum
-    1/g, so g is the inverse of the smallest step between distinct values, provided every pixel
-    lies on that lattice. Raises when the data are not on a lattice (gain-normalised or
-    interpolated images): the gain must then be given."""
-    values = np.asarray(projections, np.float64)
-    values = values[np.isfinite(values)]
-    distinct = np.unique(values)
-    steps = np.diff(distinct)
-    steps = steps[steps > 1e-6 * max(float(np.abs(distinct).max()), 1e-30)]
-    if len(steps) == 0:
-        raise InputError(source, "cannot estimate the detector gain from constant data; pass --gain")
-    # The smallest step between small values (where float32 rounding is negligible), then least squares
-    # over all pixels.
-    small_steps = np.diff(distinct[np.abs(distinct) <= 64 * steps.min()])
-    small_steps = small_steps[small_steps > 0.5 * steps.min()]
-    counts = np.round(values / (small_steps.min() if len(small_steps) else steps.min()))
-    quantum = float(np.sum(values * counts) / np.sum(counts * counts))
-    # Off the lattice by more than rounding: float32 data hold whole counts to about 1e-7 of their size.
-    off_lattice = np.abs(values / quantum - counts) > 1e-3 + 1e-6 * np.abs(counts)
-    if np.mean(off_lattice) > 0.01:
-        raise InputError(source, "the data are not whole counts times a constant, so the gain (counts per data "
-                                 "unit) cannot be read off them; pass --gain")
-    return 1.0 / quantum
-
-
-def remove_hot_pixels(images: np.ndarray, background: float, noise_sigma: float) -> np.ndarray:
-    """A copy of ``images`` (n, H, W) with isolated hot pixels (hot detector pixels, cosmic rays, specks
-    of dust) replaced by the median of their 8 neighbours: pixels whose signal above ``background``
-    exceeds twice the largest of their neighbours' by over HUBER_DELTA noise σ (``noise_sigma``, image
-    units). Atoms never qualify: even the sharpest atom image (σ ≥ 1 px) keeps its neighbours above
-    60 % of its peak. The volumes that seed and spawn atoms use this; the loss sees every pixel."""
-    from scipy import ndimage
-
-    signal = np.asarray(images, np.float64) - background
-    ring = np.ones((1, 3, 3), bool)
-    ring[0, 1, 1] = False
-    highest = ndimage.maximum_filter(signal, footprint=ring, mode="nearest")
-    hot = signal > 2 * np.maximum(highest, 0) + HUBER_DELTA * noise_sigma
-    cleaned = np.array(images, np.float64)
-    cleaned[hot] = ndimage.median_filter(signal, footprint=ring, mode="nearest")[hot] + background
-    return cleaned

@@ -16,7 +16,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from .files import write_atomically
+from engine.core.files import write_atomically
 
 # 5x7 font: per glyph 7 rows top to bottom, two hex digits each; bit 4 is the leftmost pixel.
 _FONT_HEX = {

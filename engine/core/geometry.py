@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from engine.core.errors import InputError
 
 
 def rotation_about_y(theta_deg):

@@ -11,14 +11,14 @@ from importlib import resources
 
 import numpy as np
 
-from .errors import InputError
+from engine.core.errors import InputError
 
 # 2π a₀ e = 2π · 0.529177 Å · 14.3996 V·Å: converts scattering amplitude (Å) to potential (V·Å³).
 POTENTIAL_PER_SCATTERING_VA3 = 2.0 * np.pi * 0.529177210903 * 14.3996454784
 
 
 def _load_peng_table() -> tuple[list[str], np.ndarray]:
-    text = resources.files("engine").joinpath("data/peng1996_elastic.txt").read_text()
+    text = resources.files("engine.core").joinpath("tables/peng1996_elastic.txt").read_text()
     symbols, rows = [], []
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):

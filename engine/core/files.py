@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import InputError
+from engine.core.errors import InputError
 
 
 def write_atomically(path, write) -> Path:

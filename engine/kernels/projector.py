@@ -31,8 +31,8 @@ import math
 import numpy as np
 import taichi as ti
 
-from .backend import current_arch, session_cache
-from .geometry import TiltGeometry, centre_index
+from engine.core.backend import current_arch, session_cache
+from engine.core.geometry import TiltGeometry, centre_index
 
 TRUNCATION_RELATIVE_ERROR = 1e-5
 # Footprint half-width in units of s: exp(−R²/2) = 1e-5.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .elements import projected_potential_gaussians
+from engine.core.elements import projected_potential_gaussians
 
 PROFILE_COMPONENTS = 2  # core and tail: most of the gain of all five of Peng's terms at a fraction of the cost
 
@@ -80,7 +80,7 @@ def peng_profile(species: list[str], blur: float, components: int = PROFILE_COMP
 
 def atom_profile(kind: str, species: list[str], blur: float) -> AtomProfile:
     """The profile a fit uses: 'gaussian' (one Gaussian) or 'peng' (needs the expected species)."""
-    from .errors import InputError
+    from engine.core.errors import InputError
 
     if kind == "gaussian":
         return AtomProfile()

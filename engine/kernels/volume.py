@@ -17,9 +17,9 @@ import math
 import numpy as np
 import taichi as ti
 
-from .backend import current_arch, session_cache
-from .geometry import TiltGeometry, centre_index
-from .projector import CPU_TASK_SPREAD
+from engine.core.backend import current_arch, session_cache
+from engine.core.geometry import TiltGeometry, centre_index
+from engine.kernels.projector import CPU_TASK_SPREAD
 
 
 @ti.data_oriented

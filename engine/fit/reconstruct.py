@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atoms import Atoms, UNKNOWN_SPECIES, write_atoms
-from .errors import InputError
-from .files import write_atomically
-from .tiltseries import TiltSeries
+from engine.io.atoms import Atoms, UNKNOWN_SPECIES, write_atoms
+from engine.core.errors import InputError
+from engine.core.files import write_atomically
+from engine.io.tiltseries import TiltSeries
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -90,13 +90,13 @@ class ReconstructionConfig:
         return config
 
     def validate(self, source="reconstruction settings") -> None:
-        from .elements import normalize_symbol
+        from engine.core.elements import normalize_symbol
 
         self.species = [normalize_symbol(s, source) for s in self.species]
         self.composition = {normalize_symbol(s, source): float(v) for s, v in self.composition.items()}
         if self.composition and set(self.composition) != set(self.species):
             raise InputError(source, "composition must give a fraction for each expected species and no other")
-        from .fit import LOSSES
+        from engine.kernels.loss import LOSSES
 
         if self.loss not in LOSSES:
             raise InputError(source, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -110,38 +110,12 @@ class ReconstructionConfig:
     def minimum_distance(self) -> float:
         """d_min (Å): as set, else 0.7 × the shortest nearest-neighbour distance of the expected
         species, else 0.7 × 2.45 Å (about the shortest bond among the common metals)."""
-        from .structures import nearest_neighbour_distance
+        from engine.physics.structures import nearest_neighbour_distance
 
         if self.d_min > 0:
             return self.d_min
         bond = min((nearest_neighbour_distance(s) for s in self.species), default=2.45)
         return 0.7 * bond
-
-
-@dataclass
-class DataModel:
-    """What is estimated from the data before fitting (never from a truth file)."""
-
-    background: float      # data units, subtracted
-    scale: float           # data units per normalised unit
-    noise: float           # noise σ in normalised units
-    blur: float            # Å
-
-
-def estimate_data_model(series: TiltSeries, blur: float, projections: np.ndarray | None = None) -> DataModel:
-    """Background and noise from the outer 3-pixel frame of every projection (AET images keep the
-    particle inside the field of view); scale from the 99.9th percentile of the background-subtracted
-    signal. ``projections`` replaces the series' own images (e.g. without hot pixels)."""
-    p = series.projections if projections is None else projections
-    frame = np.concatenate([p[:, :3].ravel(), p[:, -3:].ravel(), p[:, :, :3].ravel(), p[:, :, -3:].ravel()])
-    background = float(np.median(frame))
-    spread = 1.4826 * float(np.median(np.abs(frame - background)))
-    scale = float(np.percentile(p - background, 99.9))
-    if not scale > 0:
-        raise InputError(series.source or "tilt series", "the projections hold no positive signal above the background")
-    if blur < 0:
-        blur = series.blur_sigma if series.blur_sigma is not None else 0.0
-    return DataModel(background=background, scale=scale, noise=max(spread / scale, 1e-6), blur=float(blur))
 
 
 @contextmanager
@@ -163,13 +137,16 @@ class Reconstructor:
     """Owns the device state of one fit: data, projector, model, loss; runs the schedule."""
 
     def __init__(self, series: TiltSeries, config: ReconstructionConfig, out_dir, progress: bool = True):
-        from .alignment import AlignmentRefiner, prealign, require_single_axis
-        from .fit import FitTarget, estimate_counts_gain
-        from .model import AtomModel
-        from .neighbours import NeighbourGrid
-        from .profile import atom_profile
-        from .projector import TiltSeriesProjector
-        from .volume import projector_for
+        from engine.fit.alignment import AlignmentRefiner
+        from engine.measure.alignment import prealign, require_single_axis
+        from engine.measure.datamodel import estimate_data_model
+        from engine.kernels.loss import FitTarget
+        from engine.measure.datamodel import estimate_counts_gain
+        from engine.kernels.atommodel import AtomModel
+        from engine.kernels.neighbours import NeighbourGrid
+        from engine.physics.profile import atom_profile
+        from engine.kernels.projector import TiltSeriesProjector
+        from engine.kernels.volume import projector_for
 
         self.series = series
         self.config = config
@@ -181,7 +158,7 @@ class Reconstructor:
         # images without isolated hot pixels (a back-projection would smear each into a streak).
         screened = None
         if config.loss == "huber":
-            from .fit import remove_hot_pixels
+            from engine.measure.datamodel import remove_hot_pixels
 
             screened = remove_hot_pixels(series.projections, self.data.background, self.data.noise * self.data.scale)
             self.data = estimate_data_model(series, config.blur, screened)
@@ -240,7 +217,7 @@ class Reconstructor:
 
     def _peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values."""
-        from .volume import local_maxima, suppress_close
+        from engine.kernels.volume import local_maxima, suppress_close
 
         positions, values = local_maxima(volume, self.volume_projector, self.d_min, threshold, self.support)
         return suppress_close(positions, values, self.d_min)
@@ -262,7 +239,7 @@ class Reconstructor:
         return {"pos": positions, "amp": amp, "sigma": np.full(len(positions), 0.35)}
 
     def _upload(self, state: dict, sort: bool = True) -> None:
-        from .model import AtomModel
+        from engine.kernels.atommodel import AtomModel
 
         if sort:  # along the tilt axis: consecutive atoms splat into the same image rows
             order = np.argsort(state["pos"][:, 1], kind="stable")
@@ -456,9 +433,9 @@ class Reconstructor:
         """B (Å²) of every atom, in the model's order: the fitted structure (positions, elements) is
         simulated without noise at B = 0 and 1 Å² in the data's geometry and refitted, from the fitted
         atoms and without count changes, for `thermal_refits` steps; the widths are then compared
-        (`engine.chemistry.b_factors_from_calibration`). The fit's own state is restored afterwards."""
-        from .chemistry import assign_species, b_factors_from_calibration
-        from .simulate import simulate_tilt_series
+        (`engine.physics.chemistry.b_factors_from_calibration`). The fit's own state is restored afterwards."""
+        from engine.physics.chemistry import assign_species, b_factors_from_calibration
+        from engine.physics.simulate import simulate_tilt_series
 
         state = self.model.get_state()
         species, _, _ = assign_species(state["amp"] * self.data.scale, state["sigma"], self.config.species,
@@ -494,7 +471,7 @@ class Reconstructor:
         """The fitted atoms: positions (Å), amplitude in data units · Å², width σ (Å); with the expected
         species given, each atom's element (and its probability when there are several) and its
         Debye–Waller B in Å² (`engine.chemistry`)."""
-        from .chemistry import assign_species
+        from engine.physics.chemistry import assign_species
 
         state = self.model.get_state()
         order = np.lexsort(state["pos"].T[::-1])
@@ -551,7 +528,7 @@ class Reconstructor:
         self._upload(state, sort=False)  # the order the run had: same sums, same results
 
     def write_outputs(self, atoms: Atoms, arch: str, wall_seconds: float, extra: dict | None = None) -> dict:
-        from .plots import line_plot, projection_panel
+        from engine.io.plots import line_plot, projection_panel
 
         t0 = time.perf_counter()
         out = self.out_dir
@@ -566,7 +543,7 @@ class Reconstructor:
                   title="LOSS", xlabel="ITERATION", logy=True)
         alignment = None
         if self.refiner is not None:
-            from .alignment import misalignment_summary, write_alignment
+            from engine.measure.alignment import misalignment_summary, write_alignment
 
             write_alignment(self.refiner.alignment, out, self.series.angles, self.series.pixel_size, self.data.scale)
             alignment = misalignment_summary(self.refiner.alignment, self.series.pixel_size)

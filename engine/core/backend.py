@@ -8,7 +8,7 @@ import sys
 
 import taichi as ti
 
-from .errors import InputError
+from engine.core.errors import InputError
 
 ARCH_CHOICES = ("auto", "cpu", "cuda", "vulkan")
 _TI_ARCH = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .elements import SYMBOLS, normalize_symbol
-from .errors import InputError
-from .files import write_atomically
+from engine.core.elements import SYMBOLS, normalize_symbol
+from engine.core.errors import InputError
+from engine.core.files import write_atomically
 
 UNKNOWN_SPECIES = "X"
 

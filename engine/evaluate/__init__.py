@@ -1,0 +1,1 @@
+"""Scoring atoms against a known structure: one-to-one matching and its metrics."""

@@ -1,0 +1,1 @@
+"""Files: tilt series in (npz, MRC, TIFF), atoms in and out (through ASE), report figures."""
