@@ -1,8 +1,23 @@
-"""atomsplat engine: tilt-series I/O, tilt geometry, the differentiable Gaussian projector,
-the physics simulator and the reconstruction pipeline.
+"""atomsplat engine: direct atomic structure identification from electron tomography tilt series.
+
+Stages, each a package (lower ones never import higher ones):
+core (errors, files, elements, geometry, backend, settings) → io (tilt series, atoms, figures) →
+kernels (projector, voxel projector, loss, atom model, Adam, neighbour grid) → physics (profile,
+forward model, simulator, structures, chemistry) → measure (data model, alignment) → fit (seeding,
+strategy, trainer, calibration, reconstruction); classical (SIRT/FBP baseline) and evaluate
+(metrics) stand beside the fit. The Python API is `engine.api`, re-exported here.
 
 Units throughout: lengths in Å, angles in degrees (radians only inside kernels), image values in
 the data's own units (projected potential, V·Å, for simulated data).
 """
 
 __version__ = "0.1.0"
+__all__ = ["load_series", "reconstruct", "simulate", "evaluate", "ReconstructionResult"]
+
+
+def __getattr__(name):  # the API on first use: importing a stage alone does not start Taichi's import
+    if name in __all__:
+        from engine import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

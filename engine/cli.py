@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.core.backend import ARCH_CHOICES, init_backend
 from engine.core.errors import InputError
+from engine.core.settings import SettingError
 
 
 def _add_arch(parser):
@@ -23,39 +24,14 @@ def _add_arch(parser):
 
 
 def _add_fit_options(parser):
-    parser.add_argument("--iters", type=int, default=None, help="optimisation steps")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    parser.add_argument("--batch", type=int, default=None, help="projections per step (0: all)")
-    parser.add_argument("--species", default=None,
-                        help="expected elements, e.g. Pt,Ni: sets d_min, labels atoms, estimates B-factors")
-    parser.add_argument("--composition", default=None, help="expected fractions, e.g. Pt:0.6,Ni:0.4 (implies --species)")
-    parser.add_argument("--noise", choices=["gaussian", "poisson"], default=None,
-                        help="noise model, i.e. the likelihood: gaussian (least squares, default) or poisson "
-                             "(counted data)")
-    parser.add_argument("--gain", type=float, default=None,
-                        help="poisson: counts per data unit (default: read off whole-count data)")
-    parser.add_argument("--robust", action="store_true",
-                        help="gaussian: Huber loss, so outlier pixels (hot pixels, dust) pull linearly, not quadratically")
-    parser.add_argument("--refine-alignment", action="store_true",
-                        help="pre-align the series, then fit per-projection shifts, tilt-angle offsets, intensity "
-                             "scale and offset, and the tilt-axis angle with the atoms (writes alignment.json, .xf)")
-    parser.add_argument("--profile", choices=["gaussian", "peng"], default=None,
-                        help="atom shape: one Gaussian (default) or a core and tail from the species' scattering "
-                             "factors (needs --species; more accurate, about 2x slower)")
+    from engine.fit.settings import FIT_SCHEMA
+
+    FIT_SCHEMA.add_arguments(parser.add_argument_group("fit settings (also [reconstruct] keys of a scene)"))
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_arch(parser)
-
-
-def auto_shape(atoms, pixel_size: float, margin: float = 6.0) -> tuple[int, int]:
-    """Square image (H, W) whose half-width exceeds every atom's distance from the tilt axis (and
-    |y|) by ``margin`` Å, so the particle stays inside at every tilt."""
-    p = atoms.positions
-    reach = max(np.sqrt(p[:, 0] ** 2 + p[:, 2] ** 2).max(), np.abs(p[:, 1]).max()) + margin
-    n = int(2 * np.ceil(reach / pixel_size))
-    return n, n
 
 
 def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise, peak_counts, b_factor, seed,
@@ -65,7 +41,7 @@ def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise,
     `engine.measure.alignment.Alignment`) the series is recorded in that geometry and intensity but carries
     only the nominal angles, as a misaligned experiment would."""
     from engine.io.atoms import read_atoms
-    from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
+    from engine.physics.simulate import auto_shape, parse_tilt_range, simulate_tilt_series
     from engine.physics.structures import build_structure, parse_recipe
 
     if structure_path is not None:
@@ -183,34 +159,23 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
     """Fit ``series`` with ``settings`` into ``out_dir``; evaluate against ``truth_path`` afterwards
     (the truth is read only once the atoms are written). ``observer``: a viewer watching the fit
     (`viewer.cli.fit_observer`), finished once the results are written. Returns the report."""
-    import time
+    from engine.api import reconstruct
+    from engine.fit.trainer import CHECKPOINT
 
-    from engine.io.atoms import read_atoms
-    from engine.fit.reconstruct import CHECKPOINT, ReconstructionConfig, Reconstructor
-
-    config = ReconstructionConfig.from_dict(settings)
-    actual = init_backend(arch, verbose=True)
-    t0 = time.perf_counter()
-    rec = Reconstructor(series, config, out_dir, progress=progress)
-    if resume:
-        rec.load_checkpoint(out_dir / CHECKPOINT)
     try:
-        atoms = rec.run(resume=resume, observer=observer)
+        result = reconstruct(series, settings, out_dir=out_dir, arch=arch, resume=resume, truth=truth_path,
+                             progress=progress, observer=observer)
     except KeyboardInterrupt:
         print(f"atomsplat: interrupted; checkpoint in {out_dir / CHECKPOINT} (continue with --resume {out_dir})",
               file=sys.stderr)
         raise
-    wall = time.perf_counter() - t0
-    report = rec.write_outputs(atoms, actual, wall)
-    print(f"{len(atoms)} atoms -> {out_dir / 'atoms.xyz'} ({rec.iteration} iterations, {wall:.1f} s, "
-          f"loss {report['final_loss']:.4g})")
-    if truth_path is not None:
-        from engine.evaluate.metrics import evaluate_atoms, format_table
+    report = result.report
+    print(f"{len(result.atoms)} atoms -> {out_dir / 'atoms.xyz'} ({report['iterations']} iterations, "
+          f"{report['wall_seconds']:.1f} s, loss {report['final_loss']:.4g})")
+    if result.metrics is not None:
+        from engine.evaluate.metrics import format_table
 
-        metrics = evaluate_atoms(atoms, read_atoms(truth_path), radius=1.0, radii_extra=(0.5,))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(format_table(metrics))
-        report["metrics"] = metrics
+        print(format_table(result.metrics))
     if observer is not None:
         observer.finish()
     return report
@@ -232,29 +197,11 @@ def _output_dir(args, default: Path) -> Path:
 
 
 def _settings(args, base: dict) -> dict:
-    settings = dict(base)
-    for key in ("iters", "seed", "batch", "gain"):
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    if getattr(args, "noise", None) == "poisson" and getattr(args, "robust", False):
-        raise InputError("--robust", "the robust (Huber) loss is for Gaussian noise; drop it or --noise poisson")
-    if getattr(args, "noise", None) is not None:
-        settings["loss"] = "poisson" if args.noise == "poisson" else "l2"
-    if getattr(args, "robust", False):
-        settings["loss"] = "huber"
-    if getattr(args, "refine_alignment", False):
-        settings["refine_alignment"] = True
-    if getattr(args, "profile", None) is not None:
-        settings["atom_profile"] = args.profile
-    if getattr(args, "species", None):
-        settings["species"] = [s for s in args.species.split(",") if s]
-    if getattr(args, "composition", None):
-        try:
-            pairs = [item.split(":") for item in args.composition.split(",") if item]
-            settings["composition"] = {symbol: float(fraction) for symbol, fraction in pairs}
-        except ValueError:
-            raise InputError("--composition", f"expected e.g. Pt:0.6,Ni:0.4, got {args.composition!r}") from None
-        settings.setdefault("species", list(settings["composition"]))
+    """The scene's [reconstruct] table with the flags given on top, checked before any work."""
+    from engine.fit.settings import FIT_SCHEMA, fit_settings
+
+    settings = FIT_SCHEMA.from_args(args, base)
+    fit_settings(settings)
     return settings
 
 
@@ -267,6 +214,7 @@ def cmd_reconstruct(args) -> int:
         scene = load_scene(args.scene)
         base = scene.reconstruct
         truth = truth or scene.truth_file
+    settings = _settings(args, base)
     series = read_tilt_series(args.data, pixel_size=args.pixel)
     out_dir = _output_dir(args, Path("out") / Path(args.data).stem)
     if truth is not None and not Path(truth).exists():
@@ -274,7 +222,7 @@ def cmd_reconstruct(args) -> int:
     from viewer.cli import fit_observer
 
     observer = fit_observer(args, scene.viewer if args.scene else {}, args.scene, out_dir, truth, args.resume is not None)
-    _reconstruct(series, _settings(args, base), out_dir, args.arch, args.resume is not None, truth,
+    _reconstruct(series, settings, out_dir, args.arch, args.resume is not None, truth,
                  progress=not args.quiet, observer=observer)
     return 0
 
@@ -283,25 +231,22 @@ def cmd_baseline(args) -> int:
     import time
 
     from engine.io.atoms import read_atoms, write_atoms
-    from engine.classical.baseline import BaselineConfig, run_baseline, write_volume_mrc
+    from engine.classical.baseline import BASELINE_SCHEMA, baseline_settings, run_baseline, write_volume_mrc
     from engine.io.tiltseries import read_tilt_series
 
+    settings = baseline_settings(BASELINE_SCHEMA.from_args(args))
     series = read_tilt_series(args.data, pixel_size=args.pixel)
     out_dir = Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")
     if not args.overwrite and (out_dir / "atoms.xyz").exists():
         raise InputError(out_dir, "already holds a result (atoms.xyz); pass --overwrite to replace it")
-    from engine.core.elements import normalize_symbol
-
-    species = [normalize_symbol(s, "--species") for s in (args.species or "").split(",") if s]
     init_backend(args.arch, verbose=True)
     t0 = time.perf_counter()
-    atoms, volume, projector = run_baseline(series, BaselineConfig(method=args.method, iterations=args.iters,
-                                                                   voxel=args.voxel, species=species))
+    atoms, volume, projector = run_baseline(series, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atoms(atoms, out_dir / "atoms.xyz", overwrite=True)
     write_volume_mrc(volume, projector.voxel, out_dir / "volume.mrc", overwrite=True)
-    print(f"{args.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> {out_dir / 'volume.mrc'} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(f"{settings.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> "
+          f"{out_dir / 'volume.mrc'} ({time.perf_counter() - t0:.1f} s)")
     if args.truth:
         from engine.evaluate.metrics import evaluate_atoms, format_table
 
@@ -328,6 +273,7 @@ def cmd_run(args) -> int:
     from engine.io.tiltseries import read_tilt_series, summarize, write_tilt_series
 
     scene = load_scene(args.scene)
+    settings = _settings(args, scene.reconstruct)
     out_dir = _output_dir(args, scene.output_dir or Path("out") / Path(args.scene).stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     truth = scene.truth_file
@@ -360,7 +306,7 @@ def cmd_run(args) -> int:
     from viewer.cli import fit_observer
 
     observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth, args.resume is not None)
-    _reconstruct(series, _settings(args, scene.reconstruct), out_dir, args.arch, args.resume is not None, truth,
+    _reconstruct(series, settings, out_dir, args.arch, args.resume is not None, truth,
                  progress=not args.quiet, observer=observer)
     if (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
         from engine.measure.alignment import alignment_errors, read_alignment
@@ -429,10 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="classical pipeline: SIRT (or FBP) volume, then atom tracing")
     p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
     p.add_argument("--out", help="output folder (default: out/<data name>_baseline)")
-    p.add_argument("--method", choices=["sirt", "fbp"], default="sirt", help="volume reconstruction (default sirt)")
-    p.add_argument("--iters", type=int, default=50, help="SIRT iterations (default 50)")
-    p.add_argument("--voxel", type=float, default=0.0, help="voxel edge in Å (default: the pixel size)")
-    p.add_argument("--species", default=None, help="expected elements, e.g. Pt,Ni (species by k-means)")
+    from engine.classical.baseline import BASELINE_SCHEMA
+
+    BASELINE_SCHEMA.add_arguments(p.add_argument_group("baseline settings"))
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
     p.add_argument("--truth", help="ground-truth atoms to score against afterwards")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
@@ -455,6 +400,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except SettingError as err:  # a library error names the setting; here it is a flag
+        print(f"atomsplat: error: --{err.setting.replace('_', '-')}: {err.problem}", file=sys.stderr)
+        return 2
     except InputError as err:
         print(f"atomsplat: error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@
     misalign = [2.0, 0.5, 1.0, 0.05]   # optional: shifts (px), tilt-angle errors (deg), axis angle (deg),
                                        # intensity drift, as `atomsplat simulate --misalign`
 
-    [reconstruct]                # see engine.fit.reconstruct.ReconstructionConfig
+    [reconstruct]                # the fit's settings (engine.fit.settings), e.g. species = ["Au"]
     [output]
     dir = "out/demo"             # relative to the scene file
     [viewer]                     # see viewer.cli; --view/--no-view and --view-every override
@@ -70,8 +70,9 @@ def _check(table: dict, schema: dict, where: str, path: Path) -> None:
 
 
 def load_scene(path) -> Scene:
-    """Read and validate a scene file; [reconstruct] takes the keys of `ReconstructionConfig`."""
-    from engine.fit.reconstruct import ReconstructionConfig
+    """Read and validate a scene file; [reconstruct] takes the fit's settings (`engine.fit.settings`)."""
+    from engine.core.settings import SettingError
+    from engine.fit.settings import fit_settings
 
     path = Path(path)
     try:
@@ -84,7 +85,10 @@ def load_scene(path) -> Scene:
     _check(table, {section: dict for section in SECTIONS}, "", path)
     data = table.get("data", {})
     _check(data, DATA_KEYS, "data.", path)
-    _check(table.get("reconstruct", {}), ReconstructionConfig.scene_keys(), "reconstruct.", path)
+    try:
+        fit_settings(table.get("reconstruct", {}))
+    except SettingError as err:
+        raise InputError(path, f"'reconstruct.{err.setting}': {err.problem}") from None
     _check(table.get("output", {}), SECTIONS["output"], "output.", path)
     _check(table.get("viewer", {}), SECTIONS["viewer"], "viewer.", path)
     if ("file" in data) == ("simulate" in data):

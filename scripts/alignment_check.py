@@ -10,7 +10,7 @@ brightest pixel. The series carries only the nominal angles. Three fits with the
     refine     the misaligned series with --refine-alignment (pre-alignment, then joint refinement)
 
 and the recovered alignment against the truth (shift RMSE in pixels, angle RMSE in degrees, axis
-angle error, intensity-scale error). The fits use the 'peng' atom profile (engine.profile) unless
+angle error, intensity-scale error). The fits use the 'peng' atom profile (engine.physics.profile) unless
 told otherwise: with one Gaussian per atom the profile mismatch alone biases tilt angles by ~0.2°.
 
     python scripts/alignment_check.py [--arch cpu] [--structure FILE.xyz] [--seed 1] [--profile gaussian]
@@ -30,7 +30,8 @@ from engine.measure.alignment import Alignment, alignment_errors, random_misalig
 from engine.io.atoms import Atoms  # noqa: E402
 from engine.core.backend import init_backend  # noqa: E402
 from engine.evaluate.metrics import evaluate_atoms  # noqa: E402
-from engine.fit.reconstruct import ReconstructionConfig, Reconstructor  # noqa: E402
+from engine.fit.reconstruct import Reconstruction  # noqa: E402
+from engine.fit.settings import fit_settings  # noqa: E402
 from engine.physics.simulate import simulate_tilt_series  # noqa: E402
 from engine.physics.structures import build_structure, parse_recipe  # noqa: E402
 
@@ -54,10 +55,10 @@ def simulate(atoms: Atoms, misalignment: Alignment, seed: int, shape):
 
 
 def fit(series, refine: bool, iters: int, out_dir: Path, profile: str = "peng"):
-    config = ReconstructionConfig(species=["Au"], loss="poisson", refine_alignment=refine, iters=iters,
-                                  thermal_refits=0, atom_profile=profile)
+    settings = fit_settings(species=["Au"], noise="poisson", refine_alignment=refine, iters=iters,
+                            thermal_refits=0, profile=profile)
     t0 = time.perf_counter()
-    rec = Reconstructor(series, config, out_dir, progress=False)
+    rec = Reconstruction(series, settings, out_dir, progress=False)
     atoms = rec.run()
     return rec, atoms, time.perf_counter() - t0
 

@@ -2,7 +2,7 @@
 every k iterations (the headless recorder, or with --live the GGUI window), in one process on one
 backend.
 
-The fit time is `Reconstructor.run` (the optimisation loop; B-factor calibration is switched off so
+The fit time is `Reconstruction.run` (the optimisation loop; B-factor calibration is switched off so
 the loop is all of it, which makes the ratio stricter). The viewer's time is what it takes from the
 fit, counted directly (`cost_seconds`): for the recorder, drawing (snapshot, 3D render, composing)
 plus the CPU time of PNG encoding on its background thread; for the window, drawing plus showing the
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from engine.core.backend import init_backend
 from engine.cli import auto_shape
-from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.fit.reconstruct import Reconstruction
+from engine.fit.settings import FIT_SCHEMA, fit_settings
 from engine.scene import load_scene
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
 from engine.physics.structures import build_structure
@@ -43,9 +44,9 @@ def demo_series():
 
 def fit_seconds(series, settings: dict, out_dir: Path, every: int | None, live: bool):
     """(fit seconds, the observer or None, seconds to finish afterwards: the movie, or closing the window)."""
-    rec = Reconstructor(series, ReconstructionConfig.from_dict(settings), out_dir, progress=False)
+    rec = Reconstruction(series, fit_settings(settings), out_dir, progress=False)
     rec.projection_images(0)  # compile the read-back kernels of this fit's fields before the clock starts
-    rec.model.get_state()
+    rec.problem.state()
     observer = None if not every else LiveViewer(out_dir, every) if live else HeadlessRecorder(out_dir, every)
     t0 = time.perf_counter()
     rec.run(observer=observer)
@@ -77,7 +78,7 @@ def main():
             for k in ks:
                 viewed[k].append(fit_seconds(series, settings, Path(tmp) / f"k{k}", k, args.live))
         base = statistics.median(plain)
-        print(f"demo fit, {settings.get('iters', ReconstructionConfig.iters)} iterations on {arch}: "
+        print(f"demo fit, {settings.get('iters', FIT_SCHEMA.settings['iters'].default)} iterations on {arch}: "
               f"{base:.2f} s without the viewer (median of {args.repeats})")
         for k in ks:
             fit = statistics.median(r[0] for r in viewed[k])

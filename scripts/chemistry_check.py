@@ -16,7 +16,8 @@ import numpy as np
 from engine.core.backend import init_backend
 from engine.cli import auto_shape
 from engine.evaluate.metrics import evaluate_atoms
-from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.fit.reconstruct import Reconstruction
+from engine.fit.settings import fit_settings
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
 from engine.physics.structures import build_structure
 
@@ -42,7 +43,7 @@ def main():
     series = simulate_tilt_series(truth, parse_tilt_range("-70:70:3"), 0.3, auto_shape(truth, 0.3), blur_sigma=0.4,
                                   b_factor=b_true, noise=0.03, seed=2)
     t0 = time.perf_counter()
-    atoms = Reconstructor(series, ReconstructionConfig(species=species), f"{args.out}/{args.case}", progress=False).run()
+    atoms = Reconstruction(series, fit_settings(species=species), f"{args.out}/{args.case}", progress=False).run()
     result = evaluate_atoms(atoms, truth, radius=1.0, radii_extra=(0.5,))
     b = atoms.columns["b_factor"]
     print(json.dumps({"case": args.case, "atoms": len(truth), "f1_at": result["f1_at"], "rmsd_pm": result["rmsd_pm"],

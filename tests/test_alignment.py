@@ -1,5 +1,6 @@
 """Alignment: the gauge, pre-alignment from the images, the written files, and joint refinement
-against a known misalignment (engine.alignment, Reconstructor with refine_alignment)."""
+against a known misalignment (engine.measure.alignment, engine.fit.alignment, a Reconstruction with
+refine_alignment)."""
 
 import json
 
@@ -14,7 +15,9 @@ from engine.cli import main
 from engine.core.errors import InputError
 from engine.evaluate.metrics import evaluate_atoms
 from engine.kernels.projector import project_tilt_series
-from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.fit.outputs import write_outputs
+from engine.fit.reconstruct import Reconstruction
+from engine.fit.settings import fit_settings
 from engine.measure.datamodel import estimate_data_model
 from engine.physics.simulate import simulate_tilt_series
 from engine.physics.structures import build_structure, parse_recipe
@@ -110,9 +113,9 @@ def test_joint_refinement_recovers_the_misalignment(arch, particle, tmp_path):
     series = misaligned_series(particle, truth)
     results = {}
     for refine in (False, True):
-        config = ReconstructionConfig(species=["Au"], loss="poisson", atom_profile="peng", refine_alignment=refine,
-                                      iters=600, thermal_refits=0)
-        rec = Reconstructor(series, config, tmp_path / str(refine), progress=False)
+        settings = fit_settings(species=["Au"], noise="poisson", profile="peng", refine_alignment=refine,
+                                iters=600, thermal_refits=0)
+        rec = Reconstruction(series, settings, tmp_path / str(refine), progress=False)
         results[refine] = (rec, evaluate_atoms(rec.run(), particle, radius=1.0))
     rec, metrics = results[True]
     estimate = rec.refiner.alignment
@@ -124,7 +127,7 @@ def test_joint_refinement_recovers_the_misalignment(arch, particle, tmp_path):
     # scripts/alignment_check.py reaches 0.08°).
     assert np.sqrt(np.mean((estimate.angle_offsets - truth.angle_offsets) ** 2)) <= 0.2
     assert np.sqrt(np.mean((estimate.intensity_scale / truth.intensity_scale - 1) ** 2)) <= 0.02
-    rec.write_outputs(rec.atoms(), "cpu", 0.0)
+    write_outputs(rec, rec.atoms(), "cpu", 0.0)
     assert read_alignment(tmp_path / "True" / "alignment.json").axis_angle == pytest.approx(estimate.axis_angle)
 
 

@@ -65,12 +65,13 @@ def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
         pytest.skip("checked on the CPU")
     from engine.io.atoms import read_atoms
     from engine.evaluate.metrics import evaluate_atoms
-    from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+    from engine.fit.reconstruct import Reconstruction
+    from engine.fit.settings import fit_settings
     from engine.io.tiltseries import read_tilt_series
 
     series = read_tilt_series(shared_data / "dev_ptni_wedge.npz")
-    atoms = Reconstructor(series, ReconstructionConfig(species=["Pt", "Ni"], iters=400), tmp_path,
-                          progress=False).run()
+    atoms = Reconstruction(series, fit_settings(species=["Pt", "Ni"], iters=400), tmp_path,
+                           progress=False).run()
     result = evaluate_atoms(atoms, read_atoms(shared_data / "dev_ptni_wedge_truth.xyz"))
     assert result["f1"] == 1.0
     assert result["species_accuracy"] >= 0.97
@@ -90,7 +91,8 @@ def test_ordered_fept_particle_species_and_b_factor(arch, tmp_path):
     if arch != "cpu":
         pytest.skip("checked on the CPU")
     from engine.evaluate.metrics import evaluate_atoms
-    from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+    from engine.fit.reconstruct import Reconstruction
+    from engine.fit.settings import fit_settings
     from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
     from engine.physics.structures import build_structure
 
@@ -98,8 +100,8 @@ def test_ordered_fept_particle_species_and_b_factor(arch, tmp_path):
                              "length": 7, "cutoff": 2, "a": 3.85, "euler": [30.0, 50.0, -20.0]})
     series = simulate_tilt_series(truth, parse_tilt_range("-70:70:4"), 0.3, (80, 80), blur_sigma=0.4,
                                   b_factor=0.5, noise=0.03, seed=2)
-    atoms = Reconstructor(series, ReconstructionConfig(species=["Fe", "Pt"], iters=600), tmp_path,
-                          progress=False).run()
+    atoms = Reconstruction(series, fit_settings(species=["Fe", "Pt"], iters=600), tmp_path,
+                           progress=False).run()
     result = evaluate_atoms(atoms, truth)
     assert result["f1"] == 1.0 and result["species_accuracy"] >= 0.97
     assert np.median(atoms.columns["b_factor"]) == pytest.approx(0.5, rel=0.2)

@@ -7,9 +7,12 @@ import signal
 import numpy as np
 import pytest
 
-from engine.core.errors import InputError
+from engine.core.settings import SettingError
 from engine.evaluate.metrics import evaluate_atoms
-from engine.fit.reconstruct import ReconstructionConfig, Reconstructor
+from engine.fit.outputs import write_outputs
+from engine.fit.reconstruct import Reconstruction
+from engine.fit.settings import fit_settings
+from engine.physics.chemistry import minimum_distance
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
 from engine.physics.structures import build_structure
 
@@ -28,12 +31,12 @@ def test_small_particle_is_recovered_exactly(arch, small_particle, tmp_path):
     if arch != "cpu":
         pytest.skip("the end-to-end fit is checked on the CPU (the kernels are tested on every backend)")
     series = simulate(small_particle)
-    rec = Reconstructor(series, ReconstructionConfig(), tmp_path, progress=False)
+    rec = Reconstruction(series, fit_settings(), tmp_path, progress=False)
     atoms = rec.run()
     result = evaluate_atoms(atoms, small_particle, radius=1.0, radii_extra=(0.5,))
     assert result["f1_at"]["0.5"] == 1.0
     assert result["rmsd_pm"] < 5.0
-    report = rec.write_outputs(atoms, arch, 0.0)
+    report = write_outputs(rec, atoms, arch, 0.0)
     for name in ("atoms.xyz", "report.json", "projections.png", "loss.png", "checkpoint.npz"):
         assert (tmp_path / name).exists(), name
     assert report["n_atoms"] == len(small_particle)
@@ -50,20 +53,20 @@ def test_huber_loss_shrugs_off_hot_pixels(arch, small_particle, tmp_path):
     hot = rng.random(series.projections.shape) < 0.003
     series.projections[hot] += 5 * series.projections.max()
     result = {}
-    for loss in ("l2", "huber"):
-        atoms = Reconstructor(series, ReconstructionConfig(loss=loss, iters=400, thermal_refits=0),
-                              tmp_path / loss, progress=False).run()
-        result[loss] = evaluate_atoms(atoms, small_particle, radius=1.0)
-    assert result["huber"]["f1"] >= 0.95 and result["l2"]["f1"] < 0.8  # measured 0.973 and 0.598
-    assert result["huber"]["rmsd_pm"] < 0.3 * result["l2"]["rmsd_pm"]  # measured 1.3 and 10.5 pm
+    for robust in (False, True):
+        atoms = Reconstruction(series, fit_settings(robust=robust, iters=400, thermal_refits=0),
+                               tmp_path / str(robust), progress=False).run()
+        result[robust] = evaluate_atoms(atoms, small_particle, radius=1.0)
+    assert result[True]["f1"] >= 0.95 and result[False]["f1"] < 0.8  # measured 0.973 and 0.598
+    assert result[True]["rmsd_pm"] < 0.3 * result[False]["rmsd_pm"]  # measured 1.3 and 10.5 pm
 
 
 def test_missing_and_extra_atoms_are_fixed_by_density_control(arch, small_particle, tmp_path):
     if arch != "cpu":
         pytest.skip("checked on the CPU")
     series = simulate(small_particle)
-    rec = Reconstructor(series, ReconstructionConfig(iters=600), tmp_path, progress=False)
-    seeds = rec.initial_atoms()
+    rec = Reconstruction(series, fit_settings(iters=600), tmp_path, progress=False)
+    seeds = rec.seeds()
     # Remove five seeds and duplicate three others 0.4 Å away: spawn and merge must repair both.
     rng = np.random.default_rng(0)
     drop = rng.choice(len(seeds["pos"]), 5, replace=False)
@@ -71,9 +74,8 @@ def test_missing_and_extra_atoms_are_fixed_by_density_control(arch, small_partic
     dup = keep[:3]
     pos = np.concatenate([seeds["pos"][keep], seeds["pos"][dup] + [0.4, 0.0, 0.0]])
     n = len(pos)
-    rec._upload(rec._with_moments({"pos": pos, "amp": np.full(n, seeds["amp"][0]), "sigma": np.full(n, 0.35)}))
-    atoms = rec.run(resume=True)  # resume=True: keep the atoms uploaded above instead of seeding
-    result = evaluate_atoms(atoms, small_particle, radius=0.5)
+    rec.start_from({"pos": pos, "amp": np.full(n, seeds["amp"][0]), "sigma": np.full(n, 0.35)})
+    result = evaluate_atoms(rec.run(), small_particle, radius=0.5)
     assert result["f1"] == 1.0
 
 
@@ -82,48 +84,62 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     if arch != "cpu":
         pytest.skip("determinism is promised on the CPU")
     series = simulate(small_particle)
-    config = ReconstructionConfig(iters=250, densify_every=50, checkpoint_every=100, batch=8, seed=3,
-                                  refine_alignment=refine_alignment)
-    straight_fit = Reconstructor(series, config, tmp_path / "a", progress=False)
+    settings = fit_settings(iters=250, densify_every=50, checkpoint_every=100, batch=8, seed=3,
+                            refine_alignment=refine_alignment)
+    straight_fit = Reconstruction(series, settings, tmp_path / "a", progress=False)
     straight = straight_fit.run()
 
-    interrupted = Reconstructor(series, config, tmp_path / "b", progress=False)
-    step = interrupted.step
+    interrupted = Reconstruction(series, settings, tmp_path / "b", progress=False)
+    step = interrupted.problem.step
 
-    def step_then_interrupt(lr_factor, refine_alignment=False):
-        step(lr_factor, refine_alignment)
-        if interrupted.iteration == 137:
+    def step_then_interrupt(*args, **kwargs):
+        step(*args, **kwargs)
+        if interrupted.iteration == 136:  # the trainer counts this step once it returns
             os.kill(os.getpid(), signal.SIGINT)
 
-    interrupted.step = step_then_interrupt
+    interrupted.problem.step = step_then_interrupt
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
-    resumed = Reconstructor(series, config, tmp_path / "b", progress=False)
-    resumed.load_checkpoint(tmp_path / "b" / "checkpoint.npz")
+    resumed = Reconstruction(series, settings, tmp_path / "b", progress=False)
+    resumed.resume(tmp_path / "b" / "checkpoint.npz")
     assert resumed.iteration == 137
-    atoms = resumed.run(resume=True)
+    atoms = resumed.run()
     assert np.array_equal(atoms.positions, straight.positions)
     assert np.array_equal(atoms.columns["amplitude"], straight.columns["amplitude"])
     if refine_alignment:
         assert np.array_equal(resumed.refiner.alignment.shifts, straight_fit.refiner.alignment.shifts)
 
 
-def test_bad_settings_are_refused():
-    with pytest.raises(InputError, match="unknown setting"):
-        ReconstructionConfig.from_dict({"iterations": 5})
-    with pytest.raises(InputError, match="Qq"):
-        ReconstructionConfig.from_dict({"species": ["Qq"]})
-    with pytest.raises(InputError, match="loss"):
-        ReconstructionConfig.from_dict({"loss": "l1"})
+def test_bad_settings_are_refused_by_name():
+    with pytest.raises(SettingError, match="unknown setting") as err:
+        fit_settings({"iterations": 5})
+    assert err.value.setting == "iterations"
+    with pytest.raises(SettingError, match="Qq"):
+        fit_settings({"species": ["Qq"]})
+    with pytest.raises(SettingError, match="gaussian, poisson") as err:
+        fit_settings({"noise": "laplace"})
+    assert err.value.setting == "noise"
+    for values in ({"batch": -3}, {"iters": 0}, {"seed": -1}, {"voxel": 0.0}, {"lr_final": 2.0},
+                   {"blur": float("nan")}, {"iters": 2.5}, {"species": "Au"}):
+        with pytest.raises(SettingError) as err:
+            fit_settings(values)
+        assert err.value.setting == next(iter(values))
+    with pytest.raises(SettingError, match="Huber"):
+        fit_settings(noise="poisson", robust=True)
+    with pytest.raises(SettingError, match="species"):
+        fit_settings(profile="peng")
 
 
 def test_minimum_distance_follows_species():
-    assert ReconstructionConfig(species=["Au"]).minimum_distance() == pytest.approx(0.7 * 4.08 / np.sqrt(2), rel=1e-3)
-    assert ReconstructionConfig(d_min=1.2, species=["Au"]).minimum_distance() == 1.2
+    assert minimum_distance(["Au"]) == pytest.approx(0.7 * 4.08 / np.sqrt(2), rel=1e-3)
+    assert minimum_distance(["Au"], 1.2) == 1.2
+    assert fit_settings().d_min is None
 
 
 def test_composition_must_match_species():
-    config = ReconstructionConfig.from_dict({"species": ["pt", "Ni"], "composition": {"Pt": 0.6, "ni": 0.4}})
-    assert config.species == ["Pt", "Ni"] and config.composition == {"Pt": 0.6, "Ni": 0.4}
-    with pytest.raises(InputError, match="composition"):
-        ReconstructionConfig.from_dict({"species": ["Pt", "Ni"], "composition": {"Pt": 1.0}})
+    settings = fit_settings({"species": ["pt", "Ni"], "composition": {"Pt": 0.6, "ni": 0.4}})
+    assert settings.species == ["Pt", "Ni"] and settings.composition == {"Pt": 0.6, "Ni": 0.4}
+    assert fit_settings(composition={"Pt": 0.5, "Ni": 0.5}).species == ["Pt", "Ni"]
+    for composition in ({"Pt": 1.0}, {"Pt": 0.5, "Ni": 0.9}, {"Pt": -1.0, "Ni": 2.0}):
+        with pytest.raises(SettingError, match="composition"):
+            fit_settings({"species": ["Pt", "Ni"], "composition": composition})

@@ -107,7 +107,7 @@ def cmd_view(args) -> int:
     if headless and out.exists() and not args.overwrite:
         raise InputError(out, "already exists; pass --overwrite to replace it")
     init_backend(args.arch, verbose=True)
-    from .sources import SavedResult, default_colour_mode, fit_history
+    from .sources import SavedResult, default_colour_mode, saved_report
 
     alignment_path = args.alignment
     if alignment_path is None and series is not None and Path(args.atoms).with_name("alignment.json").exists():
@@ -118,7 +118,7 @@ def cmd_view(args) -> int:
 
         alignment = read_alignment(alignment_path)
     result = SavedResult(atoms, Path(args.atoms).name, series, atoms_source=args.atoms,
-                         history=fit_history(args.atoms), alignment=alignment, alignment_source=str(alignment_path))
+                         report=saved_report(args.atoms), alignment=alignment, alignment_source=str(alignment_path))
     tilt = result.default_tilt() if args.tilt is None else args.tilt
     settings = ViewSettings(colour_mode=args.colour or default_colour_mode(atoms), truth=truth,
                             show_truth=truth is not None)

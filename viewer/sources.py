@@ -14,15 +14,14 @@ from engine.io.tiltseries import TiltSeries
 from .frame import Snapshot
 
 
-def fit_history(atoms_path) -> dict:
-    """The fit's history from the `report.json` beside an atoms file ({} when there is none or it
-    is unreadable: the history is a nicety, never a reason to fail)."""
-    report = Path(atoms_path).with_name("report.json")
+def saved_report(atoms_path) -> dict:
+    """The `report.json` beside an atoms file ({} when there is none or it is unreadable: the
+    history and forward model in it are what a fit adds, never a reason to fail)."""
     try:
-        history = json.loads(report.read_text()).get("history", {})
-    except (OSError, ValueError, AttributeError):
+        report = json.loads(Path(atoms_path).with_name("report.json").read_text())
+    except (OSError, ValueError):
         return {}
-    return history if isinstance(history, dict) else {}
+    return report if isinstance(report, dict) else {}
 
 
 def nearest_zero_tilt(angles) -> int:
@@ -38,49 +37,55 @@ def default_colour_mode(atoms: Atoms) -> str:
 
 
 def fit_snapshot(rec, tilt: int, rate: float | None = None, status: str = "") -> Snapshot:
-    """The state of a running `engine.fit.reconstruct.Reconstructor` (read only): its atoms, projection
+    """The state of a running `engine.fit.reconstruct.Reconstruction` (read only): its atoms, projection
     ``tilt`` measured and predicted in the current geometry, and its history."""
     measured, predicted = rec.projection_images(tilt)
     geometry = rec.geometry  # read every time: the fit may refine it
     return Snapshot(atoms=rec.atoms(), rotations=geometry.rotations, tilt_axes=geometry.tilt_axes,
                     angles=rec.series.angles, tilt=tilt, measured=measured, predicted=predicted,
-                    history=rec.history, iteration=rec.iteration, iterations=rec.config.iters, rate=rate,
+                    history=rec.history, iteration=rec.iteration, iterations=rec.settings.iters, rate=rate,
                     status=status)
 
 
 class SavedResult:
     """Fitted atoms from a file, optionally with the tilt series they were fitted to and the fit's
-    history (`report.json`'s "history").
+    report (report.json: its "history" and "forward_model").
 
-    With a series, the predicted projections are rendered from the atoms' 'amplitude' (data units ·
-    Å²) and 'width' (σ, Å) columns with the series' blur and its nominal geometry, or the refined
-    ``alignment`` (an `engine.measure.alignment.Alignment`: geometry, intensity scale and offset) when the fit
-    wrote one, plus the background estimated from the data as the fit does it.
+    With a series, the predicted projections are the one forward model (`engine.physics.forward`)
+    of the atoms' 'amplitude' (data units · Å²) and 'width' (σ, Å) columns: the fit's saved profile,
+    blur and background, in the series' nominal geometry or the refined ``alignment`` (an
+    `engine.measure.alignment.Alignment`) when the fit wrote one. Without a saved forward model
+    (atoms from elsewhere): one Gaussian per atom, the series' blur and the background estimated
+    from the data as the fit does it.
     """
 
     def __init__(self, atoms: Atoms, label: str, series: TiltSeries | None = None, atoms_source: str = "atoms",
-                 history: dict | None = None, alignment=None, alignment_source: str = "alignment"):
+                 report: dict | None = None, alignment=None, alignment_source: str = "alignment"):
         from engine.measure.datamodel import estimate_data_model
+        from engine.physics.forward import ForwardModel
 
         self.atoms = atoms
         self.label = label
         self.series = series
-        self.history = history or {}
+        report = report or {}
+        self.history = report.get("history") if isinstance(report.get("history"), dict) else {}
         if series is not None:
             missing = [c for c in ("amplitude", "width") if c not in atoms.columns]
             if missing:
                 raise InputError(atoms_source, f"has no {' or '.join(missing)} column, so its projections cannot "
                                                f"be predicted (--data needs atoms written by atomsplat reconstruct)")
-            self.data = estimate_data_model(series, blur=-1.0)
-            self.geometry = series.get_geometry()
-            self.intensity_scale, self.intensity_offset = np.ones(series.n_tilts), np.zeros(series.n_tilts)
+            try:
+                self.model = ForwardModel.from_dict(report["forward_model"], series.get_geometry(), series.shape,
+                                                    series.pixel_size)
+            except (KeyError, TypeError, ValueError):
+                data = estimate_data_model(series, blur=None)
+                self.model = ForwardModel(series.get_geometry(), series.shape, series.pixel_size, data.blur,
+                                          background=data.background, scale=data.scale)
             if alignment is not None:
                 if len(alignment.shifts) != series.n_tilts:
                     raise InputError(alignment_source, f"aligns {len(alignment.shifts)} projections, the series has "
                                                        f"{series.n_tilts}")
-                self.geometry = alignment.geometry(series.angles)
-                self.intensity_scale = alignment.intensity_scale
-                self.intensity_offset = alignment.intensity_offset * self.data.scale
+                self.model = self.model.aligned(alignment, series.angles)
 
     @property
     def n_tilts(self) -> int:
@@ -92,12 +97,9 @@ class SavedResult:
     def snapshot(self, tilt: int) -> Snapshot:
         if self.series is None:
             return Snapshot(atoms=self.atoms, label=self.label, history=self.history)
-        from engine.kernels.projector import project_tilt_series
-
         a = self.atoms
-        rendered = project_tilt_series(a.positions, a.columns["amplitude"], a.columns["width"], self.geometry,
-                                       self.series.shape, self.series.pixel_size, self.data.blur, indices=[tilt])[0]
-        predicted = self.intensity_scale[tilt] * rendered + self.intensity_offset[tilt] + self.data.background
-        return Snapshot(atoms=a, rotations=self.geometry.rotations, tilt_axes=self.geometry.tilt_axes,
+        predicted = self.model.predict(a.positions, a.columns["amplitude"], a.columns["width"], [tilt])[0]
+        geometry = self.model.geometry
+        return Snapshot(atoms=a, rotations=geometry.rotations, tilt_axes=geometry.tilt_axes,
                         angles=self.series.angles, tilt=tilt, measured=self.series.projections[tilt].astype(np.float64),
                         predicted=predicted.astype(np.float64), history=self.history, label=self.label)

@@ -1,5 +1,5 @@
 """Watching a fit: `LiveViewer` (a Taichi GGUI window with controls) and `HeadlessRecorder` (frames
-to PNG, then a movie). Both are `observer(rec)` callables for `Reconstructor.run`: they draw every
+to PNG, then a movie). Both are `observer(rec)` callables for `Reconstruction.run`: they draw every
 `every` iterations, read the fit without changing it, and have a `finish()` for after the fit.
 
 The frame itself is `viewer.frame.compose_frame`, the same in both.
@@ -137,14 +137,14 @@ class _FitWatcher:
     def due(self, rec) -> bool:
         """Every `every` iterations and at the last one, once per iteration."""
         return rec.iteration != self.drawn_iteration and (rec.iteration % self.every == 0
-                                                          or rec.iteration >= rec.config.iters)
+                                                          or rec.iteration >= rec.settings.iters)
 
     def _begin(self, rec) -> None:
         now = time.perf_counter()
         if self.rec is None:
             self.rec = rec
             self.tilt = nearest_zero_tilt(rec.series.angles)
-            self.settings.colour_mode = "species" if rec.config.species else "amplitude"
+            self.settings.colour_mode = "species" if rec.settings.species else "amplitude"
         elif self.mark is not None and rec.iteration > self.mark[0]:
             self.rate = (rec.iteration - self.mark[0]) / (now - self.mark[1])
         self.drawn_iteration = rec.iteration

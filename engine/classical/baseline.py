@@ -9,24 +9,31 @@ species, when a list is given, by 1D k-means on the peak's integrated intensity 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
+from engine.core.settings import Schema, Setting, element_symbols, name_list, positive
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.core.errors import InputError
 from engine.io.tiltseries import TiltSeries
+from engine.physics.chemistry import minimum_distance
 
 
-@dataclass
-class BaselineConfig:
-    """Settings of the classical baseline; lengths in Å."""
+BASELINE_SCHEMA = Schema("BaselineSettings", [
+    Setting("method", str, "sirt", "volume reconstruction", choices=("sirt", "fbp")),
+    Setting("iters", int, 50, "SIRT iterations", check=positive),
+    Setting("voxel", float, None, "voxel edge (not set: the pixel size)", "Å", check=positive),
+    Setting("species", list, [], "expected elements, e.g. Pt,Ni (species by k-means)", parse=name_list),
+    Setting("d_min", float, None, "minimum distance between traced atoms (not set: as the direct fit's)", "Å",
+            check=positive),
+])
+BaselineSettings = BASELINE_SCHEMA.cls
 
-    method: str = "sirt"        # "sirt" or "fbp"
-    iterations: int = 50        # SIRT iterations
-    voxel: float = 0.0          # voxel edge (0: the pixel size)
-    species: list = field(default_factory=list)
-    d_min: float = 0.0          # minimum distance between traced atoms (0: as the direct fit's)
+
+def baseline_settings(values: dict | None = None, **overrides) -> BaselineSettings:
+    """Checked baseline settings; element symbols normalised."""
+    settings = BASELINE_SCHEMA.make(values, **overrides)
+    settings.species = element_symbols(settings.species, "species")
+    return settings
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -95,14 +102,11 @@ def trace_atoms(volume: np.ndarray, projector, d_min: float, species: list[str])
     return Atoms(labels, positions, {"intensity": intensity})
 
 
-def run_baseline(series: TiltSeries, config: BaselineConfig) -> tuple[Atoms, np.ndarray, object]:
+def run_baseline(series: TiltSeries, config: BaselineSettings) -> tuple[Atoms, np.ndarray, object]:
     """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector)."""
-    from engine.fit.reconstruct import ReconstructionConfig
     from engine.measure.datamodel import estimate_data_model
     from engine.kernels.volume import VoxelProjector
 
-    if config.method not in ("sirt", "fbp"):
-        raise InputError("--method", f"unknown method {config.method!r} (known: sirt, fbp)")
     data = estimate_data_model(series, blur=0.0)
     images = series.projections.astype(np.float64) - data.background
     voxel = config.voxel or series.pixel_size
@@ -111,8 +115,8 @@ def run_baseline(series: TiltSeries, config: BaselineConfig) -> tuple[Atoms, np.
     origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
     projector = VoxelProjector(series.n_tilts, series.shape, series.pixel_size, (nx, ny, nx), origin, voxel)
     projector.set_geometry(series.get_geometry())
-    volume = projector.sirt(images, config.iterations) if config.method == "sirt" else projector.fbp(images)
-    d_min = config.d_min or ReconstructionConfig(species=list(config.species)).minimum_distance()
+    volume = projector.sirt(images, config.iters) if config.method == "sirt" else projector.fbp(images)
+    d_min = minimum_distance(config.species, config.d_min)
     return trace_atoms(volume, projector, d_min, list(config.species)), volume, projector
 
 

@@ -1,65 +1,93 @@
-"""Joint alignment refinement: gradient steps on an `engine.measure.alignment.Alignment` from the
-projector's and the loss's alignment gradients, with the gauge kept fixed (see that module)."""
+"""Joint alignment refinement: Adam steps (`engine.kernels.adam`, the atoms' optimiser) on an
+`engine.measure.alignment.Alignment`, taken on the device straight from the projector's and the
+loss's alignment gradients, with the gauge kept fixed (see that module)."""
 
-from __future__ import annotations
 
 import numpy as np
+import taichi as ti
 
 from engine.core.geometry import TiltGeometry, tilt_rotation
+from engine.kernels.adam import adam_direction
 from engine.measure.alignment import Alignment, translation_gauge
 
-
-class _Adam:
-    """Adam on a small host array (the alignment has a few numbers per projection), one step count
-    per row, so that projections outside a mini-batch neither move nor age."""
-
-    def __init__(self, shape):
-        self.m = np.zeros(shape)
-        self.v = np.zeros(shape)
-        self.t = np.zeros(self.m.shape[:1])
-
-    def step(self, grad: np.ndarray, lr: float, rows=Ellipsis) -> np.ndarray:
-        """The update of the parameters for ``grad``; only ``rows`` (default all) change."""
-        self.t[rows] += 1
-        self.m[rows] = 0.9 * self.m[rows] + 0.1 * grad[rows]
-        self.v[rows] = 0.999 * self.v[rows] + 0.001 * grad[rows] ** 2
-        t = self.t.reshape(self.t.shape + (1,) * (self.m.ndim - self.t.ndim))
-        update = np.zeros_like(self.m)
-        update[rows] = (-lr * (self.m / (1 - 0.9**np.maximum(t, 1))) /
-                        (np.sqrt(self.v / (1 - 0.999**np.maximum(t, 1))) + 1e-12))[rows]
-        return update
+# Per-projection parameters, in this order: shift x', shift y' (Å), tilt-angle offset (degrees),
+# log intensity scale, intensity offset (normalised units).
+WIDTH = 5
 
 
+@ti.data_oriented
 class AlignmentRefiner:
-    """Gradient steps on an `Alignment` from the projector's and the loss's alignment gradients."""
+    """The alignment of n projections as device parameters with their Adam moments; the host copy
+    ``alignment`` is refreshed after every step (the geometry is composed on the host)."""
 
     def __init__(self, alignment: Alignment, angles_deg):
-        self.alignment = alignment
         self.angles = np.asarray(angles_deg, np.float64)
         n = len(self.angles)
-        self.adam = {"angle_offsets": _Adam(n), "shifts": _Adam((n, 2)), "axis_angle": _Adam(()),
-                     "log_scale": _Adam(n), "intensity_offset": _Adam(n)}
+        self.params = ti.Vector.field(WIDTH, ti.f32, n)
+        self.m = ti.Vector.field(WIDTH, ti.f32, n)
+        self.v = ti.Vector.field(WIDTH, ti.f32, n)
+        self.age = ti.field(ti.i32, n)
+        self.axis = ti.Vector.field(3, ti.f32, ())  # φ (degrees), its two moments
+        self.axis_age = ti.field(ti.i32, ())
+        self.alignment = alignment
+        self._upload()
+
+    def _upload(self) -> None:
+        a = self.alignment
+        self.params.from_numpy(np.column_stack([a.shifts, a.angle_offsets, np.log(a.intensity_scale),
+                                                a.intensity_offset]).astype(np.float32))
+        axis = self.axis.to_numpy()
+        axis[0] = a.axis_angle
+        self.axis.from_numpy(axis.astype(np.float32))
+
+    def _download(self) -> None:
+        p = self.params.to_numpy().astype(np.float64)
+        a = self.alignment
+        a.shifts, a.angle_offsets = p[:, :2].copy(), p[:, 2].copy()
+        a.intensity_scale, a.intensity_offset = np.exp(p[:, 3]), p[:, 4].copy()
+        a.axis_angle = float(self.axis.to_numpy()[0])
 
     def geometry(self) -> TiltGeometry:
         return self.alignment.geometry(self.angles)
 
-    def step(self, grads: dict, batch: np.ndarray, lr_shift: float, lr_angle: float, lr_intensity: float,
+    @ti.kernel
+    def _step(self, grad_shift: ti.template(), grad_angle: ti.template(), grad_axis: ti.template(),
+              grad_scale: ti.template(), grad_offset: ti.template(), batch: ti.template(), nb: ti.i32,
+              lr_shift: ti.f32, lr_angle: ti.f32, lr_intensity: ti.f32, lr_offset: ti.f32):
+        for b in range(nb):
+            k = batch[b]
+            self.age[k] += 1
+            p = self.params[k]
+            # d/dlog c = c dL/dc
+            g = ti.Vector([grad_shift[k][0], grad_shift[k][1], grad_angle[k], grad_scale[k] * ti.exp(p[3]),
+                           grad_offset[k]])
+            step, m, v = adam_direction(g, self.m[k], self.v[k], ti.cast(self.age[k], ti.f32))
+            self.m[k] = m
+            self.v[k] = v
+            self.params[k] = p - ti.Vector([lr_shift, lr_shift, lr_angle, lr_intensity, lr_offset]) * step
+        for _ in range(1):  # φ is shared: its gradient is the batch's sum, in a fixed order
+            total = 0.0
+            for b in range(nb):
+                total += grad_axis[batch[b]]
+            self.axis_age[None] += 1
+            a = self.axis[None]
+            step, m, v = adam_direction(ti.Vector([total]), ti.Vector([a[1]]), ti.Vector([a[2]]),
+                                        ti.cast(self.axis_age[None], ti.f32))
+            self.axis[None] = ti.Vector([a[0] - lr_angle * step[0], m[0], v[0]])
+
+    def step(self, projector, target, lr_shift: float, lr_angle: float, lr_intensity: float,
              fit_offsets: bool = True) -> None:
-        """One Adam step of the projections in ``batch`` (and of φ) from ``grads``: 'shift' (n, 2) per Å,
-        'angle' (n,) and 'axis_angle' (n,) per degree, 'scale' (n,), 'offset' (n,) per normalised unit.
-        Without ``fit_offsets`` the intensity offsets stay as they are."""
-        a = self.alignment
-        a.shifts += self.adam["shifts"].step(grads["shift"], lr_shift, batch)
-        a.angle_offsets += self.adam["angle_offsets"].step(grads["angle"], lr_angle, batch)
-        a.axis_angle = float(a.axis_angle + self.adam["axis_angle"].step(np.sum(grads["axis_angle"][batch]), lr_angle))
-        a.intensity_scale *= np.exp(self.adam["log_scale"].step(grads["scale"] * a.intensity_scale, lr_intensity,
-                                                                batch))
-        if fit_offsets:
-            a.intensity_offset += self.adam["intensity_offset"].step(grads["offset"], lr_intensity, batch)
+        """One Adam step of the projections in the projector's current batch (and of φ) from the
+        gradients its last backward pass and the loss's last residual left on the device. Without
+        ``fit_offsets`` the intensity offsets stay as they are."""
+        self._step(projector.grad_shift, projector.grad_angle, projector.grad_axis_angle, target.grad_scale,
+                   target.grad_offset, projector.batch, projector.batch_size, lr_shift, lr_angle, lr_intensity,
+                   lr_intensity if fit_offsets else 0.0)
+        self._download()
 
     def fix_gauge(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Remove the gauge directions from the alignment (module docstring). Returns the atom
-        transform that keeps every image unchanged: positions → G p + t, amplitudes × g."""
+        """Remove the gauge directions from the alignment (`engine.measure.alignment`). Returns the
+        atom transform that keeps every image unchanged: positions → G p + t, amplitudes × g."""
         a = self.alignment
         mean_offset = float(a.angle_offsets.mean())
         a.angle_offsets -= mean_offset
@@ -69,22 +97,20 @@ class AlignmentRefiner:
         a.shifts -= np.einsum("kij,j->ki", rotations[:, :2, :], t)
         g = float(np.exp(np.mean(np.log(a.intensity_scale))))
         a.intensity_scale /= g
+        self._upload()
         return turn, t, g
 
     def state(self) -> dict:
         """Parameters and Adam moments as arrays (for checkpoints)."""
-        a = self.alignment
-        out = {"angle_offsets": a.angle_offsets, "shifts": a.shifts, "axis_angle": np.array(a.axis_angle),
-               "intensity_scale": a.intensity_scale, "intensity_offset": a.intensity_offset}
-        for name, adam in self.adam.items():
-            out[f"m_{name}"], out[f"v_{name}"], out[f"t_{name}"] = adam.m, adam.v, adam.t
-        return out
+        return {"params": self.params.to_numpy(), "m": self.m.to_numpy(), "v": self.v.to_numpy(),
+                "age": self.age.to_numpy(), "axis": self.axis.to_numpy(), "axis_age": np.array(self.axis_age[None])}
 
     def load_state(self, state: dict) -> None:
-        a = self.alignment
-        a.angle_offsets, a.shifts = np.array(state["angle_offsets"]), np.array(state["shifts"])
-        a.axis_angle = float(state["axis_angle"])
-        a.intensity_scale, a.intensity_offset = np.array(state["intensity_scale"]), np.array(state["intensity_offset"])
-        for name, adam in self.adam.items():
-            adam.m, adam.v, adam.t = (np.array(state[f"m_{name}"]), np.array(state[f"v_{name}"]),
-                                      np.array(state[f"t_{name}"]))
+        self.params.from_numpy(np.asarray(state["params"], np.float32))
+        self.m.from_numpy(np.asarray(state["m"], np.float32))
+        self.v.from_numpy(np.asarray(state["v"], np.float32))
+        self.age.from_numpy(np.asarray(state["age"], np.int32))
+        self.axis.from_numpy(np.asarray(state["axis"], np.float32))
+        self.axis_age[None] = int(state["axis_age"])
+        self._download()
+

@@ -6,13 +6,14 @@ rendered). Each atom renders as the Gaussians of its `AtomProfile` (one, or a co
 its position; component k of atom i is cloud entry k·N + i, so entries 0…N−1 hold the atoms' first
 components in atom order). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
 `set_state` and `adam_step` write it; `adam_step` chain-rules the cloud's gradients back to the
-parameters and takes one Adam step with a learning rate per parameter kind.
+parameters and takes one Adam step (`engine.kernels.adam`) with a learning rate per parameter kind.
 """
 
 import numpy as np
 import taichi as ti
 
 from engine.physics.profile import AtomProfile
+from engine.kernels.adam import adam_direction
 from engine.kernels.projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
@@ -22,19 +23,25 @@ SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
 class AtomModel:
     """Fields for ``capacity`` atoms (``count`` live): parameters, Adam moments and the rendered cloud."""
 
-    def __init__(self, capacity: int, profile: AtomProfile = AtomProfile()):
+    def __init__(self, capacity: int, profile: AtomProfile = AtomProfile(), dtype=ti.f32):
         self.capacity = max(int(capacity), 1)
         self.count = 0
         self.profile = profile
-        self.cloud = GaussianCloud(self.capacity * profile.components)
-        self.pos = ti.Vector.field(3, ti.f32, self.capacity)
-        self.log_amp = ti.field(ti.f32, self.capacity)
-        self.log_sigma = ti.field(ti.f32, self.capacity)
+        self.dtype = dtype
+        self.cloud = (GaussianCloud(self.capacity * profile.components) if dtype == ti.f32  # TEMP until the dtype merge
+                      else GaussianCloud(self.capacity * profile.components, dtype=dtype))
+        self.pos = ti.Vector.field(3, dtype, self.capacity)
+        self.log_amp = ti.field(dtype, self.capacity)
+        self.log_sigma = ti.field(dtype, self.capacity)
         # Adam moments: (position xyz, log amplitude, log width) per atom, and each atom's own step
         # count, so atoms born late get Adam's bias correction from their first step.
-        self.m = ti.Vector.field(5, ti.f32, self.capacity)
-        self.v = ti.Vector.field(5, ti.f32, self.capacity)
+        self.m = ti.Vector.field(5, dtype, self.capacity)
+        self.v = ti.Vector.field(5, dtype, self.capacity)
         self.age = ti.field(ti.i32, self.capacity)
+
+    @property
+    def numpy_dtype(self):
+        return np.float64 if self.dtype == ti.f64 else np.float32
 
     # ------------------------------------------------------------------ host side
     def set_state(self, state: dict) -> None:
@@ -46,7 +53,7 @@ class AtomModel:
         pad = self.capacity - n
 
         def padded(a):
-            a = np.asarray(a, dtype=np.float32)
+            a = np.asarray(a, dtype=self.numpy_dtype)
             return np.pad(a, ((0, pad),) + (((0, 0),) if a.ndim == 2 else ()))
 
         self.pos.from_numpy(padded(state["pos"]))
@@ -88,16 +95,13 @@ class AtomModel:
     @ti.kernel
     def _adam_step(self, cloud: ti.template(), n: ti.i32, lr_pos: ti.f32, lr_amp: ti.f32, lr_sigma: ti.f32,
                    grad_scale: ti.f32):
-        beta1, beta2, eps = 0.9, 0.999, 1e-12
         for i in range(n):
             self.age[i] += 1
-            bias1 = 1.0 - ti.pow(beta1, ti.cast(self.age[i], ti.f32))
-            bias2 = 1.0 - ti.pow(beta2, ti.cast(self.age[i], ti.f32))
             # Sums over the atom's Gaussians: d/dlog a = Σ a_k dL/da_k; with σ_k² = σ² + Δ_k²,
             # d/dlog σ = Σ (σ²/σ_k) dL/dσ_k.
-            gp = ti.Vector([0.0, 0.0, 0.0])
-            ga = 0.0
-            gs = 0.0
+            gp = ti.Vector.zero(self.dtype, 3)
+            ga = ti.cast(0.0, self.dtype)
+            gs = ti.cast(0.0, self.dtype)
             sigma2 = ti.exp(2.0 * self.log_sigma[i])
             for k in ti.static(range(self.profile.components)):
                 c = k * n + i
@@ -105,11 +109,9 @@ class AtomModel:
                 ga += cloud.grad_amp[c] * cloud.amp[c]
                 gs += cloud.grad_sigma[c] * sigma2 / cloud.sigma[c]
             g = ti.Vector([gp[0], gp[1], gp[2], ga, gs]) * grad_scale
-            m = beta1 * self.m[i] + (1 - beta1) * g
-            v = beta2 * self.v[i] + (1 - beta2) * g * g
+            step, m, v = adam_direction(g, self.m[i], self.v[i], ti.cast(self.age[i], self.dtype))
             self.m[i] = m
             self.v[i] = v
-            step = (m / bias1) / (ti.sqrt(v / bias2) + eps)
             self.pos[i] -= lr_pos * ti.Vector([step[0], step[1], step[2]])
             self.log_amp[i] -= lr_amp * step[3]
             self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], ti.log(SIGMA_MIN)),

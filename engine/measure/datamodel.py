@@ -28,7 +28,7 @@ class DataModel:
     blur: float            # Å
 
 
-def estimate_data_model(series: TiltSeries, blur: float, projections: np.ndarray | None = None) -> DataModel:
+def estimate_data_model(series: TiltSeries, blur: float | None, projections: np.ndarray | None = None) -> DataModel:
     """Background and noise from the outer 3-pixel frame of every projection (AET images keep the
     particle inside the field of view); scale from the 99.9th percentile of the background-subtracted
     signal. ``projections`` replaces the series' own images (e.g. without hot pixels)."""
@@ -39,7 +39,7 @@ def estimate_data_model(series: TiltSeries, blur: float, projections: np.ndarray
     scale = float(np.percentile(p - background, 99.9))
     if not scale > 0:
         raise InputError(series.source or "tilt series", "the projections hold no positive signal above the background")
-    if blur < 0:
+    if blur is None:  # not given: the file's, else none
         blur = series.blur_sigma if series.blur_sigma is not None else 0.0
     return DataModel(background=background, scale=scale, noise=max(spread / scale, 1e-6), blur=float(blur))
 

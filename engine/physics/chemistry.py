@@ -115,3 +115,15 @@ def b_factors_from_calibration(widths: np.ndarray, widths_at: dict) -> np.ndarra
     (b0, s0), (b1, s1) = sorted(widths_at.items())
     s2, s0, s1 = (np.asarray(v, dtype=np.float64) ** 2 for v in (widths, s0, s1))
     return b0 + (b1 - b0) * (s2 - s0) / np.where(np.abs(s1 - s0) > 1e-12, s1 - s0, np.nan)
+
+
+def minimum_distance(species: list[str], d_min: float | None = None) -> float:
+    """The shortest distance (Å) two atoms may keep: ``d_min`` when given, else 0.7 × the shortest
+    nearest-neighbour distance of the expected ``species``, else 0.7 × 2.45 Å (about the shortest
+    bond among the common metals)."""
+    from engine.physics.structures import nearest_neighbour_distance
+
+    if d_min is not None:
+        return float(d_min)
+    bond = min((nearest_neighbour_distance(s) for s in species), default=2.45)
+    return 0.7 * bond

@@ -16,7 +16,7 @@ from engine.io.atoms import Atoms, UNKNOWN_SPECIES
 from engine.core.elements import projected_potential_gaussians
 from engine.core.errors import InputError
 from engine.core.geometry import TiltGeometry
-from engine.kernels.projector import project_tilt_series
+from engine.physics.forward import ForwardModel
 from engine.io.tiltseries import TiltSeries
 
 
@@ -79,7 +79,7 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     if geometry is None:
         geometry = TiltGeometry.from_tilt_angles(angles, shifts)
     positions, weights, sigmas = specimen_gaussians(atoms, b_factor)
-    clean = project_tilt_series(positions, weights, sigmas, geometry, shape, pixel_size, blur_sigma)
+    clean = ForwardModel(geometry, shape, pixel_size, blur_sigma).render_gaussians(positions, weights, sigmas)
     clean = clean.astype(np.float64)
     if intensity_scale is not None:
         clean *= np.asarray(intensity_scale, np.float64).reshape(-1, 1, 1)
@@ -95,3 +95,12 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     return TiltSeries(projections=data.astype(np.float32), angles=angles, pixel_size=float(pixel_size),
                       geometry=geometry if explicit else None, noise_sigma=noise_sigma,
                       blur_sigma=float(blur_sigma), description=description)
+
+
+def auto_shape(atoms, pixel_size: float, margin: float = 6.0) -> tuple[int, int]:
+    """Square image (H, W) whose half-width exceeds every atom's distance from the tilt axis (and
+    |y|) by ``margin`` Å, so the particle stays inside at every tilt."""
+    p = atoms.positions
+    reach = max(np.sqrt(p[:, 0] ** 2 + p[:, 2] ** 2).max(), np.abs(p[:, 1]).max()) + margin
+    n = int(2 * np.ceil(reach / pixel_size))
+    return n, n

@@ -1,0 +1,107 @@
+"""The device side of one fit: the atom model, the projector, the loss against the measured images
+and, when refined, the alignment; one optimisation step over a batch of projections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.fit.alignment import AlignmentRefiner
+from engine.kernels.atommodel import AtomModel
+from engine.kernels.loss import FitTarget
+from engine.kernels.neighbours import NeighbourGrid
+from engine.kernels.projector import TiltSeriesProjector
+
+
+def with_moments(state: dict) -> dict:
+    """Atoms (pos, amp, sigma) with fresh optimiser state: zero Adam moments, no steps taken."""
+    n = len(state["pos"])
+    return {**state, "m": np.zeros((n, 5)), "v": np.zeros((n, 5)), "age": np.zeros(n, np.int64)}
+
+
+class FitProblem:
+    """Atoms fitted to ``normalised`` images (n, H, W; background 0, normalised units) under ``loss``.
+
+    geometry  : the starting `TiltGeometry` (the refiner's, when ``refiner`` is given).
+    data      : the `engine.measure.datamodel.DataModel` (noise, scale, background, blur).
+    profile   : the `AtomProfile` every atom is rendered with.
+    repulsion : strength of the soft d_min repulsion in noise-weighted data-term units (0: off).
+    """
+
+    def __init__(self, normalised: np.ndarray, geometry, pixel_size: float, data, loss: str, gain, profile,
+                 d_min: float, repulsion: float = 0.0, refiner: AlignmentRefiner | None = None):
+        self.n_tilts = len(normalised)
+        self.refiner = refiner
+        self.geometry = geometry
+        self.d_min, self.repulsion = d_min, repulsion
+        self.profile = profile
+        self.projector = TiltSeriesProjector(geometry, normalised.shape[1:], pixel_size, data.blur)
+        self.target = FitTarget(self.projector, normalised, loss, data, gain if gain is not None else 0.0)  # TEMP
+        self.model = AtomModel(256, profile)
+        self.grid = NeighbourGrid(d_min, capacity=256) if repulsion > 0 else None
+
+    def upload(self, state: dict, sort: bool = True) -> None:
+        """Replace the atoms (and their optimiser state) with ``state``; ``sort`` orders them along the
+        tilt axis, so consecutive atoms splat into the same image rows."""
+        if sort:
+            order = np.argsort(state["pos"][:, 1], kind="stable")
+            state = {k: np.asarray(v)[order] for k, v in state.items()}
+        n = len(state["pos"])
+        if n > self.model.capacity:
+            self.model = AtomModel(1 << (n - 1).bit_length(), self.profile)
+        self.model.set_state(state)
+        self.projector.ensure_capacity(self.model.cloud.capacity)
+
+    def state(self) -> dict:
+        return self.model.get_state()
+
+    def step(self, lr: dict, batch: np.ndarray, align: bool, fit_offsets: bool, fix_gauge: bool) -> None:
+        """One Adam step over the projections ``batch`` with learning rates ``lr`` (keys as the
+        settings' lr_*, already scaled by the schedule); with ``align``, of the alignment too, and
+        with ``fix_gauge`` its gauge directions are then moved onto the atoms."""
+        if self.projector.batch_size != len(batch) or not np.array_equal(self.projector.batch_numpy(), batch):
+            self.projector.set_batch(batch)
+        cloud = self.model.cloud
+        self.projector.forward(cloud)
+        self.target.residual(self.projector.batch_size, self.n_tilts / self.projector.batch_size)
+        self.projector.backward(cloud, alignment=align)
+        if self.grid is not None:  # positions moved since the last step: rebuild the grid on the device
+            self.grid.build_from_field(cloud.pos, self.model.count)
+            self.grid.repulsion_gradient(cloud.pos, self.model.count, self.d_min,
+                                         self.repulsion * self.target.weight, cloud.grad_pos)
+        self.model.adam_step(lr["lr_position"], lr["lr_amplitude"], lr["lr_width"])
+        if align:
+            self.refiner.step(self.projector, self.target, lr["lr_shift"], lr["lr_angle"], lr["lr_intensity"],
+                              fit_offsets)
+            if fix_gauge:
+                turn, translation, gain = self.refiner.fix_gauge()
+                self.model.transform(turn, translation, math.log(gain))
+            self.apply_alignment()
+
+    def apply_alignment(self) -> None:
+        """Take the refiner's alignment into the projector's geometry and the loss's intensities."""
+        a = self.refiner.alignment
+        self.geometry = self.refiner.geometry()
+        self.projector.set_geometry(self.geometry)
+        self.target.set_intensity(a.intensity_scale, a.intensity_offset)
+
+    def predicted(self, indices) -> np.ndarray:
+        """Predicted projections ``indices`` (normalised units): the atoms rendered in the current
+        geometry, with each projection's intensity scale and offset."""
+        indices = np.asarray(indices).reshape(-1)
+        if hasattr(self.projector, "render"):
+            images = self.projector.render(self.model.cloud, indices)
+        else:  # TEMP until the kernels merge
+            batch = self.projector.batch_numpy()
+            self.projector.set_batch(indices)
+            self.projector.forward(self.model.cloud)
+            images = self.projector.images_numpy()[indices]
+            self.projector.set_batch(batch)
+        if self.refiner is not None:
+            a = self.refiner.alignment
+            images = images * a.intensity_scale[indices, None, None] + a.intensity_offset[indices, None, None]
+        return images
+
+    def loss_value(self) -> float:
+        return self.target.loss_value()
