@@ -3,20 +3,39 @@
 Parameters are kept in a form that stays physical: positions p (Å) as they are, amplitudes as
 log a (a > 0, data units · Å²), widths as log σ (σ > 0, Å; clamped to [SIGMA_MIN, SIGMA_MAX] when
 rendered). Each atom renders as the Gaussians of its `AtomProfile` (one, or a core and a tail at
-its position; component k of atom i is cloud entry k·N + i, so entries 0…N−1 hold the atoms' first
-components in atom order). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
+its position, fitted in `engine.physics.profile`; component k of atom i is cloud entry k·N + i, so
+entries 0…N−1 hold the atoms' first components in atom order). The projector's `GaussianCloud` (``model.cloud``) always holds the physical values:
 `set_state` and `adam_step` write it; `adam_step` chain-rules the cloud's gradients back to the
 parameters and takes one Adam step (`engine.kernels.adam`) with a learning rate per parameter kind.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import taichi as ti
 
-from engine.physics.profile import AtomProfile
 from engine.kernels.adam import adam_direction
 from engine.kernels.projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
+
+
+@dataclass(frozen=True)
+class AtomProfile:
+    """weights (K,) summing to 1 and extra variances (K,) Å² (the first 0) of an atom's Gaussians."""
+
+    weights: tuple = (1.0,)
+    extra_var: tuple = (0.0,)
+
+    @property
+    def components(self) -> int:
+        return len(self.weights)
+
+    def gaussians(self, amplitude, sigma):
+        """Weights (…, K) and widths (…, K) Å of the Gaussians of atoms with these amplitudes and σ (Å)."""
+        amplitude = np.asarray(amplitude, np.float64)[..., None]
+        sigma = np.asarray(sigma, np.float64)[..., None]
+        return amplitude * np.array(self.weights), np.sqrt(sigma**2 + np.array(self.extra_var))
 
 
 @ti.data_oriented

@@ -13,31 +13,12 @@ then the whole integrated potential and σ the core width, which grows with ther
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from engine.core.elements import projected_potential_gaussians
+from engine.kernels.atommodel import AtomProfile
 
 PROFILE_COMPONENTS = 2  # core and tail: most of the gain of all five of Peng's terms at a fraction of the cost
-
-
-@dataclass(frozen=True)
-class AtomProfile:
-    """weights (K,) summing to 1 and extra variances (K,) Å² (the first 0) of an atom's Gaussians."""
-
-    weights: tuple = (1.0,)
-    extra_var: tuple = (0.0,)
-
-    @property
-    def components(self) -> int:
-        return len(self.weights)
-
-    def gaussians(self, amplitude, sigma):
-        """Weights (…, K) and widths (…, K) Å of the Gaussians of atoms with these amplitudes and σ (Å)."""
-        amplitude = np.asarray(amplitude, np.float64)[..., None]
-        sigma = np.asarray(sigma, np.float64)[..., None]
-        return amplitude * np.array(self.weights), np.sqrt(sigma**2 + np.array(self.extra_var))
 
 
 def peng_profile(species: list[str], blur: float, components: int = PROFILE_COMPONENTS) -> AtomProfile:

@@ -1,0 +1,88 @@
+"""The density-control strategy on hand-made states: cull, merge, split and spawn, each against what
+the rule says, with stand-in volumes so only the strategy's own logic is under test."""
+
+import numpy as np
+import pytest
+
+from engine.fit.problem import with_moments
+from engine.fit.settings import fit_settings
+from engine.fit.strategy import DensityControl
+
+
+class Volumes:
+    """A support of |x|, |y|, |z| < 10 Å; peaks of a 'volume' given as a list of (position, value)."""
+
+    def __init__(self, peaks=()):
+        self.peak_list = list(peaks)
+        self.images = np.zeros((1, 4, 4))
+        self.data_fbp = "data"
+
+    def in_support(self, positions):
+        return np.all(np.abs(positions) < 10, axis=1)
+
+    def fbp(self, images):
+        return "residual"
+
+    def sample(self, volume, positions):
+        return np.ones(len(positions))
+
+    def peaks(self, volume, threshold):
+        kept = [(p, v) for p, v in self.peak_list if v > threshold]
+        return (np.array([p for p, _ in kept]).reshape(-1, 3), np.array([v for _, v in kept]))
+
+
+def state(pos, amp=None, sigma=None):
+    pos = np.asarray(pos, np.float64)
+    n = len(pos)
+    return with_moments({"pos": pos, "amp": np.ones(n) if amp is None else np.asarray(amp, np.float64),
+                         "sigma": np.full(n, 0.4) if sigma is None else np.asarray(sigma, np.float64)})
+
+
+def strategy(peaks=(), **settings):
+    return DensityControl(fit_settings(settings), Volumes(peaks), d_min=1.5, rng=np.random.default_rng(0))
+
+
+def test_cull_faint_and_outside_atoms():
+    s = state([[0, 0, 0], [3, 0, 0], [0, 3, 0], [20, 0, 0]], amp=[1.0, 1.0, 0.2, 1.0])
+    out, changes = strategy().cull_merge_split(s)
+    assert changes["culled"] == 2
+    np.testing.assert_array_equal(out["pos"], [[0, 0, 0], [3, 0, 0]])
+
+
+def test_merge_closest_pair_first_into_weighted_mean():
+    # a–b 0.5 Å apart, b–c 1.1 Å: a and b merge (closest first), c stays although within d_min of b.
+    s = state([[0, 0, 0], [0.5, 0, 0], [1.6, 0, 0], [5, 0, 0]], amp=[3.0, 1.0, 1.0, 1.0],
+              sigma=[0.4, 0.8, 0.4, 0.4])
+    s["m"][0] = 1.0
+    out, changes = strategy().cull_merge_split(s)
+    assert changes["merged"] == 1 and len(out["pos"]) == 3
+    np.testing.assert_allclose(out["pos"][0], [0.125, 0, 0])   # amplitude-weighted
+    assert out["amp"][0] == 4.0 and out["sigma"][0] == 0.5
+    assert not out["m"][0].any() and out["age"][0] == 0          # a new atom to Adam
+
+
+def test_split_wide_atom_into_two_halves():
+    s = state([[0, 0, 0], [4, 0, 0], [-4, 0, 0]], sigma=[0.4, 0.4, 1.0])
+    out, changes = strategy().cull_merge_split(s)
+    assert changes["split"] == 1 and len(out["pos"]) == 4
+    halves = out["pos"][-2:]
+    np.testing.assert_allclose(halves.mean(axis=0), [-4, 0, 0], atol=1e-12)
+    assert np.linalg.norm(halves[0] - halves[1]) == pytest.approx(1.2)  # 1.2 σ apart
+    np.testing.assert_allclose(out["amp"][-2:], 0.5)
+    np.testing.assert_allclose(out["sigma"][-2:], 0.8)
+
+
+def test_spawn_only_at_strong_peaks_away_from_atoms():
+    s = state([[0, 0, 0]], amp=[2.0])
+    peaks = [([0.5, 0, 0], 1.0),   # strong but within d_min of the atom: no
+             ([4, 0, 0], 0.8),     # strong and free: yes, amplitude 0.8 of the median
+             ([-4, 0, 0], 0.1)]    # below spawn_fraction (0.35) of a typical atom: no
+    spawned = strategy(peaks).spawn(s, predicted=np.zeros((1, 4, 4)))
+    np.testing.assert_array_equal(spawned["pos"], [[4, 0, 0]])
+    np.testing.assert_allclose(spawned["amp"], [1.6])
+    assert not spawned["m"].any() and spawned["age"][0] == 0
+
+
+def test_rounds_are_due_every_densify_every_until_densify_until():
+    s = strategy(densify_every=10, densify_until=0.5)
+    assert [i for i in range(100) if s.counting(i, 100) and i > 0 and i % 10 == 0] == [10, 20, 30, 40]
