@@ -11,6 +11,11 @@ Units throughout: lengths in Å, angles in degrees (radians only inside kernels)
 the data's own units (projected potential, V·Å, for simulated data).
 """
 
+import os
+
+# Taichi prints a banner to stdout when imported; stdout carries only a command's requested output.
+os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "False")
+
 __version__ = "0.1.0"
 __all__ = ["load_series", "reconstruct", "simulate", "evaluate", "ReconstructionResult"]
 

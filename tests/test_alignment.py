@@ -182,7 +182,7 @@ def test_scene_with_misalignment_scores_the_refined_alignment(arch, tmp_path, ca
     scene = tmp_path / "scene.toml"
     scene.write_text('[data.simulate]\nbuild = { kind = "cuboctahedron", element = "Au", shells = 2 }\n'
                      'tilts = "-60:60:6"\npixel_size = 0.3\npeak_counts = 50.0\nmisalign = [1.5, 0.3, 1.0]\n'
-                     '[output]\ndir = "out"\n[reconstruct]\nspecies = ["Au"]\nloss = "poisson"\n'
+                     '[output]\ndir = "out"\n[reconstruct]\nspecies = ["Au"]\nnoise = "poisson"\n'
                      'refine_alignment = true\niters = 400\nthermal_refits = 0\n')
     assert main(["run", str(scene), "--arch", "cpu", "--quiet"]) == 0
     assert "alignment vs truth" in capsys.readouterr().out
