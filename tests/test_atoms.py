@@ -125,8 +125,8 @@ def test_reads_files_written_by_ase(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["bulk.cif", "POSCAR", "bulk.vasp", "bulk.lmp"])
 def test_writes_periodic_formats_by_name(tmp_path, name):
-    atoms = Atoms(["Au", "Ni", "X"], [[0.5, 0.5, 0.5], [2.0, 2.0, 0.5], [0.5, 2.0, 2.0]], {"amplitude": [1.0, 2.0, 3.0]},
-                  {"Lattice": "4.0 0.0 0.0 0.0 4.0 0.0 0.0 0.0 4.0"})
+    atoms = Atoms(["Au", "Ni", "X"], [[0.5, 0.5, 0.5], [2.0, 2.0, 0.5], [0.5, 2.0, 2.0]],
+                  {"amplitude": [1.0, 2.0, 3.0]}, {"Lattice": "4.0 0.0 0.0 0.0 4.0 0.0 0.0 0.0 4.0"})
     back = read_atoms(write_atoms(atoms, tmp_path / name))
     assert back.species.tolist() == ["Au", "Ni", "X"]  # LAMMPS data too: written with masses
     np.testing.assert_allclose(back.positions, atoms.positions, atol=1e-6)
