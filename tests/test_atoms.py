@@ -1,4 +1,5 @@
-"""Atom files: extended XYZ / plain XYZ / PDB round trips, the shared data files, and bad input."""
+"""Atom files through ASE: extended XYZ / plain XYZ / PDB / CIF / POSCAR / LAMMPS round trips, ase.Atoms
+conversion, the shared data files, and bad input."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import ase
+import ase.io
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from engine.io.atoms import Atoms, read_atoms, write_atoms
 from engine.core.errors import InputError
@@ -43,9 +49,11 @@ def test_extxyz_round_trip_with_columns_and_info(tmp_path):
     assert back.species.tolist() == atoms.species.tolist()
     assert np.abs(back.positions - atoms.positions).max() < 1e-8
     assert list(back.columns) == list(atoms.columns)
-    for name, values in atoms.columns.items():
-        np.testing.assert_allclose(back.columns[name], values, rtol=1e-11, atol=0)
+    for name, values in atoms.columns.items():  # ASE writes 8 decimals
+        np.testing.assert_allclose(back.columns[name], values, rtol=0, atol=5e-9 + 1e-12)
     assert back.info == atoms.info
+    again = read_atoms(write_atoms(back, tmp_path / "b.extxyz"))
+    assert again.info == atoms.info and list(again.columns) == list(atoms.columns)
 
 
 def test_plain_xyz_and_typed_properties(tmp_path):
@@ -73,7 +81,7 @@ def test_pdb_round_trip_within_pdb_precision(tmp_path):
     rng = np.random.default_rng(2)
     atoms.columns = {"b_factor": rng.random(50) * 5, "species_prob": rng.random(50)}
     path = write_atoms(atoms, tmp_path / "a.pdb")
-    records = [line for line in path.read_text().splitlines() if line.startswith("HETATM")]
+    records = [line for line in path.read_text().splitlines() if line.startswith("ATOM  ")]
     assert len(records) == 50
     for line, symbol in zip(records, atoms.species):
         assert line[76:78] == f"{symbol.upper():>2}"  # element right-justified in columns 77-78
@@ -94,6 +102,83 @@ def test_pdb_reader_element_fallback_and_defaults(tmp_path):
     atoms = read_atoms(path)
     assert atoms.species.tolist() == ["Au", "Ni"] and atoms.columns == {}
     np.testing.assert_array_equal(atoms.positions, [[1, 2, 3], [-1, -2, -3]])
+
+
+def test_xyz_first_frame_of_a_trajectory(tmp_path):
+    path = tmp_path / "traj.xyz"
+    path.write_text("2\nframe=0\nAu 0 0 0\nPt 1 1 1\n1\nframe=1\nNi 5 5 5\n")
+    atoms = read_atoms(path)
+    assert atoms.species.tolist() == ["Au", "Pt"] and atoms.info == {"frame": "0"}
+
+
+@pytest.mark.parametrize("name", ["bulk.cif", "POSCAR", "CONTCAR", "bulk.vasp", "bulk.xsf", "bulk.traj"])
+def test_reads_files_written_by_ase(tmp_path, name):
+    crystal = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 1, 1)
+    crystal.positions += 0.1  # off the cell corner
+    ase.io.write(tmp_path / name, crystal)
+    atoms = read_atoms(tmp_path / name)
+    assert atoms.species.tolist() == crystal.get_chemical_symbols()
+    np.testing.assert_allclose(atoms.positions, crystal.positions, atol=1e-6)
+    np.testing.assert_allclose(np.array(atoms.info["Lattice"].split(), float).reshape(3, 3), crystal.cell, atol=1e-6)
+    assert atoms.info["pbc"] == "T T T"
+
+
+@pytest.mark.parametrize("name", ["bulk.cif", "POSCAR", "bulk.vasp", "bulk.lmp"])
+def test_writes_periodic_formats_by_name(tmp_path, name):
+    atoms = Atoms(["Au", "Ni", "X"], [[0.5, 0.5, 0.5], [2.0, 2.0, 0.5], [0.5, 2.0, 2.0]],
+                  {"amplitude": [1.0, 2.0, 3.0]}, {"Lattice": "4.0 0.0 0.0 0.0 4.0 0.0 0.0 0.0 4.0"})
+    back = read_atoms(write_atoms(atoms, tmp_path / name))
+    assert back.species.tolist() == ["Au", "Ni", "X"]  # LAMMPS data too: written with masses
+    np.testing.assert_allclose(back.positions, atoms.positions, atol=1e-6)
+    assert back.info["Lattice"] == "4.0 0.0 0.0 0.0 4.0 0.0 0.0 0.0 4.0" and back.info["pbc"] == "T T T"
+
+
+def test_lammps_data_without_masses_has_unknown_species(tmp_path):
+    path = tmp_path / "types.lmp"
+    ase.io.write(path, bulk("Cu", "fcc", a=3.61, cubic=True), format="lammps-data")  # no Masses section
+    atoms = read_atoms(path)
+    assert len(atoms) == 4 and set(atoms.species) == {"X"}
+    np.testing.assert_array_equal(atoms.columns["type"], 1.0)
+
+
+def test_to_ase_and_from_ase_round_trip():
+    atoms = _random_atoms(20)
+    atoms.columns = {"amplitude": np.arange(20.0), "width": np.linspace(0.3, 0.5, 20)}
+    atoms.info = {"dataset": "unit test", "Lattice": "70.0 0.0 0.0 0.0 60.0 0.0 0.0 0.0 50.0", "pbc": "F F F"}
+    converted = atoms.to_ase()
+    assert isinstance(converted, ase.Atoms) and converted.get_chemical_symbols() == atoms.species.tolist()
+    assert np.all(converted.numbers[atoms.species == "X"] == 0)  # ASE's dummy atom
+    np.testing.assert_array_equal(converted.positions, atoms.positions)
+    np.testing.assert_array_equal(converted.arrays["width"], atoms.columns["width"])
+    np.testing.assert_array_equal(converted.cell.lengths(), [70.0, 60.0, 50.0])
+    assert not converted.pbc.any() and converted.info == {"dataset": "unit test"}
+    back = Atoms.from_ase(converted)
+    assert back.species.tolist() == atoms.species.tolist() and back.info == atoms.info
+    np.testing.assert_array_equal(back.positions, atoms.positions)
+    assert back.columns.keys() == atoms.columns.keys()
+    for name, values in atoms.columns.items():
+        np.testing.assert_array_equal(back.columns[name], values)
+    converted.positions[0] = 99.0  # copies, not views
+    assert atoms.positions[0, 0] != 99.0
+    assert "pbc" not in Atoms.from_ase(Atoms(["Au"], [[0.0, 0.0, 0.0]], info={"pbc": "F F F"}).to_ase()).info
+    with pytest.raises(ValueError, match="clashes"):
+        Atoms(["Au"], [[0.0, 0.0, 0.0]], {"numbers": [1.0]}).to_ase()
+
+
+def test_from_ase_arrays_calculator_and_extxyz_written_by_ase(tmp_path):
+    crystal = bulk("Pt", "fcc", a=3.92, cubic=True)
+    crystal.set_tags([1, 2, 3, 4])
+    crystal.set_momenta(np.arange(12.0).reshape(4, 3))
+    crystal.calc = SinglePointCalculator(crystal, energy=-1.5, forces=np.ones((4, 3)))
+    atoms = Atoms.from_ase(crystal)
+    assert sorted(atoms.columns) == ["forces_0", "forces_1", "forces_2", "momenta_0", "momenta_1", "momenta_2", "tags"]
+    np.testing.assert_array_equal(atoms.columns["momenta_1"], [1.0, 4.0, 7.0, 10.0])
+    assert atoms.info["energy"] == "-1.5" and atoms.info["pbc"] == "T T T"
+    ase.io.write(tmp_path / "pt.xyz", crystal)  # extended XYZ with ASE's own extras
+    back = read_atoms(tmp_path / "pt.xyz")
+    assert back.species.tolist() == ["Pt"] * 4 and back.info["energy"] == "-1.5"
+    np.testing.assert_array_equal(back.columns["forces_2"], 1.0)
+    np.testing.assert_array_equal(back.columns["tags"], [1, 2, 3, 4])
 
 
 def test_atoms_methods():
@@ -148,7 +233,10 @@ BAD_FILES = [
     ("few.xyz", "3\ncomment\nAu 0 0 0\nAu 1 1 1\n", "expected 3 atom lines after the comment line, found 2"),
     ("fields.xyz", "2\n\nAu 0 0 0\nAu 1 1\n", "line 4: expected 4 fields (species:S:1:pos:R:3), found 3"),
     ("extfields.xyz", "1\nProperties=species:S:1:pos:R:3:amplitude:R:1\nAu 0 0 0\n", "line 3: expected 5 fields"),
-    ("coord.xyz", "2\n\nAu 0 0 0\nAu 1 one 1\n", "line 4, field 3: coordinate 'one' is not a number"),
+    ("more.xyz", "2\n\nAu 0 0 0\nAu 1 1 1 1\n", "line 4: expected 4 fields (species:S:1:pos:R:3), found 5"),
+    ("extra.xyz", "2\n\nAu 0 0 0\nAu 1 1 1\nAu 2 2 2\n", "line 5: more atom lines than the 2 of the count line"),
+    ("coord.xyz", "2\n\nAu 0 0 0\nAu 1 one 1\n", "could not convert string to float: 'one'"),
+    ("int.xyz", "1\nProperties=species:S:1:pos:R:3:tag:I:1\nAu 0 0 0 1.5\n", "invalid literal for int()"),
     ("nan.xyz", "2\n\nAu 0 0 0\nAu 1 nan 1\n", "line 4: non-finite position"),
     ("inf.xyz", "1\n\nAu inf 0 0\n", "line 3: non-finite position"),
     ("element.xyz", "2\n\nAu 0 0 0\nQq 1 1 1\n", "line 4: unknown element symbol 'Qq'"),
@@ -156,14 +244,21 @@ BAD_FILES = [
     ("blank.xyz", "", "empty structure (0 atoms)"),
     ("props.xyz", "1\nProperties=species:S:1:pos:R\nAu 0 0 0\n", "not a list of name:type:count triples"),
     ("nopos.xyz", "1\nProperties=species:S:1:x:R:3\nAu 0 0 0\n", "Properties needs pos:R:3"),
-    ("quote.xyz", '1\nProperties=species:S:1:pos:R:3 note="open\nAu 0 0 0\n', "unbalanced quotes"),
+    ("type.xyz", "1\nProperties=species:S:1:pos:Q:3\nAu 0 0 0\n", "Unknown property type: Q"),
+    ("lattice.xyz", '1\nLattice="1 2 3"\nAu 0 0 0\n', "line 2: Got info item Lattice"),
     ("coord.pdb", "HETATM    1 AU   UNL A   1       1.000   x.000   3.000  1.00  0.00          AU\n",
-     "line 1: coordinate 'x.000' is not a number"),
-    ("short.pdb", "REMARK\nATOM      1 AU   UNL A   1       1.000   2.000\n", "line 2: ATOM record too short"),
+     "cannot read it as Protein Data Bank: Invalid or missing coordinate(s)"),
+    ("short.pdb", "REMARK\nATOM      1 AU   UNL A   1       1.000   2.000\n", "Invalid or missing coordinate(s)"),
     ("element.pdb", "HETATM    1 QQ   UNL A   1       1.000   2.000   3.000  1.00  0.00          QQ\n",
-     "line 1: unknown element symbol 'QQ'"),
+     "Could not parse species from label QQ"),
+    ("es.pdb", "HETATM    1 ES   UNL A   1       1.000   2.000   3.000  1.00  0.00          ES\n",
+     "atom 1: unknown element symbol 'Es'"),
+    ("nan.pdb", "HETATM    1 AU   UNL A   1       1.000     nan   3.000  1.00  0.00          AU\n",
+     "atom 1: non-finite position"),
     ("empty.pdb", "HEADER    nothing\nEND\n", "empty structure (0 atoms)"),
-    ("atoms.cif", "data_x\n", "unknown extension '.cif'"),
+    ("atoms.cif", "data_x\n", "cannot read it as CIF-file: unexpected end of file"),
+    ("POSCAR", "garbage\n", "cannot read it as VASP POSCAR/CONTCAR"),
+    ("atoms.foo", "1\n\nAu 0 0 0\n", "unknown file type '.foo'"),
 ]
 
 
@@ -204,7 +299,12 @@ def test_write_refuses_overwrite_and_keeps_original(tmp_path):
 
 
 @pytest.mark.parametrize("name, atoms, problem", [
-    ("a.cif", _random_atoms(3), "unknown extension '.cif'"),
+    ("a.foo", _random_atoms(3), "unknown file type '.foo'"),
+    ("POSCAR", _random_atoms(3), "no cell given"),
+    ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], {"my score": [1.0]}), "column name 'my score' cannot be written"),
+    ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], {"pos": [1.0]}), "column name 'pos' cannot be written"),
+    ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], info={"note": "two\nlines"}), "info entry 'note' cannot be written"),
+    ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], info={"Lattice": "1 2 3"}), "'Lattice' must be nine numbers"),
     ("a.xyz", Atoms(np.array([], dtype=str), np.zeros((0, 3))), "empty structure (0 atoms)"),
     ("a.xyz", Atoms(["Au"], [[0.0, np.nan, 0.0]]), "non-finite position"),
     ("a.pdb", Atoms(["Au"], [[0.0, -1000.0, 0.0]]), "outside the PDB range"),

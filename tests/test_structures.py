@@ -82,6 +82,21 @@ def test_sphere_radius_and_lattice_name():
         sphere("fcc", 5.0)
 
 
+@pytest.mark.parametrize("lattice, cell, basis", [
+    ("fcc", 3.0 * np.eye(3), [[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]),
+    ("bcc", 3.0 * np.eye(3), [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    ("hcp", np.array([[3.0, 0, 0], [-1.5, 1.5 * np.sqrt(3), 0], [0, 0, 5.0]]), [[0, 0, 0], [1 / 3, 2 / 3, 0.5]]),
+])
+def test_sphere_is_the_whole_lattice_ball(lattice, cell, basis):
+    # brute force: every point of a big block of the lattice within 14 Å of the origin atom
+    cells = np.stack(np.meshgrid(*[np.arange(-12, 13)] * 3, indexing="ij"), -1).reshape(-1, 1, 3)
+    points = ((cells + np.array(basis)) @ cell).reshape(-1, 3)
+    expected = points[np.linalg.norm(points, axis=1) <= 14.0 + 1e-6]
+    atoms = sphere(lattice, 14.0, a=3.0, c=5.0 if lattice == "hcp" else None, centre=False)
+    assert len(atoms) == len(expected)
+    assert cKDTree(expected).query(atoms.positions)[0].max() < 1e-9  # same points, hcp in the same orientation
+
+
 def test_reproduces_dev_truth_files():
     for name, length, cutoff, a, euler in [("dev_au_cubo_small", 7, 3, 4.08, (-52, 28, 139)),
                                            ("dev_ptni_wedge", 9, 3, 3.764, (14, 76, -23))]:

@@ -1,25 +1,36 @@
-"""Atom lists and their files: extended XYZ (.xyz, .extxyz) and PDB (.pdb).
+"""Atom lists and their files, through ASE (`ase.io`): extended XYZ, PDB, CIF, POSCAR, LAMMPS data, ...
 
-An `Atoms` holds element symbols, positions in the world frame of GEOMETRY.md (Å) and optional
-per-atom float columns (fitted amplitudes, widths, B-factors, ...). Readers report every problem
-as an `InputError` naming the file, the line and what is wrong; writers never clobber an existing
-file unless asked and replace the target atomically.
+An `Atoms` holds element symbols, positions in the world frame of GEOMETRY.md (Å), optional
+per-atom float columns (fitted amplitudes, widths, B-factors, ...) and header key=value pairs.
+`Atoms.to_ase` and `Atoms.from_ase` convert to and from `ase.Atoms` (abTEM and every ASE tool take
+those). `read_atoms` and `write_atoms` read and write every format ASE knows, chosen by the file
+name; extended XYZ keeps the per-atom columns. Readers report every problem as an `InputError`
+naming the file and what is wrong; writers never clobber an existing file unless asked and replace
+the target atomically.
 """
 
 from __future__ import annotations
 
+import io
+import numbers
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ase
+import ase.io
 import numpy as np
+from ase.io.extxyz import SPECIAL_3_3_KEYS, key_val_str_to_dict, parse_properties, per_atom_properties
+from ase.io.formats import filetype, ioformats
 
 from engine.core.elements import SYMBOLS, normalize_symbol
 from engine.core.errors import InputError
 from engine.core.files import write_atomically
 
 UNKNOWN_SPECIES = "X"
+"""Species of an atom whose element is unknown; ASE's dummy atom (atomic number 0) is 'X' too."""
 
 KNOWN_COLUMNS = {
     "amplitude": "integrated projected weight (data units x Å^2)",
@@ -30,8 +41,15 @@ KNOWN_COLUMNS = {
 }
 """Per-atom columns with an agreed meaning; any other float column is allowed too."""
 
-XYZ_SUFFIXES = (".xyz", ".extxyz")
-PDB_SUFFIXES = (".pdb",)
+EXTXYZ, PDB, LAMMPS_DATA = "extxyz", "proteindatabank", "lammps-data"
+FORMATS_BY_SUFFIX = {".xyz": EXTXYZ, ".extxyz": EXTXYZ, ".pdb": PDB,
+                     ".lmp": LAMMPS_DATA, ".data": LAMMPS_DATA, ".lammps": LAMMPS_DATA}
+"""ASE format of these suffixes; any other name goes to `ase.io.formats.filetype` (.cif, .vasp,
+POSCAR, CONTCAR, .xsf, .traj, ...)."""
+
+_PLAIN_PROPERTIES = "species:S:1:pos:R:3"
+_RESERVED_COLUMNS = {"species", "pos", "Z", "numbers", "positions", "symbols", "move_mask"}
+_BAD_NAME = re.compile(r"""[\s="'\\{}\[\]]""")
 
 
 @dataclass
@@ -49,7 +67,8 @@ class Atoms:
         Optional per-atom values, each shape (N,), float64, e.g. 'amplitude' [data units x Å²],
         'width' (Gaussian σ) [Å], 'b_factor' [Å²]; see `KNOWN_COLUMNS`.
     info : dict of str to str
-        Header key=value pairs (extended XYZ comment line), e.g. 'Lattice', 'pbc', 'dataset'.
+        Header key=value pairs (extended XYZ comment line), e.g. 'Lattice' (nine numbers: the three
+        cell vectors [Å]), 'pbc' ('F F F'), 'dataset'.
     """
 
     species: np.ndarray
@@ -101,25 +120,150 @@ class Atoms:
             out.positions -= out.positions.mean(axis=0)
         return out
 
+    def to_ase(self) -> ase.Atoms:
+        """
+        This list as an `ase.Atoms` (copies; 'X' becomes ASE's dummy atom, atomic number 0).
+
+        Every column becomes a per-atom array of that name; `info` 'Lattice' (nine numbers, the
+        cell vectors as rows [Å]) becomes the cell and 'pbc' the periodic boundary flags (all
+        periodic when a Lattice is given without pbc, as in extended XYZ, else none); the other
+        `info` entries go to the `ase.Atoms` info as strings.
+
+        Returns
+        -------
+        ase.Atoms
+            Positions [Å].
+
+        Raises
+        ------
+        ValueError
+            A column named like one of ASE's own arrays ('numbers', 'positions'), a malformed
+            'Lattice' or 'pbc' entry, or a species ASE does not know.
+        """
+        cell, pbc = _cell_and_pbc(self.info)
+        try:
+            out = ase.Atoms(symbols=self.species.tolist(), positions=self.positions, cell=cell, pbc=pbc)
+        except KeyError as err:
+            raise ValueError(f"unknown element symbol {err.args[0]!r}") from None
+        for name, values in self.columns.items():
+            if name in out.arrays:
+                raise ValueError(f"column {name!r} clashes with the ase.Atoms array of that name")
+            out.new_array(name, values.copy())
+        out.info = {k: v for k, v in self.info.items() if k not in ("Lattice", "pbc")}
+        return out
+
+    @classmethod
+    def from_ase(cls, ase_atoms: ase.Atoms) -> "Atoms":
+        """
+        An `Atoms` from an `ase.Atoms` (copies).
+
+        Symbols and positions [Å] are taken as they are (ASE's dummy atom is 'X'). Every numeric
+        per-atom array other than numbers and positions becomes a column (booleans as 1.0/0.0; a
+        k-component array `name` becomes `name_0` ... `name_{k-1}`), and so do the per-atom results
+        of an attached calculator (e.g. forces from a file); string arrays are left out. `info`
+        gets 'Lattice' and 'pbc' when there is a cell or a periodic direction, the scalar, string
+        and array entries of the ASE info and the calculator's other results, all as text.
+
+        Parameters
+        ----------
+        ase_atoms : ase.Atoms
+
+        Returns
+        -------
+        Atoms
+        """
+        n = len(ase_atoms)
+        calc_results = dict(getattr(ase_atoms.calc, "results", None) or {})
+        per_atom = [(k, v) for k, v in calc_results.items() if k in per_atom_properties]
+        per_config = [(k, v) for k, v in calc_results.items() if k not in per_atom_properties]
+        columns = {}
+        for name, values in list(ase_atoms.arrays.items()) + per_atom:
+            values = np.asarray(values)
+            if name in ("numbers", "positions") or values.dtype.kind not in "biuf" or values.shape[:1] != (n,):
+                continue
+            if values.ndim == 1:
+                columns[name] = values.astype(np.float64)
+            else:
+                for k, component in enumerate(values.reshape(n, -1).T):
+                    columns[f"{name}_{k}"] = component.astype(np.float64)
+        info = {}
+        cell, pbc = ase_atoms.cell.array, ase_atoms.pbc
+        if cell.any():
+            info["Lattice"] = " ".join(str(float(x)) for x in cell.reshape(-1))
+        if cell.any() or pbc.any():
+            info["pbc"] = _info_text("pbc", pbc)
+        for key, value in list(ase_atoms.info.items()) + per_config:
+            text = _info_text(str(key), value)
+            if text is not None:
+                info[str(key)] = text
+        return cls(np.asarray(ase_atoms.get_chemical_symbols(), dtype=str), ase_atoms.get_positions(),
+                   columns, info)
+
+
+def _info_text(key: str, value) -> str | None:
+    """An info value as extended-XYZ text: T/F for booleans, numbers as Python prints them, arrays
+    space-separated (3x3 Lattice, stress and virial in Fortran order, as extended XYZ writes them);
+    None for anything else (dicts, space groups, ...)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "T" if value else "F"
+    if isinstance(value, numbers.Real):
+        return str(value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        array = np.asarray(value)
+        if array.dtype.kind in "biufU":
+            flat = array.reshape(-1, order="F" if key in SPECIAL_3_3_KEYS else "C")
+            return " ".join(_info_text(key, x) for x in flat)
+    return None
+
+
+_FLAGS = {"T": True, "TRUE": True, "1": True, "F": False, "FALSE": False, "0": False}
+
+
+def _cell_and_pbc(info: dict[str, str]) -> tuple[np.ndarray | None, list[bool]]:
+    """Cell (3, 3) [Å] from info 'Lattice' (or None) and pbc flags from info 'pbc'."""
+    cell = None
+    if "Lattice" in info:
+        try:
+            cell = np.array(info["Lattice"].split(), dtype=np.float64).reshape(3, 3)
+        except ValueError:
+            raise ValueError(f"info 'Lattice' must be nine numbers, got {info['Lattice']!r}") from None
+    flags = info.get("pbc", "T" if cell is not None else "F").upper().split()
+    if len(flags) not in (1, 3) or any(f not in _FLAGS for f in flags):
+        raise ValueError(f"info 'pbc' must be one or three of T/F, got {info['pbc']!r}")
+    return cell, [_FLAGS[f] for f in flags] * (3 // len(flags))
+
 
 # ----------------------------------------------------------------------------------------- reading
 
 def read_atoms(path: str | os.PathLike) -> Atoms:
     """
-    Read atoms from an XYZ (plain or extended, first frame) or PDB file, chosen by extension.
+    Read atoms from any file ASE reads (the first frame), the format chosen by the name.
 
-    Extended XYZ: the comment line's key=value pairs (quoted values allowed) go to `info`; the
-    `Properties=` spec (types S, R, I, L) gives the columns, 'species' (or atomic numbers 'Z') and
-    'pos' are required, every other R/I/L column is kept as a float column (a k-component column
-    `name:R:k` becomes `name_0` ... `name_{k-1}`; L as 1.0/0.0; extra S columns are skipped). A
-    comment line without `Properties=` means four fields per atom: species x y z.
-    PDB: ATOM/HETATM records of the first model; element from columns 77-78 (atom name if blank);
-    B-factors become the 'b_factor' column and occupancies the 'occupancy' column when not all 1.
+    .xyz/.extxyz: extended XYZ (or plain XYZ), read by ASE. The comment line's key=value pairs go
+    to `info` (as text: values that are numbers, booleans or lists of them come back as Python
+    prints them); a comment line without '=' is kept whole as info 'comment'. The `Properties=`
+    spec (types S, R, I, L) gives the columns; 'pos:R:3' and 'species:S:1' (or 'Z:I:1') are
+    required; every other R/I/L column becomes a float column (see `Atoms.from_ase`; L as 1.0/0.0,
+    extra S columns are skipped). The species column also takes atomic numbers. The count line
+    must match the atom lines: too few, or an atom line where the next frame's count line should
+    be, is an error, as is a line with the wrong number of fields.
+    .pdb: ATOM/HETATM records of the first model, read by ASE (element from columns 77-78, else
+    the atom name); B-factors become the 'b_factor' column and occupancies the 'occupancy' column
+    when not all 1.
+    .lmp/.data/.lammps: LAMMPS data (atom style from the comment after 'Atoms', else guessed from
+    the number of fields; metal units, Å). Species come from the Masses section; without one they
+    are unknown ('X') and the atom types stay in the 'type' column.
+    Anything else (.cif, .vasp, POSCAR, CONTCAR, .xsf, .traj, ...): whatever ASE detects, see
+    `Atoms.from_ase` for what is kept.
 
     Parameters
     ----------
     path : str or os.PathLike
-        File to read; `.xyz`/`.extxyz` or `.pdb`. Positions are read in [Å].
+        File to read. Positions are read in [Å].
 
     Returns
     -------
@@ -128,161 +272,169 @@ def read_atoms(path: str | os.PathLike) -> Atoms:
     Raises
     ------
     InputError
-        Naming the file: missing or unreadable, bad count line, too few atom lines, wrong number
-        of fields, non-numeric or non-finite coordinates, unknown element, no atoms, unknown
-        extension.
+        Naming the file: missing or unreadable, unknown format, whatever ASE could not parse, bad
+        count line, too few or too many atom lines, wrong number of fields, non-finite
+        coordinates, unknown element, no atoms.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in XYZ_SUFFIXES + PDB_SUFFIXES:
-        raise InputError(path, f"unknown extension {path.suffix!r} (known: {', '.join(XYZ_SUFFIXES + PDB_SUFFIXES)})")
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "cannot read the file (it is a directory)")
+    fmt = _file_format(path, reading=True)
+    first_line = None
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ASE warns about odd but readable files; the checks below judge
+            if fmt in (EXTXYZ, PDB):
+                text = _read_text(path)
+                atoms = _read_xyz(text, path) if fmt == EXTXYZ else _read_pdb(text)
+                first_line = 3 if fmt == EXTXYZ else None
+            else:
+                atoms = _read_other(path, fmt)
+    except InputError:
+        raise
+    except Exception as err:  # ASE raises many kinds (ValueError, KeyError, IndexError, IOError, ...)
+        raise InputError(path, f"cannot read it as {ioformats[fmt].description}: {_reason(err)}") from None
+    if len(atoms) == 0:
+        raise InputError(path, "empty structure (0 atoms)")
+    finite = np.all(np.isfinite(atoms.positions), axis=1)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        where = f"line {bad + first_line}" if first_line else f"atom {bad + 1}"
+        raise InputError(path, f"{where}: non-finite position (NaN or inf)")
+    if first_line is None:
+        atoms.species = _species_from_tokens(atoms.species, path)
+    return atoms
+
+
+def _file_format(path: Path, reading: bool) -> str:
+    """The ASE format name for ``path``: `FORMATS_BY_SUFFIX`, else ASE's guess from the name, else
+    (reading) from the content."""
+    fmt = FORMATS_BY_SUFFIX.get(path.suffix.lower())
+    for sniff in (False, True) if reading else (False,):
+        if fmt in ioformats:
+            break
+        try:
+            fmt = filetype(str(path), read=sniff)
+        except Exception:  # ASE's UnknownFileTypeError, or an unreadable file
+            fmt = None
+    io_format = ioformats.get(fmt)
+    if io_format is None or not (io_format.can_read if reading else io_format.can_write):
+        raise InputError(path, f"unknown file type {path.suffix or path.name!r}: not a format ASE "
+                               f"{'reads' if reading else 'writes'} (e.g. .xyz, .extxyz, .pdb, .cif, .vasp, "
+                               "POSCAR, .lmp)")
+    return fmt
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(path, "not a text file (cannot decode it as UTF-8)") from None
     except OSError as err:
         raise InputError(path, f"cannot read the file ({err.strerror or err})") from None
-    return _parse_pdb(text, path) if suffix in PDB_SUFFIXES else _parse_xyz(text, path)
 
 
-# key=value pairs of an extended-XYZ comment line; a value may be "double" or 'single' quoted
-# (with backslash escapes) or {braced}; a bare key means True.
-_KEY_VALUE = re.compile(r"""\s*([^\s="']+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\{[^}]*\}|[^\s"']+))?\s*""")
-_ESCAPE = re.compile(r"\\(.)")
+def _reason(err: Exception) -> str:
+    """An exception's message on one line (KeyError without its quotes)."""
+    if isinstance(err, (StopIteration, EOFError)):
+        return "unexpected end of file"
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
-def _parse_key_values(line: str) -> dict[str, str] | None:
-    """The comment line's key=value pairs, or None when it is not in key=value form."""
-    pairs, pos = {}, 0
-    while pos < len(line):
-        match = _KEY_VALUE.match(line, pos)
-        if match is None or match.end() == pos:
-            return None
-        key, value = match.group(1), match.group(2)
-        if value is None:
-            value = "T"
-        elif value[0] in "\"'":
-            value = _ESCAPE.sub(r"\1", value[1:-1])
-        pairs[key] = value
-        pos = match.end()
-    return pairs
-
-
-_PLAIN_SPEC = [("species", "S", 1), ("pos", "R", 3)]
-
-
-def _parse_properties(spec: str, path: Path) -> list[tuple[str, str, int]]:
-    parts = spec.split(":")
-    if len(parts) % 3:
-        raise InputError(path, f"line 2: Properties={spec!r} is not a list of name:type:count triples")
-    props, seen = [], set()
-    for name, kind, count in zip(parts[0::3], parts[1::3], parts[2::3]):
-        if kind not in "SRIL" or len(kind) != 1 or not count.isdigit() or int(count) < 1:
-            raise InputError(path, f"line 2: bad Properties entry {name}:{kind}:{count} "
-                                   "(type must be S, R, I or L and count a positive integer)")
-        if name in seen:
-            raise InputError(path, f"line 2: Properties names {name!r} twice")
-        seen.add(name)
-        props.append((name, kind, int(count)))
-    names = {name: (kind, count) for name, kind, count in props}
-    if names.get("pos") != ("R", 3):
-        raise InputError(path, "line 2: Properties needs pos:R:3 (positions)")
-    if names.get("species") != ("S", 1) and names.get("Z") != ("I", 1):
-        raise InputError(path, "line 2: Properties needs species:S:1 (or Z:I:1)")
-    return props
-
-
-def _parse_xyz(text: str, path: Path) -> Atoms:
+def _read_xyz(text: str, path: Path) -> Atoms:
+    """The first frame of an (extended) XYZ text, parsed by ASE after checking its shape."""
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
         raise InputError(path, "empty structure (0 atoms)")
-    count_text = lines[0].strip()
+    count = lines[0].strip()
     try:
-        n = int(count_text)
+        n = int(count)
     except ValueError:
-        raise InputError(path, f"line 1: atom count {count_text!r} is not an integer") from None
-    if n < 0:
-        raise InputError(path, f"line 1: atom count {n} is negative")
-    if n == 0:
-        raise InputError(path, "empty structure (0 atoms)")
+        raise InputError(path, f"line 1: atom count {count!r} is not an integer") from None
+    if n <= 0:
+        raise InputError(path, "empty structure (0 atoms)" if n == 0 else f"line 1: atom count {n} is negative")
     if len(lines) - 2 < n:
         raise InputError(path, f"expected {n} atom lines after the comment line, found {max(len(lines) - 2, 0)}")
+    after = lines[n + 2].strip() if len(lines) > n + 2 else ""
+    if after and not after.isdigit():
+        raise InputError(path, f"line {n + 3}: more atom lines than the {n} of the count line "
+                               "(only a count line may follow, starting the next frame)")
 
     comment = lines[1].strip()
-    pairs = _parse_key_values(comment)
-    if pairs is None and "properties=" in comment.lower():
-        raise InputError(path, "line 2: cannot parse the key=value pairs (unbalanced quotes?)")
-    prop_key = next((k for k in pairs or {} if k.lower() == "properties"), None)
-    if prop_key is not None:
-        props = _parse_properties(pairs.pop(prop_key), path)
-        info = pairs
-    else:
-        props = _PLAIN_SPEC
-        # key=value headers without Properties (ase writes these) keep their pairs; free text is a comment
-        info = pairs if pairs and "=" in comment else ({"comment": comment} if comment else {})
-    n_fields = sum(count for _, _, count in props)
-    spec_text = ":".join(f"{name}:{kind}:{count}" for name, kind, count in props)
+    try:  # ASE's key=value parser; free text (no '=') is a plain XYZ comment
+        header = key_val_str_to_dict(comment) if "=" in comment else ({"comment": comment} if comment else {})
+    except ValueError as err:
+        raise InputError(path, f"line 2: {_reason(err)}") from None
+    spec = header.pop("Properties", _PLAIN_PROPERTIES)
+    parts = str(spec).split(":")
+    if len(parts) % 3:
+        raise InputError(path, f"line 2: Properties={spec!r} is not a list of name:type:count triples")
+    try:
+        field_names = parse_properties(spec)[2].names
+    except ValueError as err:
+        raise InputError(path, f"line 2: bad Properties={spec!r} ({_reason(err)})") from None
+    declared = {name: (kind, count) for name, kind, count in zip(parts[0::3], parts[1::3], parts[2::3])}
+    if declared.get("pos") != ("R", "3"):
+        raise InputError(path, "line 2: Properties needs pos:R:3 (positions)")
+    species_field = "species" if declared.get("species") == ("S", "1") else "Z"
+    if declared.get(species_field) != (("S", "1") if species_field == "species" else ("I", "1")):
+        raise InputError(path, "line 2: Properties needs species:S:1 (or Z:I:1)")
 
     rows = [line.split() for line in lines[2:2 + n]]
     for i, row in enumerate(rows):
-        if len(row) != n_fields:
-            raise InputError(path, f"line {i + 3}: expected {n_fields} fields ({spec_text}), found {len(row)}")
-    table = np.array(rows, dtype=str).reshape(n, n_fields)
-    line_numbers = np.arange(n) + 3
+        if len(row) != len(field_names):
+            raise InputError(path, f"line {i + 3}: expected {len(field_names)} fields ({spec}), found {len(row)}")
+    column = field_names.index(species_field)
+    species = _species_from_tokens(np.array([row[column] for row in rows], dtype=str), path, first_line=3)
 
-    species, positions, columns, start = None, None, {}, 0
-    for name, kind, count in props:
-        block = table[:, start:start + count]
-        if name == "species" and kind == "S":
-            species = _species_from_tokens(block[:, 0], path, line_numbers)
-        elif name == "Z" and kind == "I" and species is None:
-            species = _species_from_tokens(block[:, 0], path, line_numbers)
-        elif name == "pos":
-            positions = _to_float(block, path, start, what="coordinate")
-        elif kind != "S":
-            values = _to_float(block, path, start, what=f"{name!r} value", logical=(kind == "L"))
-            if kind == "I" and not np.all(values == np.round(values)):
-                raise InputError(path, f"{name!r} is declared I (integer) but holds non-integer values")
-            for k in range(count):
-                columns[name if count == 1 else f"{name}_{k}"] = values[:, k]
-        start += count
-    if not np.all(np.isfinite(positions)):
-        bad = int(np.argmin(np.all(np.isfinite(positions), axis=1)))
-        raise InputError(path, f"line {bad + 3}: non-finite position (NaN or inf)")
-    return Atoms(species, positions, columns, info)
+    # ASE parses everything else. It would turn the species column into symbols and fail on atomic
+    # numbers, so it gets that column under another name; the species are the checked ones above.
+    ase_spec = ":".join("atomsplat_species" if i % 3 == 0 and p == "species" else p for i, p in enumerate(parts))
+    ase_header = dict(header, Properties=ase_spec)
+    ase_atoms = ase.io.read(io.StringIO(text), index=0, format=EXTXYZ, properties_parser=lambda _: dict(ase_header))
+    atoms = Atoms.from_ase(ase_atoms)
+    atoms.species = species
+    atoms.info = {}  # from the header itself: ASE moves Lattice, pbc and energy elsewhere
+    for key, value in header.items():
+        text_value = _info_text(key, value)
+        if text_value is not None:
+            atoms.info[key] = text_value
+    return atoms
 
 
-_LOGICAL = {"T": 1.0, "TRUE": 1.0, "1": 1.0, "F": 0.0, "FALSE": 0.0, "0": 0.0}
+def _read_pdb(text: str) -> Atoms:
+    ase_atoms = ase.io.read(io.StringIO(text), index=0, format=PDB)
+    atoms = Atoms.from_ase(ase_atoms)
+    columns = atoms.columns
+    columns.pop("residuenumbers", None)
+    b_factor = columns.pop("bfactor", None)
+    if b_factor is not None and np.any(b_factor != 0.0):
+        columns["b_factor"] = b_factor
+    if "occupancy" in columns and np.all(columns["occupancy"] == 1.0):
+        del columns["occupancy"]
+    return atoms
 
 
-def _to_float(block: np.ndarray, path: Path, first_field: int, what: str, logical: bool = False) -> np.ndarray:
-    """Convert a (N, k) block of XYZ tokens (atom lines from line 3) to float64.
+def _read_other(path: Path, fmt: str) -> Atoms:
+    ase_atoms = ase.io.read(path, index=0, format=fmt)
+    atoms = Atoms.from_ase(ase_atoms)
+    if fmt == LAMMPS_DATA and "masses" not in ase_atoms.arrays:
+        atoms.species[:] = UNKNOWN_SPECIES  # no Masses: ASE would read type k as element Z = k
+    return atoms
 
-    The first bad token is reported by line and field.
+
+def _species_from_tokens(tokens: np.ndarray, path: Path, first_line: int | None = None) -> np.ndarray:
+    """Validated, canonically capitalised symbols; atomic numbers are accepted too. 'X' = unknown.
+
+    An unknown element is reported by line (``first_line`` is the line of the first atom) or else
+    by atom number.
     """
-    if logical:
-        convert = np.vectorize(lambda t: _LOGICAL.get(t.upper(), np.nan), otypes=[np.float64])
-        values = convert(block)
-        bad = np.isnan(values)
-    else:
-        try:
-            return block.astype(np.float64)
-        except ValueError:
-            bad = np.vectorize(lambda t: not _is_float(t), otypes=[bool])(block)
-    if bad.any():
-        i, k = np.argwhere(bad)[0]
-        kind = "T or F" if logical else "a number"
-        raise InputError(path, f"line {i + 3}, field {first_field + k + 1}: {what} {str(block[i, k])!r} is not {kind}")
-    return values
-
-
-def _species_from_tokens(tokens: np.ndarray, path: Path, line_numbers: np.ndarray) -> np.ndarray:
-    """Validated, canonically capitalised symbols; atomic numbers are accepted too. 'X' = unknown."""
-    unique, inverse = np.unique(tokens, return_inverse=True)
+    unique, inverse = np.unique(np.asarray(tokens, dtype=str), return_inverse=True)
     inverse = inverse.reshape(-1)
     canonical = []
     for j, token in enumerate(unique):
@@ -294,79 +446,40 @@ def _species_from_tokens(tokens: np.ndarray, path: Path, line_numbers: np.ndarra
             else:
                 canonical.append(normalize_symbol(str(token), str(path)))
         except InputError as err:
-            line = line_numbers[np.argmax(inverse == j)]
-            raise InputError(path, f"line {line}: {err.problem}") from None
+            first = int(np.argmax(inverse == j))
+            where = f"line {first + first_line}" if first_line else f"atom {first + 1}"
+            raise InputError(path, f"{where}: {err.problem}") from None
     return np.asarray(canonical, dtype="<U2")[inverse]
-
-
-def _parse_pdb(text: str, path: Path) -> Atoms:
-    species_tokens, line_numbers, coords, occupancy, b_factor = [], [], [], [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        record = line[:6]
-        if record in ("ENDMDL", "END   ", "END"):
-            break  # first model only
-        if record not in ("ATOM  ", "HETATM"):
-            continue
-        if len(line.rstrip()) < 54:
-            raise InputError(path, f"line {lineno}: {record.strip()} record too short "
-                                   f"({len(line.rstrip())} characters, coordinates need columns 31-54)")
-        fields = [line[30:38], line[38:46], line[46:54]]
-        try:
-            coords.append([float(f) for f in fields])
-        except ValueError:
-            bad = next(f for f in fields if not _is_float(f))
-            raise InputError(path, f"line {lineno}: coordinate {bad.strip()!r} is not a number") from None
-        if not np.all(np.isfinite(coords[-1])):
-            raise InputError(path, f"line {lineno}: non-finite position (NaN or inf)")
-        occ, bf = line[54:60].strip(), line[60:66].strip()
-        for value, name, sink, default in ((occ, "occupancy", occupancy, 1.0), (bf, "B-factor", b_factor, 0.0)):
-            if value and not _is_float(value):
-                raise InputError(path, f"line {lineno}: {name} {value!r} is not a number")
-            sink.append(float(value) if value else default)
-        # Element: columns 77-78; old files leave them blank and put it in the atom name (13-14).
-        element = line[76:78].strip() or re.sub(r"[^A-Za-z]", "", line[12:14])
-        species_tokens.append(element)
-        line_numbers.append(lineno)
-    if not coords:
-        raise InputError(path, "empty structure (0 atoms)")
-    species = _species_from_tokens(np.array(species_tokens, dtype=str), path, np.array(line_numbers))
-    columns = {}
-    if any(b != 0.0 for b in b_factor):
-        columns["b_factor"] = np.asarray(b_factor)
-    if any(o != 1.0 for o in occupancy):
-        columns["occupancy"] = np.asarray(occupancy)
-    return Atoms(species, np.asarray(coords), columns)
-
-
-def _is_float(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 def write_atoms(atoms: Atoms, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """
-    Write atoms to an extended XYZ or PDB file, chosen by extension, atomically.
+    Write atoms to any file ASE writes, the format chosen by the name, atomically.
 
-    XYZ: always extended XYZ, `Properties=species:S:1:pos:R:3[:name:R:1 ...]` with one R:1 entry per
-    column and `info` as further key=value pairs (quoted when needed; `Lattice` first). Positions
-    are written with 10 decimals (round trip to 1e-10 Å), columns with 12 significant digits.
-    PDB: HETATM records, element symbol right-justified in columns 77-78, positions with 3
-    decimals (the PDB format's limit: a round trip loses up to 5e-4 Å; coordinates must lie in
-    [-999.999, 9999.999] Å), occupancy from the 'occupancy' or 'species_prob' column (else 1.0),
-    B-factor from 'b_factor' [Å²] (else 0), both with 2 decimals. Other columns and `info` are not
-    stored in PDB.
+    .xyz/.extxyz: extended XYZ written by ASE: `Properties=species:S:1:pos:R:3[:name:R:1 ...]` with
+    one R:1 entry per column, `info` as further key=value pairs ('Lattice' first when given,
+    'pbc' always, 'F F F' unless `info` says otherwise). Positions and columns are written with 8
+    decimals (a round trip changes them by up to 5e-9). Column names and info entries must fit
+    on the comment line (no spaces, quotes, '=', ':' or backslashes in names; no newlines or
+    backslashes in values).
+    .pdb: ATOM records written by ASE, element symbol right-justified in columns 77-78, positions
+    with 3 decimals (the PDB format's limit: a round trip loses up to 5e-4 Å; coordinates must lie
+    in [-999.999, 9999.999] Å), occupancy from the 'occupancy' or 'species_prob' column (else 1.0),
+    B-factor from 'b_factor' [Å²] (else 0), both with 2 decimals. Other columns, `info` and the
+    cell are not stored.
+    .lmp/.data/.lammps: LAMMPS data, atom style atomic, with a Masses section so that species
+    survive a round trip; needs a cell (`info` 'Lattice').
+    Anything else ASE writes (.cif, .vasp, POSCAR, .xsf, ...): `Atoms.to_ase` written by ASE; some
+    formats need a cell.
 
     Parameters
     ----------
     atoms : Atoms
         Atoms to write; positions [Å].
     path : str or os.PathLike
-        Target `.xyz`/`.extxyz` or `.pdb` file.
+        Target file.
     overwrite : bool
         Replace an existing file. If False (default) an existing file is an error and is kept.
 
@@ -376,9 +489,7 @@ def write_atoms(atoms: Atoms, path: str | os.PathLike, overwrite: bool = False) 
         The written file.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in XYZ_SUFFIXES + PDB_SUFFIXES:
-        raise InputError(path, f"unknown extension {path.suffix!r} (known: {', '.join(XYZ_SUFFIXES + PDB_SUFFIXES)})")
+    fmt = _file_format(path, reading=False)
     if path.exists() and not overwrite:
         raise InputError(path, "file exists; pass overwrite=True (--overwrite) to replace it")
     if not path.parent.is_dir():
@@ -387,47 +498,44 @@ def write_atoms(atoms: Atoms, path: str | os.PathLike, overwrite: bool = False) 
         raise InputError(path, "empty structure (0 atoms), nothing to write")
     if not np.all(np.isfinite(atoms.positions)):
         raise InputError(path, "non-finite position (NaN or inf), refusing to write")
-    text = _format_pdb(atoms, path) if suffix in PDB_SUFFIXES else _format_xyz(atoms, path)
+    if fmt == EXTXYZ:
+        _check_extxyz_names(atoms, path)
+    ase_atoms = _pdb_atoms(atoms, path) if fmt == PDB else _ase_atoms(atoms, path)
+    options = {"masses": True} if fmt == LAMMPS_DATA else {}
 
-    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
+    def write(tmp: Path) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ase.io.write(tmp, ase_atoms, format=fmt, **options)
+        except Exception as err:  # ASE raises many kinds
+            hint = "" if "Lattice" in atoms.info else " (no cell given: this format may need info 'Lattice')"
+            raise InputError(path, f"cannot write {ioformats[fmt].description}: {_reason(err)}{hint}") from None
+
+    return write_atomically(path, write)
 
 
-_NEEDS_QUOTES = re.compile(r"""[\s="'\\{}]""")
+def _ase_atoms(atoms: Atoms, path: Path) -> ase.Atoms:
+    try:
+        return atoms.to_ase()
+    except ValueError as err:
+        raise InputError(path, str(err)) from None
 
 
-def _quote(value: str) -> str:
-    if value and not _NEEDS_QUOTES.search(value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _format_xyz(atoms: Atoms, path: Path) -> str:
+def _check_extxyz_names(atoms: Atoms, path: Path) -> None:
     for name in atoms.columns:
-        if name in ("species", "pos") or not name or _NEEDS_QUOTES.search(name) or ":" in name:
+        if not name or name in _RESERVED_COLUMNS or _BAD_NAME.search(name) or ":" in name:
             raise InputError(path, f"column name {name!r} cannot be written to extended XYZ")
-    props = "species:S:1:pos:R:3" + "".join(f":{name}:R:1" for name in atoms.columns)
-    header = {k: v for k, v in atoms.info.items() if k == "Lattice"}
-    header["Properties"] = props
     for key, value in atoms.info.items():
-        if key.lower() == "properties" or key == "Lattice":
-            continue
-        if not key or _NEEDS_QUOTES.search(key) or "\n" in value or "\r" in value:
+        if key == "Properties":
+            raise InputError(path, "info entry 'Properties' is reserved for the extended XYZ column spec")
+        if not key or _BAD_NAME.search(key) or re.search(r"[\n\r\\]", value):
             raise InputError(path, f"info entry {key!r} cannot be written to an extended XYZ header")
-        header[key] = value
-    comment = " ".join(f"{k}={_quote(v)}" for k, v in header.items())
-
-    species = np.char.ljust(atoms.species.astype(str), 2)
-    body = [np.char.add(species, " ")]
-    for values, fmt in [(atoms.positions[:, k], " %16.10f") for k in range(3)] + \
-                       [(col, " %19.12g") for col in atoms.columns.values()]:
-        body.append(np.char.mod(fmt, values))
-    lines = body[0]
-    for part in body[1:]:
-        lines = np.char.add(lines, part)
-    return f"{len(atoms)}\n{comment}\n" + "\n".join(lines.tolist()) + "\n"
 
 
-def _format_pdb(atoms: Atoms, path: Path) -> str:
+def _pdb_atoms(atoms: Atoms, path: Path) -> ase.Atoms:
+    """Species, positions, occupancy and B-factor as ASE's PDB writer wants them, without a cell
+    (with one it would rotate the positions into the cell's standard orientation)."""
     if np.any(atoms.positions < -999.999) or np.any(atoms.positions > 9999.999):
         raise InputError(path, "coordinates outside the PDB range [-999.999, 9999.999] Å; write .xyz instead")
     n = len(atoms)
@@ -436,11 +544,7 @@ def _format_pdb(atoms: Atoms, path: Path) -> str:
     for name, values in (("occupancy", occupancy), ("b_factor", b_factor)):
         if not np.all(np.isfinite(values)) or np.any(values < -99.99) or np.any(values > 999.99):
             raise InputError(path, f"{name} values must be finite and within [-99.99, 999.99] for PDB")
-    lines = ["REMARK   1 written by atomsplat; coordinates in Angstrom, rounded to 0.001"]
-    for i, (sym, (x, y, z), occ, bf) in enumerate(zip(atoms.species, atoms.positions, occupancy, b_factor)):
-        element = sym.upper()
-        # serial wraps at 100000 (5 columns), as other PDB writers do for large structures
-        lines.append(f"HETATM{(i + 1) % 100000:5d} {element:>2}   UNL A   1    "
-                     f"{x:8.3f}{y:8.3f}{z:8.3f}{occ:6.2f}{bf:6.2f}          {element:>2}  ")
-    lines.append("END")
-    return "\n".join(lines) + "\n"
+    out = _ase_atoms(Atoms(atoms.species, atoms.positions), path)
+    out.set_array("occupancy", np.array(occupancy, dtype=np.float64))
+    out.set_array("bfactor", np.array(b_factor, dtype=np.float64))
+    return out

@@ -1,7 +1,9 @@
 """Nanoparticle builders for tests and simulated scenes.
 
-Every builder cuts its particle from one lattice-point generator (`_lattice_points`: fcc, bcc or
-hcp), returns an `Atoms` with the centroid at the origin (unless ``centre=False``) and is
+The crystalline shapes come from ASE: spheres are cut from `ase.build.bulk` lattices (fcc, bcc,
+hcp), octahedra and cuboctahedra are `ase.cluster.Octahedron`. Amorphous particles (random
+sequential addition with a minimum distance) have no ASE builder and are made here with k-d trees.
+Every builder returns an `Atoms` with the centroid at the origin (unless ``centre=False``) and is
 deterministic for a given seed. `build_structure` turns a recipe (dict, or the CLI text form read
 by `parse_recipe`) into a particle: shape, species or alloy ordering, lattice constant, Euler
 orientation.
@@ -9,9 +11,9 @@ orientation.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
+from ase.build import bulk
+from ase.cluster import Octahedron
 from scipy.spatial import cKDTree
 
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
@@ -44,39 +46,9 @@ twice the radius estimates the nearest-neighbour distance."""
 
 LATTICES = ("fcc", "bcc", "hcp")
 
-# Conventional cells: fractional basis positions; the cell vectors follow from a (and c).
-_BASIS = {
-    "fcc": np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]),
-    "bcc": np.array([[0, 0, 0], [0.5, 0.5, 0.5]]),
-    "hcp": np.array([[0, 0, 0], [1 / 3, 2 / 3, 0.5]]),
-}
-
 # RSA of hard spheres jams at a volume fraction of about 0.38 (Feder 1980); refuse to try beyond it.
 _RSA_JAMMING_FRACTION = 0.38
 _DEFAULT_PACKING_FRACTION = 0.25
-
-
-def _cell(lattice: str, a: float, c: float | None) -> np.ndarray:
-    """Cell vectors (rows) [Å] of the conventional cell."""
-    if lattice == "hcp":
-        return np.array([[a, 0, 0], [-a / 2, a * np.sqrt(3) / 2, 0], [0, 0, c]])
-    return a * np.eye(3)
-
-
-def _lattice_points(lattice: str, a: float, c: float | None, half_width: float,
-                    origin=(0.0, 0.0, 0.0)) -> np.ndarray:
-    """All lattice points within the cube |r_i| <= half_width [Å] around ``origin``, relative to it.
-
-    A lattice point (an atom) sits at (0, 0, 0); for hcp the second atom of the cell is at
-    (0, a/√3, c/2). Returns (M, 3) positions [Å] minus ``origin``, in a deterministic order.
-    """
-    cell, origin = _cell(lattice, a, c), np.asarray(origin, dtype=np.float64)
-    corners = origin + half_width * np.array(list(itertools.product((-1.0, 1.0), repeat=3)))
-    frac = corners @ np.linalg.inv(cell)
-    ranges = [np.arange(np.floor(lo) - 1, np.ceil(hi) + 2) for lo, hi in zip(frac.min(0), frac.max(0))]
-    cells = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 1, 3)
-    points = (cells + _BASIS[lattice][None]).reshape(-1, 3) @ cell - origin
-    return points[np.all(np.abs(points) <= half_width + 1e-9, axis=1)]
 
 
 def _symbol(symbol: str, source: str) -> str:
@@ -168,6 +140,10 @@ def sphere(element_or_lattice: str, radius: float, lattice: str | None = None, a
     """
     Spherical cluster: the fcc, bcc or hcp lattice points within ``radius`` of a lattice point.
 
+    The lattice is `ase.build.bulk`'s cell (cubic for fcc and bcc; for hcp the primitive one, a
+    along x, c along z, the second atom at (0, a/√3, c/2)), repeated to cover the sphere around one
+    of its corner atoms.
+
     Parameters
     ----------
     element_or_lattice : str
@@ -197,14 +173,18 @@ def sphere(element_or_lattice: str, radius: float, lattice: str | None = None, a
         symbol = _symbol(element_or_lattice, source)
     lattice, a, c = _crystal(symbol, lattice, a, c, source)
     radius = _positive(radius, "radius", source)
-    points = _lattice_points(lattice, a, c, radius)
+    unit = bulk(symbol, lattice, a=a, c=c, cubic=lattice != "hcp")  # an atom at the origin
+    cell = unit.cell.array
+    # cells each way so that every point within radius of the middle cell's origin atom is in the block
+    half = np.ceil(radius * np.linalg.norm(np.linalg.inv(cell), axis=0)).astype(int) + 1
+    points = unit.repeat(tuple(2 * half + 1)).positions - half @ cell
     return _finish(symbol, points[np.linalg.norm(points, axis=1) <= radius + 1e-6], centre)
 
 
 def octahedron(element: str, length: int, cutoff: int = 0, a: float | None = None,
                centre: bool = True) -> Atoms:
     """
-    fcc octahedron, truncated octahedron or cuboctahedron, as ``ase.cluster.Octahedron``.
+    fcc octahedron, truncated octahedron or cuboctahedron: ``ase.cluster.Octahedron``.
 
     The full octahedron has ``length`` atoms along each edge; ``cutoff`` layers are removed at each
     of its six vertices by (100) facets. cutoff=0: octahedron; length = 2·cutoff + 1:
@@ -237,14 +217,8 @@ def octahedron(element: str, length: int, cutoff: int = 0, a: float | None = Non
     cutoff = _integer(cutoff, "cutoff", source, 0)
     if length < 2 * cutoff + 1:
         raise InputError(source, f"length must be >= 2*cutoff + 1 = {2 * cutoff + 1}, got {length}")
-    # Work in units of a/2 as ase does: the {111} facet sits length//2 (111)-layers out, the {100}
-    # facets length-1-cutoff (100)-layers out; an even length centres on an octahedral site.
-    half = a / 2
-    origin = np.full(3, half * (length % 2 == 0))
-    points = _lattice_points("fcc", a, None, (length - 1 - cutoff + 0.1) * half, origin)
-    q = points / half
-    keep = np.abs(q).sum(axis=1) < 2 * (length // 2) + 0.2
-    return _finish(symbol, points[keep], centre)
+    cluster = Octahedron(symbol, length=length, cutoff=cutoff, latticeconstant=a)  # centred on the origin
+    return _finish(symbol, cluster.positions, centre)
 
 
 def cuboctahedron(element: str, shells: int, a: float | None = None, centre: bool = True) -> Atoms:
