@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate a tilt series from atoms (a file or a builder recipe)")
-    p.add_argument("structure", nargs="?", help="atoms: .xyz (extended XYZ) or .pdb")
+    p.add_argument("structure", nargs="?", help="atoms: any format ASE reads (.xyz, .pdb, .cif, POSCAR, ...)")
     p.add_argument("--build", metavar="RECIPE",
                    help="build the structure instead, e.g. 'octahedron element=Au length=7 cutoff=3 euler=-52,28,139'")
     p.add_argument("--tilts", default="-70:70:2", help="START:STOP:STEP in degrees (default -70:70:2)")
