@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.backend import init_backend
+from engine.core.errors import InputError
 from engine.io.atoms import Atoms, read_atoms
 from engine.io.tiltseries import TiltSeries, read_tilt_series
 
@@ -60,7 +61,7 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     """
     from engine.evaluate.metrics import evaluate_atoms
     from engine.fit.outputs import write_outputs
-    from engine.fit.reconstruct import CHECKPOINT, Reconstruction
+    from engine.fit.reconstruct import CHECKPOINT, Reconstruction, create_fit
     from engine.fit.settings import fit_settings
 
     checked = fit_settings(settings, **overrides)
@@ -69,8 +70,11 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="atomsplat-"))
     actual = init_backend(arch, verbose=progress)
     t0 = time.perf_counter()
-    fit = Reconstruction(series, checked, out_dir, progress=progress)
+    fit = create_fit(series, checked, out_dir, progress=progress)
     if resume:
+        if not isinstance(fit, Reconstruction):
+            raise InputError(out_dir, "the tied-atom fit of counted data keeps no checkpoint to resume "
+                                      "(start it again, or fit with per_atom_shape)")
         fit.resume(out_dir / CHECKPOINT)
     atoms = fit.run(observer=observer)
     report = write_outputs(fit, atoms, actual, time.perf_counter() - t0)

@@ -35,12 +35,12 @@ def write_outputs(fit, atoms: Atoms, arch: str, wall_seconds: float, extra: dict
         write_alignment(fit.refiner.alignment, out, series.angles, series.pixel_size, fit.data.scale)
         alignment = misalignment_summary(fit.refiner.alignment, series.pixel_size)
         del alignment["refine_advised"]
-    phase_seconds = {**fit.phase_seconds, **fit.trainer.phase_seconds, "output": time.perf_counter() - t0}
+    phase_seconds = {**fit.phase_seconds, "output": time.perf_counter() - t0}
     report = {"alignment": alignment, "gain": fit.gain, "source": series.source, "arch": arch,
               "settings": asdict(fit.settings), "loss": fit.loss, "data_model": asdict(fit.data),
               "forward_model": fit.forward_model().as_dict(), "d_min_A": fit.d_min, "iterations": fit.iteration,
               "final_loss": history["loss"][-1] if history["loss"] else None, "projection_nrmse": nrmse,
               "n_atoms": len(atoms), "history": history, "phase_seconds": phase_seconds,
-              "wall_seconds": wall_seconds, **(extra or {})}
+              "wall_seconds": wall_seconds, **fit.report_extra(), **(extra or {})}
     write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report

@@ -22,18 +22,31 @@ from engine.fit.alignment import AlignmentRefiner
 from engine.fit.calibration import calibrate_b_factors
 from engine.fit.problem import FitProblem, with_moments
 from engine.fit.seeding import SeedVolumes, initial_atoms
-from engine.fit.settings import FitSettings, loss_name
+from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
 from engine.fit.trainer import CHECKPOINT, Trainer
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.io.tiltseries import TiltSeries
 from engine.measure.alignment import prealign, require_single_axis
-from engine.measure.datamodel import estimate_counts_gain, estimate_data_model, remove_hot_pixels
+from engine.measure.datamodel import NoiseModel, choose_noise_model, estimate_data_model, remove_hot_pixels
 from engine.physics.chemistry import assign_species, minimum_distance
 from engine.physics.forward import ForwardModel
 from engine.physics.profile import atom_profile
 
-__all__ = ["CHECKPOINT", "Reconstruction"]
+__all__ = ["CHECKPOINT", "Reconstruction", "create_fit"]
+
+
+def create_fit(series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True):
+    """The fit for these data and settings: counted data of one element (or none named) with the
+    one-Gaussian profile, no alignment refinement and no ``per_atom_shape`` go to the tied-atom
+    evidence fit (`engine.fit.counted`); everything else to the per-atom `Reconstruction`."""
+    from engine.fit.counted import CountedFit
+
+    noise = choose_noise_model(series, requested_noise(settings), settings.gain)
+    if (noise.kind == "poisson" and not settings.per_atom_shape and not settings.refine_alignment
+            and len(settings.species) <= 1 and settings.profile == "gaussian"):
+        return CountedFit(series, settings, out_dir, noise.gain, noise.reason, progress)
+    return Reconstruction(series, settings, out_dir, progress, noise)
 
 
 class Reconstruction:
@@ -43,11 +56,13 @@ class Reconstruction:
     end; an observer may read `iteration`, `history`, `geometry`, `atoms()` and
     `projection_images(k)`, and may block, but must not change the fit."""
 
-    def __init__(self, series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True):
+    def __init__(self, series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True,
+                 noise: NoiseModel | None = None):
         t0 = time.perf_counter()
         self.series, self.settings, self.out_dir = series, settings, Path(out_dir)
         self.source = series.source or "tilt series"
-        self.loss = loss_name(settings)
+        self.noise = noise or choose_noise_model(series, requested_noise(settings), settings.gain)
+        self.loss = "poisson" if self.noise.kind == "poisson" else "huber" if settings.robust else "l2"
         self.data = estimate_data_model(series, settings.blur)
         # What the loss sees: every pixel. What seeds, spawns and aligns: with the robust loss, the
         # images without isolated hot pixels (a back-projection would smear each into a streak).
@@ -59,9 +74,7 @@ class Reconstruction:
         self.screened = (self.normalised if screened is None  # one array, not a copy, for the usual losses
                          else (screened - self.data.background) / self.data.scale)
         self.d_min = minimum_distance(settings.species, settings.d_min)
-        self.gain = settings.gain
-        if self.loss == "poisson" and self.gain is None:
-            self.gain = estimate_counts_gain(series.projections, self.source)
+        self.gain = self.noise.gain
         refiner, geometry = None, series.get_geometry()
         if settings.refine_alignment:
             require_single_axis(series)
@@ -76,8 +89,9 @@ class Reconstruction:
         self.strategy = DensityControl(settings, volumes, self.d_min, rng)
         self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress)
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
+        self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
-        self.phase_seconds = {"prepare": time.perf_counter() - t0}
+        self.prepare_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ what an observer reads
     @property
@@ -95,6 +109,15 @@ class Reconstruction:
     @property
     def refiner(self) -> AlignmentRefiner | None:
         return self.problem.refiner
+
+    @property
+    def phase_seconds(self) -> dict:
+        thermal = {} if self.thermal_seconds is None else {"thermal": self.thermal_seconds}
+        return {"prepare": self.prepare_seconds, **self.trainer.phase_seconds, **thermal}
+
+    def report_extra(self) -> dict:
+        return {"model": "per-atom", "noise_model": {"kind": self.noise.kind, "gain": self.gain,
+                                                     "reason": self.noise.reason}}
 
     # ------------------------------------------------------------------ running
     def resume(self, checkpoint) -> None:
@@ -124,7 +147,7 @@ class Reconstruction:
             species = self._species(state["amp"] * self.data.scale, state["sigma"])[0]
             self.b_factors = calibrate_b_factors(state, species, self.series, self.geometry, self.data, self.loss,
                                                  self.gain, self.profile, self.d_min, s)
-            self.phase_seconds["thermal"] = time.perf_counter() - t0
+            self.thermal_seconds = time.perf_counter() - t0
         if observer is not None:
             observer(self)
         return self.atoms()

@@ -74,3 +74,33 @@ def initial_atoms(volumes: SeedVolumes, source: str) -> dict:
     total = float(np.mean(volumes.images.sum(axis=(1, 2)))) * volumes.pixel_size ** 2
     return {"pos": positions, "amp": np.full(len(positions), total / len(positions)),
             "sigma": np.full(len(positions), 0.35)}
+
+
+def visible_everywhere(projector, shape, pixel_size: float) -> np.ndarray:
+    """Voxels of ``projector``'s grid that project inside every image of a single-axis series: the
+    cylinder |(x, z)| ≤ half the image width (Å), the grid's full height."""
+    nx, ny, nz = projector.grid_shape
+    x = projector.origin[0] + np.arange(nx) * projector.voxel
+    z = projector.origin[2] + np.arange(nz) * projector.voxel
+    half = (shape[1] - 1) / 2 * pixel_size
+    return np.broadcast_to(((x[:, None] ** 2 + z[None, :] ** 2) <= half ** 2)[:, None, :], (nx, ny, nz)).copy()
+
+
+def mlem_with_background(counts: np.ndarray, projector, support: np.ndarray, iterations: int):
+    """Maximum-likelihood EM for counts λ_k = B_k + (P x)_k with x ≥ 0 on the ``support`` voxels and a
+    background B_k ≥ 0 per projection (counts per pixel). The background is one more 'voxel' that
+    projects uniformly, so its EM update is B_k ← B_k · mean_p(y/λ): no empty image frame is needed,
+    and it stays right when the specimen touches the image edge. Returns (x, B)."""
+    n = len(counts)
+    sensitivity = projector.backproject(np.ones_like(counts, np.float32)).astype(np.float64)
+    sensitivity = np.where(support, np.maximum(sensitivity, 1e-12), 1.0)
+    mean = counts.mean(axis=(1, 2))
+    background = 0.5 * mean  # any positive start; EM moves it
+    footprint = projector.project(support.astype(np.float32)).astype(np.float64)
+    signal = (mean - background).sum() / n * counts[0].size
+    x = support * (signal / max(footprint.sum() / n, 1e-12))
+    for _ in range(iterations):
+        ratio = counts / np.maximum(background[:, None, None] + projector.project(x.astype(np.float32)), 1e-9)
+        x = x * projector.backproject(ratio.astype(np.float32)) / sensitivity * support
+        background = background * ratio.mean(axis=(1, 2))
+    return x, background

@@ -32,12 +32,15 @@ FIT_SCHEMA = Schema("FitSettings", [
             parse=name_list),
     Setting("composition", dict, None, "expected fractions, e.g. Pt:0.6,Ni:0.4 (implies species)",
             parse=name_fractions),
-    Setting("noise", str, "gaussian", "noise model, i.e. the likelihood: gaussian (least squares) or poisson "
-            "(counted data)", choices=("gaussian", "poisson")),
+    Setting("noise", str, "auto", "noise model, i.e. the likelihood: auto (whole-number data are counts, "
+            "anything else Gaussian), gaussian (least squares) or poisson (counted data)",
+            choices=("auto", "gaussian", "poisson")),
     Setting("robust", bool, False, "gaussian noise: Huber loss beyond 3 σ, so outlier pixels (hot pixels, dust) "
             "pull linearly"),
     Setting("gain", float, None, "poisson: counts per data unit (not set: read off whole-count data)",
             check=positive),
+    Setting("per_atom_shape", bool, False, "counted data: every atom its own amplitude and width (default: "
+            "atoms of one element share them, 3 free parameters per atom)"),
     Setting("profile", str, "gaussian", "atom shape: one Gaussian, or a core and tail from the species' "
             "scattering factors (peng: needs species; more accurate, about 2x slower)", choices=("gaussian", "peng")),
     Setting("blur", float, None, "microscope blur σ (not set: from the file, else 0)", "Å", check=non_negative),
@@ -79,6 +82,6 @@ def fit_settings(values: dict | None = None, **overrides) -> FitSettings:
     return FIT_SCHEMA.make(values, **overrides)
 
 
-def loss_name(settings) -> str:
-    """The loss kernel's name for the settings' noise model: poisson, huber (robust) or l2."""
-    return "poisson" if settings.noise == "poisson" else "huber" if settings.robust else "l2"
+def requested_noise(settings) -> str:
+    """The noise model asked for: the robust loss is for Gaussian noise, so it implies 'gaussian'."""
+    return "gaussian" if settings.robust and settings.noise == "auto" else settings.noise

@@ -3,6 +3,7 @@ the device. Parameters move by −lr · direction, with one learning rate per pa
 step count per row (an atom, a projection), so rows born late, or left out of a mini-batch, get
 Adam's bias correction from their own first step."""
 
+import numpy as np
 import taichi as ti
 
 BETA1 = 0.9     # decay of the gradient's running mean
@@ -20,3 +21,34 @@ def adam_direction(g, m, v, steps):
     m_new = BETA1 * m + (1 - BETA1) * g
     v_new = BETA2 * v + (1 - BETA2) * g * g
     return (m_new / bias1) / (ti.sqrt(v_new / bias2) + EPSILON), m_new, v_new
+
+
+@ti.data_oriented
+class SharedParameters:
+    """A few parameters shared by many atoms (e.g. one element's log width), stepped by Adam on the
+    device; ``values`` is their host copy after each step."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, np.float64).copy()
+        n = len(self.values)
+        self.params = ti.field(ti.f32, n)
+        self.m = ti.field(ti.f32, n)
+        self.v = ti.field(ti.f32, n)
+        self.params.from_numpy(self.values.astype(np.float32))
+        self.steps = 0
+
+    @ti.kernel
+    def _step(self, grad: ti.types.ndarray(), lr: ti.types.ndarray(), steps: ti.f32):
+        for j in range(self.params.shape[0]):
+            direction, m, v = adam_direction(ti.Vector([grad[j]]), ti.Vector([self.m[j]]), ti.Vector([self.v[j]]),
+                                             steps)
+            self.m[j] = m[0]
+            self.v[j] = v[0]
+            self.params[j] -= lr[j] * direction[0]
+
+    def step(self, grad, lr) -> np.ndarray:
+        """One Adam step for gradients ``grad`` with learning rates ``lr`` (one per parameter)."""
+        self.steps += 1
+        self._step(np.asarray(grad, np.float32), np.asarray(lr, np.float32), float(self.steps))
+        self.values = self.params.to_numpy().astype(np.float64)
+        return self.values

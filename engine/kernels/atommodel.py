@@ -138,6 +138,19 @@ class AtomModel:
             self._render(cloud, i, n)  # right away: one kernel launch per step instead of two
 
     @ti.kernel
+    def _set_shape(self, cloud: ti.template(), n: ti.i32, log_amp: ti.f32, log_sigma: ti.f32):
+        for i in range(n):
+            self.log_amp[i] = log_amp
+            self.log_sigma[i] = log_sigma
+            self._render(cloud, i, n)
+
+    def set_shape(self, amplitude: float, sigma: float) -> None:
+        """Give every atom this amplitude and width σ (Å), keeping positions and optimiser state: atoms
+        whose shape is tied (one element's shared amplitude and width)."""
+        self._set_shape(self.cloud, self.count, float(np.log(amplitude)),
+                        float(np.log(np.clip(sigma, SIGMA_MIN, SIGMA_MAX))))
+
+    @ti.kernel
     def _transform(self, cloud: ti.template(), n: ti.i32, rotation: ti.types.matrix(3, 3, ti.f32),
                    translation: ti.types.vector(3, ti.f32), log_amp_shift: ti.f32):
         for i in range(n):

@@ -17,7 +17,6 @@ from engine.io.tiltseries import TiltSeries
 from engine.kernels.loss import HUBER_DELTA
 
 
-
 @dataclass
 class DataModel:
     """What is estimated from the data before fitting (never from a truth file)."""
@@ -42,6 +41,47 @@ def estimate_data_model(series: TiltSeries, blur: float | None, projections: np.
     if blur is None:  # not given: the file's, else none
         blur = series.blur_sigma if series.blur_sigma is not None else 0.0
     return DataModel(background=background, scale=scale, noise=max(spread / scale, 1e-6), blur=float(blur))
+
+
+@dataclass
+class NoiseModel:
+    """The likelihood a fit uses: 'poisson' (counted data, ``gain`` counts per data unit) or
+    'gaussian'; ``reason`` says why it was chosen (for the log and report.json)."""
+
+    kind: str
+    gain: float | None
+    reason: str
+
+
+def choose_noise_model(series: TiltSeries, requested: str = "auto", gain: float | None = None) -> NoiseModel:
+    """The noise model for ``series``: 'auto' takes whole-number, non-negative data as raw counts
+    (Poisson, gain 1), data on a lattice of whole counts times a constant as scaled counts (Poisson,
+    the gain read off the lattice), anything else as Gaussian; 'gaussian' and 'poisson' force it (a
+    ``gain`` in counts per data unit skips reading it off). Poisson data must not be negative."""
+    source = series.source or "tilt series"
+    p = np.asarray(series.projections)
+    if requested == "gaussian":
+        return NoiseModel("gaussian", None, "asked for (--noise gaussian)")
+    finite = p[np.isfinite(p)]
+    negative = finite.size and float(finite.min()) < 0
+    if requested == "poisson":
+        if negative:
+            raise InputError(source, "has negative values, which counted (Poisson) data cannot have; "
+                                     "use --noise gaussian for background-subtracted data")
+        if gain is not None:
+            return NoiseModel("poisson", float(gain), "asked for (--noise poisson), gain given")
+        return NoiseModel("poisson", estimate_counts_gain(p, source), "asked for (--noise poisson)")
+    if not negative and finite.size and np.all(finite == np.round(finite)):
+        return NoiseModel("poisson", 1.0 if gain is None else float(gain), "whole-number data: raw counts")
+    if not negative and finite.size:
+        try:
+            found = estimate_counts_gain(p, source)
+        except InputError:
+            pass
+        else:
+            return NoiseModel("poisson", found if gain is None else float(gain),
+                              f"the data are whole counts times {1 / found:.6g}: scaled counts")
+    return NoiseModel("gaussian", None, "not whole counts: Gaussian noise, σ from the data")
 
 
 def estimate_counts_gain(projections: np.ndarray, source: str = "tilt series") -> float:

@@ -1,0 +1,248 @@
+"""The fit of counted (Poisson) data with tied atoms: every atom of the element shares one amplitude A
+(expected counts per projection) and one footprint width s (Å, atom and blur together), so each
+atom has 3 free parameters, its position; each projection has its own background B_k (expected
+counts per pixel). Expected counts:
+
+    λ_kp = B_k + Σ_i A · N₂(p; π_k(r_i), s²)
+
+1. Seeds: maximum-likelihood EM of a voxel volume plus the backgrounds (`engine.fit.seeding`), atoms
+   at its peaks (one per d_min); A from the signal counts shared among them, then EM of A and B_k.
+2. Refinement: Adam (`engine.kernels.adam`) on positions and log s, EM updates of A and B_k.
+3. Cycles of refine → remove → refine → add by the evidence rule (`engine.fit.evidence`) until no
+   atom comes or goes, then the pair-merge test, a final refinement with a decaying rate, a last
+   removal and merge.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.fit.evidence import EvidenceSelection
+from engine.fit.seeding import mlem_with_background, visible_everywhere
+from engine.io.atoms import UNKNOWN_SPECIES, Atoms
+from engine.kernels.adam import SharedParameters
+from engine.kernels.atommodel import AtomModel, AtomProfile
+from engine.kernels.evidence import LikelihoodGain
+from engine.kernels.projector import TiltSeriesProjector, pack_images
+from engine.kernels.volume import local_maxima, projector_for, suppress_close
+from engine.measure.datamodel import DataModel
+from engine.physics.chemistry import minimum_distance
+from engine.physics.forward import ForwardModel
+from engine.physics.structures import nearest_neighbour_distance
+
+SEED_VOXEL = 0.5          # Å: the ML-EM grid for seeds and candidates
+SEED_EM_ITERATIONS = 12   # enough to separate atoms from the background; more sharpens noise too
+START_WIDTH = 0.6         # Å: a light atom with a typical blur; the fit moves it
+WIDTH_RATE = 0.005        # Adam rate of the shared log width: its gradient sums over all atoms, and a
+                          # faster width lets pairs of atoms fuse into one double atom
+CYCLE_STEPS = 60          # refinement steps before each removal pass
+MAX_CYCLES = 15
+FINAL_STEPS = 200
+
+
+class CountedFit:
+    """Fit of ``series`` (counts = data × ``gain``) with ``settings``; same results interface as
+    `engine.fit.reconstruct.Reconstruction` (atoms, predicted, forward_model, history, …)."""
+
+    def __init__(self, series, settings, out_dir, gain: float, reason: str, progress: bool = True):
+        t0 = time.perf_counter()
+        self.series, self.settings, self.out_dir = series, settings, Path(out_dir)
+        self.progress, self.gain, self.loss = progress, float(gain), "poisson"
+        self.noise_reason = reason
+        self.counts = np.asarray(series.projections, np.float64) * self.gain
+        self.n, self.height, self.width = self.counts.shape
+        self.pixel_size = float(series.pixel_size)
+        self.geometry = series.get_geometry()
+        self.refiner = None
+        self.d_min = minimum_distance(settings.species, settings.d_min)
+        bond = min((nearest_neighbour_distance(s) for s in settings.species), default=self.d_min / 0.7)
+        self.projector = TiltSeriesProjector(self.geometry, (self.height, self.width), self.pixel_size, 0.0)
+        self.model = AtomModel(256, AtomProfile())
+        self.volumes = projector_for(self.n, (self.height, self.width), self.pixel_size, SEED_VOXEL)
+        self.volumes.set_geometry(self.geometry)
+        self.support = visible_everywhere(self.volumes, (self.height, self.width), self.pixel_size)
+        half_w, half_h = (self.width - 1) / 2 * self.pixel_size, (self.height - 1) / 2 * self.pixel_size
+        gain_kernel = LikelihoodGain(self.geometry, (self.height, self.width), self.pixel_size)
+        gain_kernel.set_counts(self.counts)
+        self.selection = EvidenceSelection(gain_kernel, math.pi * half_w ** 2 * 2 * half_h, self.in_support,
+                                           self.d_min, max(bond, self.d_min))
+        self.amplitude, self.shape_width = 0.0, START_WIDTH
+        self.background = np.zeros(self.n)
+        self.iteration, self.reason = 0, None
+        self.history = {"iteration": [], "loss": [], "atoms": []}
+        self.phase_seconds = {"prepare": time.perf_counter() - t0}
+        self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
+
+    # ------------------------------------------------------------------ model
+    def in_support(self, pos: np.ndarray) -> np.ndarray:
+        """The prior's support: the volume every projection sees (|(x, z)| ≤ half width, |y| ≤ half height)."""
+        half_w, half_h = (self.width - 1) / 2 * self.pixel_size, (self.height - 1) / 2 * self.pixel_size
+        return (pos[:, 0] ** 2 + pos[:, 2] ** 2 <= half_w ** 2) & (np.abs(pos[:, 1]) <= half_h)
+
+    def _upload(self, pos: np.ndarray) -> None:
+        n = len(pos)
+        if n > self.model.capacity:
+            self.model = AtomModel(1 << (n - 1).bit_length(), AtomProfile())
+        self.model.set_state({"pos": pos, "amp": np.full(n, self.amplitude * self.pixel_size ** 2),
+                              "sigma": np.full(n, self.shape_width)})
+        self.projector.ensure_capacity(self.model.cloud.capacity)
+
+    def positions(self) -> np.ndarray:
+        return self.model.get_state()["pos"]
+
+    def render(self, pos: np.ndarray | None = None) -> np.ndarray:
+        """Expected atom counts (n, H, W) of ``pos`` (default: the model's atoms)."""
+        if pos is not None:
+            saved = self.positions()
+            self._upload(pos)
+        images = np.zeros_like(self.counts)
+        if self.model.count:
+            self.projector.forward(self.model.cloud)  # its batch is every projection
+            images = self.projector.images_numpy()
+        if pos is not None:
+            self._upload(saved)
+        return images.astype(np.float64)
+
+    def expected(self) -> np.ndarray:
+        return self.background[:, None, None] + self.render()
+
+    def loglik(self, expected: np.ndarray) -> float:
+        """Σ y log λ − λ (the Poisson log-likelihood without its constant)."""
+        return float(np.sum(self.counts * np.log(np.maximum(expected, 1e-12)) - expected))
+
+    def _em_scalars(self, atoms: np.ndarray, iterations: int) -> None:
+        """EM updates of the amplitude and the backgrounds, positions and width fixed; ``atoms`` the
+        atoms' expected counts at the current amplitude."""
+        unit = atoms / max(self.amplitude, 1e-30)
+        for _ in range(iterations):
+            ratio = self.counts / np.maximum(self.background[:, None, None] + self.amplitude * unit, 1e-12)
+            total = float(unit.sum())
+            if total > 0:
+                self.amplitude *= float(np.sum(unit * ratio)) / total
+            self.background *= ratio.mean(axis=(1, 2))
+
+    def refine(self, steps: int, lr_position: float, decay: bool = False, observer=None) -> None:
+        """``steps`` steps: Adam on positions and the shared log width, EM of amplitude and backgrounds."""
+        if self.model.count == 0:
+            return
+        self._upload(self.positions())  # fresh Adam moments for this refinement
+        shared = SharedParameters([math.log(self.shape_width)])
+        for t in range(steps):
+            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps)) if decay else 1.0
+            atoms = self.render()
+            ratio = self.counts / np.maximum(self.background[:, None, None] + atoms, 1e-12)
+            self.projector.image_grad.from_numpy(pack_images(1.0 - ratio))
+            self.projector.backward(self.model.cloud, alignment=False)
+            width_grad = float(self.model.cloud.gradients()["sigma"].sum()) * self.shape_width  # d/dlog s
+            self.model.adam_step(lr_position * factor, 0.0, 0.0)
+            self.shape_width = math.exp(shared.step([width_grad], [WIDTH_RATE * factor])[0])
+            total = float(atoms.sum())
+            if total > 0:
+                self.amplitude *= float(np.sum(atoms * ratio)) / total
+            self.background *= ratio.mean(axis=(1, 2))
+            self.model.set_shape(self.amplitude * self.pixel_size ** 2, self.shape_width)
+            self.iteration += 1
+            if self.iteration % 10 == 0:
+                self._record()
+        if observer is not None:
+            observer(self)
+
+    def _record(self) -> None:
+        expected = self.expected()
+        self.history["iteration"].append(self.iteration)
+        self.history["loss"].append(-self.loglik(expected) / self.counts.size)
+        self.history["atoms"].append(self.model.count)
+
+    # ------------------------------------------------------------------ the schedule
+    def seed(self) -> np.ndarray:
+        volume, self.background = mlem_with_background(self.counts, self.volumes, self.support, SEED_EM_ITERATIONS)
+        pos, values = local_maxima(volume, self.volumes, self.d_min, 0.0, self.support)
+        pos, _ = suppress_close(pos, values, self.d_min)
+        signal = float(np.mean(self.counts.sum(axis=(1, 2)) - self.background * self.height * self.width))
+        self.amplitude = max(signal, 1e-6) / max(len(pos), 1)
+        return pos
+
+    def run(self, observer=None) -> Atoms:
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        if not np.any(self.counts > 0):
+            self.reason = "the series holds no counts"
+            self._upload(np.zeros((0, 3)))
+            return self.atoms()
+        self._upload(self.seed())
+        self._em_scalars(self.render(), 10)
+        self._upload(self.positions())
+        bar = tqdm(total=MAX_CYCLES, disable=not self.progress, unit="cycle", desc="detect", file=sys.stderr)
+        for cycle in range(MAX_CYCLES):
+            self.refine(CYCLE_STEPS, self.settings.lr_position, observer=observer)
+            drop = self.selection.remove(self.expected(), self.positions(), self.amplitude, self.shape_width)
+            self._upload(self.positions()[~drop])
+            if drop.any():
+                self.refine(CYCLE_STEPS // 3, self.settings.lr_position, observer=observer)
+            pos = self.positions()
+            added = self.selection.add(self.counts, self.expected(), pos, self.amplitude, self.shape_width,
+                                       self.volumes, self.support)
+            self._upload(np.concatenate([pos, added]) if len(added) else pos)
+            bar.update(1)
+            bar.set_postfix(atoms=self.model.count, removed=int(drop.sum()), added=len(added), refresh=False)
+            if not drop.any() and not len(added):
+                break
+        bar.close()
+        self._merge()
+        self.refine(FINAL_STEPS, 0.5 * self.settings.lr_position, decay=True, observer=observer)
+        drop = self.selection.remove(self.expected(), self.positions(), self.amplitude, self.shape_width)
+        self._upload(self.positions()[~drop])
+        if self._merge():
+            self.refine(FINAL_STEPS // 4, 0.25 * self.settings.lr_position, decay=True, observer=observer)
+        self._record()
+        self.phase_seconds["detect"] = time.perf_counter() - t0
+        if self.model.count == 0:
+            self.reason = "no atom passes the evidence rule: the data support none"
+        if observer is not None:
+            observer(self)
+        return self.atoms()
+
+    def _merge(self) -> int:
+        pos, merged = self.selection.merge(self.expected(), self.loglik, lambda p: self.render(p), self.positions(),
+                                           self.amplitude, self.shape_width)
+        self._upload(pos)
+        return merged
+
+    # ------------------------------------------------------------------ results
+    def atoms(self) -> Atoms:
+        """Positions (Å), amplitude (data units · Å², shared), width (the footprint σ, Å, blur
+        included), significance (log-likelihood gain over its penalty, nats), species when given."""
+        pos = self.positions()
+        order = np.lexsort(pos.T[::-1]) if len(pos) else np.zeros(0, int)
+        n = len(pos)
+        columns = {"amplitude": np.full(n, self.amplitude * self.pixel_size ** 2 / self.gain),
+                   "width": np.full(n, self.shape_width)}
+        if n:
+            gain, penalty = self.selection.significance(self.expected(), pos, self.amplitude, self.shape_width)
+            columns["significance"] = (gain - penalty)[order]
+        species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES
+        return Atoms(np.full(n, species), pos[order], columns)
+
+    def forward_model(self) -> ForwardModel:
+        """Data units: the backgrounds as per-projection offsets (B_k / gain)."""
+        return ForwardModel(self.geometry, (self.height, self.width), self.pixel_size, 0.0, AtomProfile(), 0.0,
+                            1.0 / self.gain, np.ones(self.n), self.background)
+
+    def predicted(self, indices=None) -> np.ndarray:
+        indices = np.arange(self.n) if indices is None else np.asarray(indices).reshape(-1)
+        return self.expected()[indices] / self.gain
+
+    def projection_images(self, index: int):
+        return self.series.projections[index].astype(np.float64), self.predicted([index])[0]
+
+    def report_extra(self) -> dict:
+        return {"model": "tied", "noise_model": {"kind": "poisson", "gain": self.gain, "reason": self.noise_reason},
+                "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
+                "background_counts": self.background.tolist(), "empty_reason": self.reason}
+
