@@ -6,6 +6,9 @@ Sizes (issue 3): (N = 2000, 90 tilts, 128² px, σ = 0.5 Å, pixel 0.3 Å) and (
 warm-up. The last line is one JSON object for the first size.
 
     python scripts/bench_projector.py [--arch cpu|cuda|vulkan] [--repeats 10] [--no-torch] [--first-only]
+                                      [--dtype float32|float64]
+
+--dtype float64 times the float64 kernels (CPU and CUDA only), which the tests use for tight gradient checks.
 """
 
 import argparse
@@ -55,14 +58,14 @@ def median_ms(fn, sync, repeats):
     return 1e3 * float(np.median(times))
 
 
-def bench_taichi(problem, px, repeats):
+def bench_taichi(problem, px, repeats, dtype="float32"):
     import taichi as ti
 
     pos, amp, sig, geometry, grad = problem
-    cloud = GaussianCloud(len(pos))
+    cloud = GaussianCloud(len(pos), dtype)
     cloud.set(pos, amp, sig)
-    projector = TiltSeriesProjector(geometry, (px, px), PIXEL, BLUR, capacity=len(pos))
-    projector.image_grad.from_numpy(pack_images(grad))
+    projector = TiltSeriesProjector(geometry, (px, px), PIXEL, BLUR, capacity=len(pos), dtype=dtype)
+    projector.image_grad.from_numpy(pack_images(grad, dtype))
     fwd = median_ms(lambda: projector.forward(cloud), ti.sync, repeats)
     bwd = median_ms(lambda: projector.backward(cloud), ti.sync, repeats)
     both = median_ms(lambda: (projector.forward(cloud), projector.backward(cloud)), ti.sync, repeats)
@@ -107,14 +110,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--first-only", action="store_true", help="only the first size")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="kernel precision")
     args = parser.parse_args()
     arch = init_backend(args.arch)
     results = []
     for size in SIZES[:1] if args.first_only else SIZES:
         problem = make_problem(**size)
-        fwd, bwd, both = bench_taichi(problem, size["px"], args.repeats)
+        fwd, bwd, both = bench_taichi(problem, size["px"], args.repeats, args.dtype)
         evaluations = footprint_pixels(problem[0], problem[3], size["px"])
-        line = (f"[{arch}] N={size['n']} tilts={size['tilts']} {size['px']}^2 px: forward {fwd:.1f} ms, "
+        line = (f"[{arch}, {args.dtype}] N={size['n']} tilts={size['tilts']} {size['px']}^2 px: forward {fwd:.1f} ms, "
                 f"backward {bwd:.1f} ms, forward+backward {both:.1f} ms; "
                 f"{evaluations / (fwd * 1e-3) / 1e9:.2f} G Gaussian-pixel evaluations/s (forward)")
         torch_ms = None
@@ -127,7 +131,7 @@ def main():
             except ImportError:
                 line += "; torch not installed (pip install '.[bench]')"
         print(line, flush=True)
-        results.append({"arch": arch, "n": size["n"], "fwd_ms": round(fwd, 2), "bwd_ms": round(bwd, 2),
+        results.append({"arch": arch, "dtype": args.dtype, "n": size["n"], "fwd_ms": round(fwd, 2), "bwd_ms": round(bwd, 2),
                         "fwdbwd_ms": round(both, 2), "torch_fwdbwd_ms": None if torch_ms is None else round(torch_ms, 1),
                         "speedup_vs_torch": None if torch_ms is None else round(torch_ms / both, 2)})
     print(json.dumps(results[0]))

@@ -1,14 +1,18 @@
-"""The data term (engine.fit) against a NumPy float64 model: losses, dL/dimage, and the gradients of
-the per-projection intensity scale and offset; and reading the gain off counted data."""
+"""The data term (engine.kernels.loss) against a NumPy float64 model: losses, dL/dimage, and the
+gradients of the per-projection intensity scale and offset (float32 kernels, loose tolerances); the
+float64 kernels against central differences of their own loss (tight); and reading the gain off
+counted data."""
 
 import numpy as np
 import pytest
+import taichi as ti
 
 from engine.core.errors import InputError
 from engine.kernels.loss import HUBER_DELTA, FitTarget
 from engine.measure.datamodel import DataModel, estimate_counts_gain, remove_hot_pixels
 from engine.core.geometry import TiltGeometry
-from engine.kernels.projector import TiltSeriesProjector, pack_images
+from engine.kernels.projector import (FLOAT64_UNSUPPORTED, LANES, TiltSeriesProjector, blocks_per_row, pack_images,
+                                      supports_float64, unpack_images)
 
 SHAPE = (12, 19)  # 19 columns: the last 8-pixel block has padding lanes that must not count
 DATA = DataModel(background=0.2, scale=3.0, noise=0.05, blur=0.0)
@@ -28,7 +32,7 @@ def numpy_loss(kind, rendered, measured, scale, offset):
     return 0.5 * r * r
 
 
-def problem(kind, seed=0):
+def problem(kind, seed=0, dtype=ti.f32):
     rng = np.random.default_rng(seed)
     n = 3
     rendered = rng.uniform(0.2, 1.0, (n,) + SHAPE)
@@ -37,9 +41,10 @@ def problem(kind, seed=0):
         measured.reshape(-1)[rng.choice(measured.size, 20, replace=False)] += 1.0
     scale = rng.uniform(0.9, 1.1, n)
     offset = rng.uniform(-0.05, 0.05, n)
-    projector = TiltSeriesProjector(TiltGeometry.from_tilt_angles(np.zeros(n)), SHAPE, 0.3)
-    target = FitTarget(projector, measured, kind, DATA, GAIN)
-    projector.image.from_numpy(pack_images(rendered))
+    projector = TiltSeriesProjector(TiltGeometry.from_tilt_angles(np.zeros(n)), SHAPE, 0.3, dtype=dtype)
+    target = FitTarget(measured, kind, DATA, GAIN, image=projector.image, image_grad=projector.image_grad,
+                       batch=projector.batch)
+    projector.image.from_numpy(pack_images(rendered, projector.np_dtype))
     target.set_intensity(scale, offset)
     return projector, target, rendered, measured, scale, offset
 
@@ -50,7 +55,7 @@ def test_loss_and_gradients_match_numpy(arch, kind):
     n = len(scale)
     target.residual(n, 1.0)
     expected = numpy_loss(kind, rendered, measured, scale, offset)
-    assert target.loss_value() == pytest.approx(expected.mean(), rel=1e-4)
+    assert target.loss_value(n) == pytest.approx(expected.mean(), rel=1e-4)
 
     def total(r=rendered, c=scale, b=offset):
         return numpy_loss(kind, r, measured, c, b).sum()
@@ -77,11 +82,84 @@ def test_huber_tempers_outliers_that_l2_squares(arch):
     for target in (huber, l2):
         target.residual(3, 1.0)
     outlier = np.argmax(np.abs(measured - scale[:, None, None] * rendered - offset[:, None, None]))
-    grad_huber = huber.projector.images_numpy(huber.projector.image_grad).reshape(-1)[outlier]
-    grad_l2 = l2.projector.images_numpy(l2.projector.image_grad).reshape(-1)[outlier]
+    grad_huber = unpack_images(huber.image_grad.to_numpy(), SHAPE[1]).reshape(-1)[outlier]
+    grad_l2 = unpack_images(l2.image_grad.to_numpy(), SHAPE[1]).reshape(-1)[outlier]
     # Huber caps |dL/dpred| at δ/σ; the squared loss grows with the residual (~1/σ² per unit).
     assert abs(grad_huber) <= HUBER_DELTA / DATA.noise * 1.2 * scale.max()
     assert abs(grad_l2) > 5 * abs(grad_huber)
+
+
+@pytest.mark.parametrize("kind", ["l2", "huber", "poisson"])
+def test_float64_loss_gradients_match_finite_differences(arch, kind):
+    # The float64 kernels' own loss, differenced centrally: dL/dimage at pixels across the image (the
+    # last column sits in a block with padding lanes), dL/dc_k and dL/db_k; and the loss itself against
+    # the NumPy model, now to rounding.
+    if not supports_float64(arch):
+        pytest.skip(FLOAT64_UNSUPPORTED)
+    projector, target, rendered, measured, scale, offset = problem(kind, dtype=ti.f64)
+    n = len(scale)
+    target.residual(n, 1.0)
+    grads = target.intensity_gradients()
+    image_grad = unpack_images(projector.image_grad.to_numpy(), SHAPE[1])
+    expected = numpy_loss(kind, rendered, measured, scale, offset)
+    assert target.loss_value(n) == pytest.approx(expected.mean(), rel=1e-12)
+
+    def total(r=rendered, c=scale, b=offset, k=None):
+        """The kernels' loss summed over all projections, or over projection k alone (a batch of one:
+        a smaller sum, less rounding for the differences of one pixel)."""
+        projector.image.from_numpy(pack_images(r, np.float64))
+        target.set_intensity(c, b)
+        projector.set_batch(np.arange(n) if k is None else [k])
+        return target.loss_value(projector.batch_size) * projector.batch_size * SHAPE[0] * SHAPE[1]
+
+    # Steps: small enough that no Huber residual crosses the kink (the loss is only C¹ there), large
+    # enough that the rounding of the sums stays far below the tolerance.
+    h = {"l2": 1e-5, "huber": 1e-6, "poisson": 1e-5}[kind]
+    rtol = 1e-6
+    eye = np.eye(n)
+    fd_scale = np.array([(total(c=scale + h * e) - total(c=scale - h * e)) / (2 * h) for e in eye])
+    fd_offset = np.array([(total(b=offset + h * e) - total(b=offset - h * e)) / (2 * h) for e in eye])
+    assert np.abs(grads["scale"] - fd_scale).max() <= rtol * np.abs(fd_scale).max()
+    assert np.abs(grads["offset"] - fd_offset).max() <= rtol * np.abs(fd_offset).max()
+    rng = np.random.default_rng(5)
+    picks = [(0, 0, 0), (1, 5, 18), (2, 11, 7), (0, 11, 18)] + [tuple(rng.integers((n,) + SHAPE)) for _ in range(12)]
+    fd, got = [], []
+    for k, r, c in picks:
+        e = np.zeros_like(rendered)
+        e[k, r, c] = h
+        fd.append((total(r=rendered + e, k=k) - total(r=rendered - e, k=k)) / (2 * h))
+        got.append(image_grad[k, r, c])
+    fd, got = np.array(fd), np.array(got)
+    assert np.abs(got - fd).max() <= rtol * np.abs(fd).max()
+
+
+def test_residual_reads_and_writes_only_the_fields_and_batch_it_is_given(arch):
+    # No projector: plain fields in the documented packed layout, a batch of two projections of
+    # three, a mini-batch scale. Projection 1 is outside the batch and keeps what it held.
+    n = 3
+    packed = (n, SHAPE[0], blocks_per_row(SHAPE[1]))
+    image, image_grad = ti.Vector.field(LANES, ti.f32, packed), ti.Vector.field(LANES, ti.f32, packed)
+    batch = ti.field(ti.i32, 2)
+    batch.from_numpy(np.array([2, 0], np.int32))
+    rng = np.random.default_rng(6)
+    rendered = rng.uniform(0.2, 1.0, (n,) + SHAPE)
+    measured = rendered + rng.normal(0, DATA.noise, rendered.shape)
+    image.from_numpy(pack_images(rendered))
+    sentinel = np.full((n,) + SHAPE, 7.0)
+    image_grad.from_numpy(pack_images(sentinel))
+    target = FitTarget(measured, "l2", DATA, GAIN, image=image, image_grad=image_grad, batch=batch)
+    scale, offset = np.array([1.1, 0.9, 1.05]), np.array([0.01, -0.02, 0.0])
+    target.set_intensity(scale, offset)
+    target.residual(2, 1.5)
+    got = unpack_images(image_grad.to_numpy(), SHAPE[1])
+    pred = scale[:, None, None] * rendered + offset[:, None, None]
+    want = 1.5 * scale[:, None, None] * (pred - measured) / DATA.noise**2
+    assert np.array_equal(got[1], sentinel[1])
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert target.loss_value(2) == pytest.approx(numpy_loss("l2", rendered, measured, scale, offset)[[2, 0]].mean(),
+                                                 rel=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        FitTarget(measured[:, :, :8], "l2", DATA, GAIN, image=image, image_grad=image_grad, batch=batch)
 
 
 @pytest.mark.parametrize("counts", [25.0, 1e3, 1e5])

@@ -1,16 +1,28 @@
 """The Gaussian projector against a plain NumPy float64 model of the same physics.
 
 The reference below re-derives everything from GEOMETRY.md (R_y, pixel centres) without the engine's
-geometry module, evaluates every Gaussian on every pixel (no truncation, no recurrences), and gives
-both the images and their analytic gradients. Finite differences check the reference and the kernels.
+geometry module, evaluates every Gaussian on every pixel (no recurrences; no truncation unless asked
+for), and gives both the images and their analytic gradients. Finite differences check the reference,
+and check the real kernels twice: the float32 kernels against differences of the reference (loose,
+float32 rounding), the float64 kernels against differences of themselves (tight: the adjoint is the
+exact derivative of the truncated forward model).
 """
 
 import numpy as np
 import pytest
+import taichi as ti
 
-from engine.core.geometry import TiltGeometry
-from engine.kernels.projector import (TRUNCATION_RELATIVE_ERROR, GaussianCloud, TiltSeriesProjector, pack_images,
-                              project_tilt_series, project_tilt_series_adjoint)
+from engine.core.geometry import TiltGeometry, tilt_rotation
+from engine.kernels.projector import (FLOAT64_UNSUPPORTED, TRUNCATION_RADIUS_SIGMAS, TRUNCATION_RELATIVE_ERROR,
+                                      GaussianCloud, TiltSeriesProjector, pack_images, project_tilt_series,
+                                      project_tilt_series_adjoint, supports_float64, unpack_images)
+
+FLOAT64_RTOL = 1e-7  # float64 kernels against their own central differences, relative to the largest
+
+
+def require_float64(arch):
+    if not supports_float64(arch):
+        pytest.skip(FLOAT64_UNSUPPORTED)
 
 
 def rot_y(theta_deg):
@@ -23,11 +35,12 @@ def rot_z(phi_deg):
     return np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
 
 
-def reference(pos, amp, sig, angles, shifts, shape, ps, blur, image_grad=None, axis_deg=None):
+def reference(pos, amp, sig, angles, shifts, shape, ps, blur, image_grad=None, axis_deg=None, truncate=False):
     """Images (n, H, W) and, given dL/dimage, gradients of L = Σ image_grad · images.
 
     ``axis_deg`` (n,): each projection's in-plane tilt-axis angle φ, R = R_z(φ) R_y(θ) R_z(−φ);
-    the analytic 'angle' gradient holds for φ = 0 only."""
+    the analytic 'angle' gradient holds for φ = 0 only. ``truncate``: drop every pixel outside the
+    square |dx|, |dy| ≤ R s of each footprint, as the kernels do (R = TRUNCATION_RADIUS_SIGMAS)."""
     h, w = shape
     xs = (np.arange(w) - (w - 1) / 2) * ps
     ys = (np.arange(h) - (h - 1) / 2) * ps
@@ -45,6 +58,9 @@ def reference(pos, amp, sig, angles, shifts, shape, ps, blur, image_grad=None, a
             dx = xs[None, :] - (q[0] + shifts[k, 0])
             dy = ys[:, None] - (q[1] + shifts[k, 1])
             e = np.exp(-(dx**2 + dy**2) / (2 * s2[g])) / (2 * np.pi * s2[g])
+            if truncate:
+                reach = TRUNCATION_RADIUS_SIGMAS * np.sqrt(s2[g])
+                e = e * ((np.abs(dx) <= reach) & (np.abs(dy) <= reach))
             images[k] += amp[g] * e
             if image_grad is None:
                 continue
@@ -238,3 +254,110 @@ def test_cpu_results_are_bit_identical_run_to_run(arch):
                      projector.grad_angle.to_numpy()])
     for a, b in zip(*runs):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- float64 kernels
+
+def axis_geometry(angles, shifts, axis_deg):
+    """A single-axis geometry whose in-plane tilt-axis angle φ may differ per projection."""
+    rotations = np.stack([tilt_rotation(t, p) for t, p in zip(angles, axis_deg)])
+    phi = np.deg2rad(axis_deg)
+    return TiltGeometry(rotations, shifts, np.stack([-np.sin(phi), np.cos(phi)], -1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float64_forward_matches_truncated_reference(arch, seed):
+    # With the same truncation as the kernels, only rounding is left: the float64 path carries no
+    # float32 constant or accumulator (those would show at ~1e-7), and the CPU's exp recurrence stays exact.
+    require_float64(arch)
+    problem = random_problem(seed)
+    ref, _ = reference(*problem, truncate=True)
+    got = engine_call(project_tilt_series, *problem, dtype=np.float64)
+    assert got.dtype == np.float64
+    assert np.abs(got - ref).max() <= 1e-12 * ref.max()
+
+
+@pytest.mark.parametrize("seed, axis", [(7, 0.0), (9, 7.0)])
+def test_float64_kernel_gradients_match_finite_differences(arch, seed, axis):
+    # Central differences of the float64 forward kernel against the float64 adjoint: positions,
+    # amplitudes, widths, shifts, tilt-angle offsets, and each projection's share of dL/dφ (its own φ
+    # moved alone), for a series with the tilt axis along +y and one turned by 7°.
+    require_float64(arch)
+    pos, amp, sig, angles, shifts, shape, ps, blur = random_problem(seed, n=5)
+    phi = np.full(len(angles), axis)
+    image_grad = np.random.default_rng(seed + 1).normal(size=(4,) + shape)
+    got = project_tilt_series_adjoint(pos, amp, sig, axis_geometry(angles, shifts, phi), shape, ps, image_grad, blur,
+                                      dtype=np.float64)
+
+    def loss(p=pos, a=amp, s=sig, ang=angles, sh=shifts, ph=phi):
+        images = project_tilt_series(p, a, s, axis_geometry(ang, sh, ph), shape, ps, blur, dtype=np.float64)
+        return np.sum(image_grad * images)
+
+    h = 1e-5
+    for name, value, call in [("pos", pos, lambda v: loss(p=v)), ("amp", amp, lambda v: loss(a=v)),
+                              ("sigma", sig, lambda v: loss(s=v)), ("shift", shifts, lambda v: loss(sh=v)),
+                              ("angle", angles, lambda v: loss(ang=v)), ("axis_angle", phi, lambda v: loss(ph=v))]:
+        fd = central_differences(call, value, h)
+        assert np.abs(got[name] - fd).max() <= FLOAT64_RTOL * np.abs(fd).max(), name
+
+
+def test_float64_adjoint_identity(arch):
+    require_float64(arch)
+    pos, amp, sig, angles, shifts, shape, ps, blur = random_problem(11, n=9)
+    rng = np.random.default_rng(12)
+    x = rng.uniform(0.1, 1.0, len(pos))
+    y = rng.normal(size=(4,) + shape)
+    ax = engine_call(project_tilt_series, pos, x, sig, angles, shifts, shape, ps, blur, dtype=np.float64)
+    aty = engine_call(project_tilt_series_adjoint, pos, x, sig, angles, shifts, shape, ps, blur, y,
+                      dtype=np.float64)["amp"]
+    lhs, rhs = np.sum(ax * y), np.sum(x * aty)
+    assert abs(lhs - rhs) <= 1e-13 * np.sqrt(np.sum(ax**2) * np.sum(y**2))
+
+
+def test_float64_is_refused_where_unsupported(arch):
+    if supports_float64(arch):
+        cloud = GaussianCloud(4, ti.f64)
+        projector = TiltSeriesProjector(TiltGeometry.from_tilt_angles([0.0]), (8, 8), 0.3, dtype=np.float64)
+        with pytest.raises(ValueError, match="float32"):  # precisions must match
+            projector.forward(GaussianCloud(4))
+        assert cloud.dtype == projector.dtype == ti.f64
+    else:
+        with pytest.raises(ValueError, match="float64"):
+            TiltSeriesProjector(TiltGeometry.from_tilt_angles([0.0]), (8, 8), 0.3, dtype=ti.f64)
+
+
+# ---------------------------------------------------------------------------- rendering outside the batch
+
+def test_render_leaves_the_training_state_alone(arch):
+    pos, amp, sig, angles, shifts, shape, ps, blur = random_problem(14)
+    geometry = TiltGeometry.from_tilt_angles(angles, shifts)
+    cloud = GaussianCloud(len(pos))
+    cloud.set(pos, amp, sig)
+    projector = TiltSeriesProjector(geometry, shape, ps, blur, capacity=len(pos))
+    projector.set_batch([1, 3])
+    projector.forward(cloud)
+    projector.image_grad.from_numpy(pack_images(np.random.default_rng(2).normal(size=(4,) + shape)))
+    projector.backward(cloud)
+
+    def state():
+        return [projector.batch.to_numpy(), projector.batch_numpy(), projector.image.to_numpy(),
+                projector.image_grad.to_numpy(), projector.grad_shift.to_numpy(), projector.grad_angle.to_numpy(),
+                cloud.grad_pos.to_numpy(), cloud.grad_sigma.to_numpy()]
+
+    before = state()
+    rendered = projector.render(cloud, [0, 3, 0])
+    assert rendered.shape == (3,) + shape and rendered.dtype == np.float32
+    for a, b in zip(before, state()):
+        assert np.array_equal(a, b)
+    assert projector.batch_size == 2
+    # the same pixels the training path renders, and a projection the batch never held
+    trained = unpack_images(before[2], shape[1])[3]
+    if arch == "cpu":
+        assert np.array_equal(rendered[1], trained)
+    else:  # GPUs scatter with atomics, in no fixed order
+        np.testing.assert_allclose(rendered[1], trained, rtol=0, atol=1e-6 * trained.max())
+    assert np.array_equal(rendered[0], rendered[2])
+    ref, _ = reference(pos, amp, sig, angles, shifts, shape, ps, blur)
+    assert np.abs(rendered[0] - ref[0]).max() <= 1e-5 * ref.max()
+    with pytest.raises(ValueError):
+        projector.render(cloud, [4])

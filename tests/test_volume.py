@@ -32,6 +32,25 @@ def test_projector_pair_is_adjoint(arch):
     assert abs(lhs - rhs) <= 1e-5 * np.sqrt(np.sum(projector.project(v) ** 2) * np.sum(y**2)) * 10
 
 
+def test_float64_projector_pair_is_adjoint_to_rounding(arch):
+    # No exp or log here, so Vulkan runs float64 too where the device has 64-bit floats (lavapipe does).
+    angles = np.arange(-60.0, 61.0, 10.0)
+    projector = VoxelProjector(len(angles), (30, 34), 0.4, GRID, ORIGIN, 0.5, dtype=np.float64)
+    projector.set_geometry(TiltGeometry.from_tilt_angles(angles, np.random.default_rng(1).uniform(-1, 1, (13, 2))))
+    rng = np.random.default_rng(0)
+    v = rng.random(GRID)
+    y = rng.normal(size=(projector.n_proj, 30, 34))
+    try:
+        av = projector.project(v)
+    except RuntimeError as error:  # a Vulkan device without shaderFloat64 fails to compile
+        if arch == "cpu":
+            raise
+        pytest.skip(f"no float64 on this {arch} device: {error}")
+    assert av.dtype == np.float64
+    lhs, rhs = np.sum(av * y), np.sum(v * projector.backproject(y))
+    assert abs(lhs - rhs) <= 1e-13 * np.sqrt(np.sum(av**2) * np.sum(y**2))
+
+
 def test_projection_conserves_mass_and_lands_at_the_contract_position(arch):
     projector = make_projector(angles=np.array([0.0, 30.0]))
     v = np.zeros(GRID)

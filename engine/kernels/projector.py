@@ -24,6 +24,17 @@ Parallel decomposition: on the CPU each thread renders whole projections with pl
 atomics, bit-identical run to run); on GPUs every (projection, Gaussian) pair is a thread and the
 forward scatter uses atomic adds. The adjoint gathers each pair into a private slot and reduces per
 Gaussian and per projection in a fixed order, so it needs no atomics anywhere.
+
+Precision: every class takes ``dtype`` (ti.f32, the default, or ti.f64; NumPy float types are
+accepted too). Every field, kernel-local accumulator and constant follows it; Taichi would otherwise
+type bare float literals and `ti.Vector([0.0, …])` as f32 whatever the fields are, so constants go
+through ``self.dtype(value)``. Float64 runs on the CPU and CUDA backends; Vulkan has no 64-bit exp
+(SPIR-V's GLSL.std.450 takes 16- and 32-bit floats only), so there it is refused (`supports_float64`).
+Float64 is for checking the adjoint against finite differences with tight tolerances, not for fits.
+
+Compiled kernels belong to their object (a data-oriented instance compiles its own), so objects worth
+reusing are shared per Taichi session by `cached_cloud` and `cached_projector`, keyed by sizes and
+dtype; the NumPy entry points `project_tilt_series` and `project_tilt_series_adjoint` go through them.
 """
 
 import math
@@ -45,15 +56,49 @@ SUM_SLOTS = CHUNK_BLOCKS + 2  # adjoint scratch vectors per pair: column sums, t
 CPU_TASK_SPREAD = 512
 
 
+FLOAT64_UNSUPPORTED = ("float64 kernels need the CPU or CUDA backend: Vulkan has no 64-bit exp or log "
+                       "(SPIR-V GLSL.std.450 takes 16- and 32-bit floats only)")
+
+
+def float_types(dtype) -> tuple:
+    """(Taichi type, NumPy type) of a float dtype given as ti.f32/ti.f64, np.float32/np.float64 or a name."""
+    if isinstance(dtype, type(ti.f32)):
+        if dtype == ti.f32:
+            return ti.f32, np.float32
+        if dtype == ti.f64:
+            return ti.f64, np.float64
+    elif dtype is not None:
+        np_type = np.dtype(dtype).type
+        if np_type is np.float32:
+            return ti.f32, np.float32
+        if np_type is np.float64:
+            return ti.f64, np.float64
+    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+
+
+def supports_float64(arch: str | None = None) -> bool:
+    """Whether the backend (default: the running one) can run the float64 projector and loss kernels."""
+    return (arch or current_arch()) != "vulkan"
+
+
+def _check_dtype(dtype):
+    ti_type, np_type = float_types(dtype)
+    if ti_type == ti.f64 and not supports_float64():
+        raise ValueError(FLOAT64_UNSUPPORTED)
+    return ti_type, np_type
+
+
 def blocks_per_row(width: int) -> int:
     return (int(width) + LANES - 1) // LANES
 
 
-def pack_images(images: np.ndarray) -> np.ndarray:
-    """(n, H, W) → (n, H, W/8 rounded up, 8) float32, zero-padded: the device layout of images."""
-    images = np.asarray(images, dtype=np.float32)
+def pack_images(images: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """(n, H, W) → (n, H, W/8 rounded up, 8) of ``dtype``, zero-padded: the device layout of images
+    (a field of shape (n, H, W/8) of LANES-vectors)."""
+    np_type = float_types(dtype)[1]
+    images = np.asarray(images, dtype=np_type)
     n, h, w = images.shape
-    padded = np.zeros((n, h, blocks_per_row(w) * LANES), np.float32)
+    padded = np.zeros((n, h, blocks_per_row(w) * LANES), np_type)
     padded[:, :, :w] = images
     return padded.reshape(n, h, -1, LANES)
 
@@ -69,29 +114,32 @@ class GaussianCloud:
     """Device fields of N isotropic 3D Gaussians and their gradients.
 
     pos (Å, world frame), amp (integrated weight, image units · Å²), sigma (Å); grad_* hold dL/d·.
-    Fields are allocated for ``capacity`` Gaussians; the first ``count`` are live.
+    Fields are allocated for ``capacity`` Gaussians of ``dtype`` (ti.f32 or ti.f64); the first
+    ``count`` are live.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype=ti.f32):
         self.capacity = max(int(capacity), 1)
         self.count = 0
-        self.pos = ti.Vector.field(3, ti.f32, self.capacity)
-        self.amp = ti.field(ti.f32, self.capacity)
-        self.sigma = ti.field(ti.f32, self.capacity)
-        self.grad_pos = ti.Vector.field(3, ti.f32, self.capacity)
-        self.grad_amp = ti.field(ti.f32, self.capacity)
-        self.grad_sigma = ti.field(ti.f32, self.capacity)
+        self.dtype, self.np_dtype = _check_dtype(dtype)
+        self.pos = ti.Vector.field(3, self.dtype, self.capacity)
+        self.amp = ti.field(self.dtype, self.capacity)
+        self.sigma = ti.field(self.dtype, self.capacity)
+        self.grad_pos = ti.Vector.field(3, self.dtype, self.capacity)
+        self.grad_amp = ti.field(self.dtype, self.capacity)
+        self.grad_sigma = ti.field(self.dtype, self.capacity)
 
     def set(self, positions, amplitudes, sigmas) -> None:
         """Upload N Gaussians (NumPy arrays: (N, 3) Å, (N,), (N,) Å); N must fit the capacity."""
-        positions = np.asarray(positions, dtype=np.float32).reshape(-1, 3)
+        dt = self.np_dtype
+        positions = np.asarray(positions, dtype=dt).reshape(-1, 3)
         n = len(positions)
         if n > self.capacity:
             raise ValueError(f"{n} Gaussians exceed the cloud's capacity {self.capacity}")
         pad = self.capacity - n
         self.pos.from_numpy(np.pad(positions, ((0, pad), (0, 0))))
-        self.amp.from_numpy(np.pad(np.broadcast_to(np.asarray(amplitudes, np.float32), (n,)), (0, pad)))
-        self.sigma.from_numpy(np.pad(np.broadcast_to(np.asarray(sigmas, np.float32), (n,)), (0, pad),
+        self.amp.from_numpy(np.pad(np.broadcast_to(np.asarray(amplitudes, dt), (n,)), (0, pad)))
+        self.sigma.from_numpy(np.pad(np.broadcast_to(np.asarray(sigmas, dt), (n,)), (0, pad),
                                      constant_values=1.0))
         self.count = n
 
@@ -111,33 +159,42 @@ class TiltSeriesProjector:
     pixel_size : Å per pixel.
     blur_sigma : microscope blur b (Å), added in quadrature to every Gaussian's width.
     capacity   : the largest number of Gaussians the adjoint buffer must hold (grows on demand).
+    dtype      : ti.f32 (default) or ti.f64, of every field and kernel; clouds must match it.
 
-    Fields (images in the packed layout of `pack_images`): ``image`` predicted projections,
-    ``image_grad`` dL/dimage (written by the caller or a loss kernel; padding lanes must stay 0),
-    ``grad_shift`` (n, 2) dL/dshift per Å, ``grad_angle`` (n,) dL/d(tilt-angle offset) per degree
-    about each projection's tilt axis, ``grad_axis_angle`` (n,) each projection's share of dL/dφ per
-    degree, φ the in-plane tilt-axis angle of a single-axis series (`geometry.tilt_rotation`).
+    Training path: `set_batch` chooses the projections, `forward` renders them into ``image``, the
+    caller (or a loss kernel) writes ``image_grad``, `backward` fills the gradients. `render` draws any
+    projections into NumPy through fields of its own, leaving all of that untouched.
+
+    Fields (images in the packed layout of `pack_images`: shape (n, H, W/8 rounded up) of LANES-vectors,
+    indexed by projection): ``image`` predicted projections, ``image_grad`` dL/dimage (written by the
+    caller or a loss kernel; padding lanes must stay 0), ``batch`` (n,) i32 the current batch's
+    projection indices in its first ``batch_size`` entries, ``grad_shift`` (n, 2) dL/dshift per Å,
+    ``grad_angle`` (n,) dL/d(tilt-angle offset) per degree about each projection's tilt axis,
+    ``grad_axis_angle`` (n,) each projection's share of dL/dφ per degree, φ the in-plane tilt-axis
+    angle of a single-axis series (`geometry.tilt_rotation`).
     """
 
     def __init__(self, geometry: TiltGeometry, shape, pixel_size: float, blur_sigma: float = 0.0,
-                 capacity: int = 1):
+                 capacity: int = 1, dtype=ti.f32):
+        self.dtype, self.np_dtype = _check_dtype(dtype)
         self.n_proj = len(geometry)
         self.height, self.width = (int(v) for v in shape)
         self.row_blocks = blocks_per_row(self.width)
         self.pixel_size = float(pixel_size)
         self.blur_sigma = float(blur_sigma)
         self.on_cpu = current_arch() == "cpu"
-        self.rot = ti.Matrix.field(3, 3, ti.f32, self.n_proj)
-        self.shift = ti.Vector.field(2, ti.f32, self.n_proj)
-        self.axis = ti.Vector.field(2, ti.f32, self.n_proj)
+        self.rot = ti.Matrix.field(3, 3, self.dtype, self.n_proj)
+        self.shift = ti.Vector.field(2, self.dtype, self.n_proj)
+        self.axis = ti.Vector.field(2, self.dtype, self.n_proj)
         image_shape = (self.n_proj, self.height, self.row_blocks)
-        self.image = ti.Vector.field(LANES, ti.f32, image_shape)
-        self.image_grad = ti.Vector.field(LANES, ti.f32, image_shape)
-        self.grad_shift = ti.Vector.field(2, ti.f32, self.n_proj)
-        self.grad_angle = ti.field(ti.f32, self.n_proj)
-        self.grad_axis_angle = ti.field(ti.f32, self.n_proj)
+        self.image = ti.Vector.field(LANES, self.dtype, image_shape)
+        self.image_grad = ti.Vector.field(LANES, self.dtype, image_shape)
+        self.grad_shift = ti.Vector.field(2, self.dtype, self.n_proj)
+        self.grad_angle = ti.field(self.dtype, self.n_proj)
+        self.grad_axis_angle = ti.field(self.dtype, self.n_proj)
         self.batch = ti.field(ti.i32, self.n_proj)
         self.batch_size = 0
+        self._render_fields = None  # (image, batch) of `render`, allocated on its first call
         self.pair_capacity = 0
         self.ensure_capacity(capacity)
         self.set_geometry(geometry)
@@ -148,27 +205,38 @@ class TiltSeriesProjector:
         if capacity > self.pair_capacity:
             self.pair_capacity = int(capacity)
             # dL/du, dL/dv (per Å), dL/da, dL/d(s²) (per Å²) of every (batch slot, Gaussian) pair.
-            self.pair_grad = ti.Vector.field(4, ti.f32, (self.n_proj, self.pair_capacity))
+            self.pair_grad = ti.Vector.field(4, self.dtype, (self.n_proj, self.pair_capacity))
             # Scratch per-column sums of the adjoint, one slot per pair of a slab of Gaussians; slabs
             # bound the scratch to ~32 MiB however many Gaussians there are.
-            slot_bytes = SUM_SLOTS * LANES * 4
+            slot_bytes = SUM_SLOTS * LANES * np.dtype(self.np_dtype).itemsize
             self.slab = int(max(1, min(self.pair_capacity, (32 << 20) // (slot_bytes * self.n_proj))))
-            self.column_sums = ti.Vector.field(LANES, ti.f32, (self.n_proj, self.slab, SUM_SLOTS))
+            self.column_sums = ti.Vector.field(LANES, self.dtype, (self.n_proj, self.slab, SUM_SLOTS))
 
     def set_geometry(self, geometry: TiltGeometry) -> None:
-        arrays = geometry.kernel_arrays()
-        self.rot.from_numpy(arrays["rotations"])
-        self.shift.from_numpy(arrays["shifts"])
-        self.axis.from_numpy(arrays["tilt_axes"])
+        if len(geometry) != self.n_proj:
+            raise ValueError(f"the projector holds {self.n_proj} projections, the geometry {len(geometry)}")
+        self.rot.from_numpy(geometry.rotations.astype(self.np_dtype))
+        self.shift.from_numpy(geometry.shifts.astype(self.np_dtype))
+        self.axis.from_numpy(geometry.tilt_axes.astype(self.np_dtype))
+
+    def _indices(self, indices) -> np.ndarray:
+        indices = np.asarray(indices).reshape(-1)
+        if (len(indices) == 0 or not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0
+                or indices.max() >= self.n_proj):
+            raise ValueError(f"projection indices must be integers in [0, {self.n_proj}), got {indices}")
+        return indices.astype(np.int32)
+
+    def _upload_batch(self, field, indices: np.ndarray) -> None:
+        padded = np.zeros(self.n_proj, np.int32)
+        padded[: len(indices)] = indices
+        field.from_numpy(padded)
 
     def set_batch(self, indices) -> None:
         """Choose which projections (indices into the series) the next forward/backward pass covers."""
-        indices = np.asarray(indices, dtype=np.int32).reshape(-1)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= self.n_proj:
-            raise ValueError(f"batch indices must lie in [0, {self.n_proj}), got {indices}")
-        padded = np.zeros(self.n_proj, np.int32)
-        padded[: len(indices)] = indices
-        self.batch.from_numpy(padded)
+        indices = self._indices(indices)
+        if len(indices) > self.n_proj:
+            raise ValueError(f"a batch holds at most {self.n_proj} projections, got {len(indices)}")
+        self._upload_batch(self.batch, indices)
         self.batch_size = len(indices)
         self._batch_host = indices.copy()
 
@@ -180,28 +248,41 @@ class TiltSeriesProjector:
         """A packed image field (default ``image``) as an (n, H, W) NumPy array."""
         return unpack_images((self.image if field is None else field).to_numpy(), self.width)
 
+    def alignment_gradients(self, indices=None) -> dict:
+        """'shift' (m, 2) per Å, 'angle' (m,) and 'axis_angle' (m,) per degree of projections ``indices``
+        (default: all n) from the last `backward` with ``alignment``, as float64."""
+        sel = slice(None) if indices is None else self._indices(indices)
+        return {"shift": self.grad_shift.to_numpy()[sel].astype(np.float64),
+                "angle": self.grad_angle.to_numpy()[sel].astype(np.float64),
+                "axis_angle": self.grad_axis_angle.to_numpy()[sel].astype(np.float64)}
+
+    def _check_cloud(self, cloud: GaussianCloud) -> None:
+        if cloud.dtype != self.dtype:
+            raise ValueError(f"the cloud holds {cloud.np_dtype.__name__}, the projector {self.np_dtype.__name__}")
+
     # ------------------------------------------------------------------ footprint of one pair
     @ti.func
     def _footprint(self, k, p, sigma):
         """Centre (col, row) and s² in pixels, 1/(2π s²) in Å⁻², z' (Å), and the pixel ranges."""
-        ps = ti.static(self.pixel_size)
+        ps = self.dtype(self.pixel_size)
         q = self.rot[k] @ p
-        col = (q[0] + self.shift[k][0]) / ps + ti.static(centre_index(self.width))
-        row = (q[1] + self.shift[k][1]) / ps + ti.static(centre_index(self.height))
-        s2_a = sigma * sigma + ti.static(self.blur_sigma ** 2)
+        col = (q[0] + self.shift[k][0]) / ps + self.dtype(ti.static(centre_index(self.width)))
+        row = (q[1] + self.shift[k][1]) / ps + self.dtype(ti.static(centre_index(self.height)))
+        s2_a = sigma * sigma + self.dtype(self.blur_sigma ** 2)
         s2 = s2_a / (ps * ps)
-        radius = ti.static(TRUNCATION_RADIUS_SIGMAS) * ti.sqrt(s2)
+        radius = self.dtype(TRUNCATION_RADIUS_SIGMAS) * ti.sqrt(s2)
         c_lo = ti.max(ti.cast(ti.ceil(col - radius), ti.i32), 0)
         c_hi = ti.min(ti.cast(ti.floor(col + radius), ti.i32), self.width - 1)
         r_lo = ti.max(ti.cast(ti.ceil(row - radius), ti.i32), 0)
         r_hi = ti.min(ti.cast(ti.floor(row + radius), ti.i32), self.height - 1)
-        return col, row, s2, 1.0 / (2.0 * math.pi * s2_a), q[2], c_lo, c_hi, r_lo, r_hi
+        return col, row, s2, 1.0 / (self.dtype(2.0 * math.pi) * s2_a), q[2], c_lo, c_hi, r_lo, r_hi
 
     @ti.func
     def _gaussian(self, d, inv2s2, e):
         """exp(−d²/2s²) at offset d (pixels), given e, its value by recurrence. The CPU takes e: libm's
-        exp is its bottleneck and exact to 0.5 ulp, so the walk stays within 1e-6. GPUs evaluate the
-        exp directly: their exp is cheap, but its few-ulp error compounds along a walk."""
+        exp is its bottleneck and exact to 0.5 ulp, so the walk stays within 1e-6 in float32 (a few
+        1e-15 in float64: the walk is the same, with the type's rounding). GPUs evaluate the exp
+        directly: their exp is cheap, but its few-ulp error compounds along a walk."""
         value = e
         if ti.static(not self.on_cpu):
             value = ti.exp(-d * d * inv2s2)
@@ -211,7 +292,8 @@ class TiltSeriesProjector:
     def _walk_start(self, d0, inv2s2):
         """Start of the recurrence over offsets d0, d0 + 1, …: e = exp(−d0²/2s²) and the first factor
         q = exp(−(2 d0 + 1)/2s²); each next factor is the last times exp(−1/s²). Walks start at the
-        footprint's edge, where e ≥ 1e-5 of the peak, so nothing underflows."""
+        footprint's edge, where e ≥ 1e-5 of the peak, so nothing underflows. (Literals here are
+        small integers and halves, exact in either float type.)"""
         return ti.exp(-d0 * d0 * inv2s2), ti.exp(-(2.0 * d0 + 1.0) * inv2s2)
 
     @ti.func
@@ -235,7 +317,7 @@ class TiltSeriesProjector:
     def _chunk_profile(self, col, inv2s2, step, x0, lo, hi):
         """exp(−(x − col)² / 2s²) for the 8·CHUNK_BLOCKS pixels x0.. (zero outside [lo, hi]), as blocks
         of LANES, plus the matching offsets x − col."""
-        ex = ti.Vector.zero(ti.f32, LANES * CHUNK_BLOCKS)
+        ex = ti.Vector.zero(self.dtype, LANES * CHUNK_BLOCKS)
         e, q = self._walk_start(lo - col, inv2s2)
         for x in range(lo, hi + 1):
             ex[x - x0] = self._gaussian(x - col, inv2s2, e)
@@ -249,17 +331,17 @@ class TiltSeriesProjector:
 
     # ------------------------------------------------------------------ forward
     @ti.func
-    def _splat_row(self, k, r, blk0, nblk, weight, blocks):
+    def _splat_row(self, image, k, r, blk0, nblk, weight, blocks):
         for j in ti.static(range(CHUNK_BLOCKS)):
             if j < nblk:
                 v = weight * ti.Vector([blocks[j, l] for l in ti.static(range(LANES))])
                 if ti.static(self.on_cpu):
-                    self.image[k, r, blk0 + j] = self.image[k, r, blk0 + j] + v
+                    image[k, r, blk0 + j] = image[k, r, blk0 + j] + v
                 else:
-                    ti.atomic_add(self.image[k, r, blk0 + j], v)
+                    ti.atomic_add(image[k, r, blk0 + j], v)
 
     @ti.func
-    def _splat(self, k, p, a, sigma):
+    def _splat(self, image, k, p, a, sigma):
         col, row, s2, norm, _, c_lo, c_hi, r_lo, r_hi = self._footprint(k, p, sigma)
         if c_lo <= c_hi and r_lo <= r_hi:
             inv2s2, step, ey0, qy0 = self._walk_setup(row, s2, r_lo)
@@ -268,30 +350,50 @@ class TiltSeriesProjector:
                 nblk, blocks, _ = self._chunk(blk, col, inv2s2, step, c_lo, c_hi)
                 e, q = ey0, qy0
                 for r in range(r_lo, r_hi + 1):
-                    self._splat_row(k, r, blk, nblk, a * norm * self._gaussian(r - row, inv2s2, e), blocks)
+                    self._splat_row(image, k, r, blk, nblk, a * norm * self._gaussian(r - row, inv2s2, e), blocks)
                     e *= q
                     q *= step
                 blk += CHUNK_BLOCKS
 
     @ti.kernel
-    def _forward(self, cloud: ti.template(), n: ti.i32, nb: ti.i32):
+    def _forward(self, cloud: ti.template(), image: ti.template(), batch: ti.template(), n: ti.i32, nb: ti.i32):
+        """Renders projections batch[0..nb) into ``image`` (packed, indexed by projection). The GPU path
+        takes one thread per (projection, Gaussian) pair on purpose: Taichi 1.7.4 on Mesa's lavapipe
+        loses atomics issued in loops nested inside parallel loops, so the atomics must sit in the
+        pair's own thread, not in a loop over Gaussians."""
         if ti.static(self.on_cpu):
             for item in range(nb * CPU_TASK_SPREAD):
                 if item % CPU_TASK_SPREAD == 0:
-                    k = self.batch[item // CPU_TASK_SPREAD]
+                    k = batch[item // CPU_TASK_SPREAD]
                     for r, c in ti.ndrange(self.height, self.row_blocks):
-                        self.image[k, r, c] = ti.Vector.zero(ti.f32, LANES)
+                        image[k, r, c] = ti.Vector.zero(self.dtype, LANES)
                     for g in range(n):
-                        self._splat(k, cloud.pos[g], cloud.amp[g], cloud.sigma[g])
+                        self._splat(image, k, cloud.pos[g], cloud.amp[g], cloud.sigma[g])
         else:
             for b, r, c in ti.ndrange(nb, self.height, self.row_blocks):
-                self.image[self.batch[b], r, c] = ti.Vector.zero(ti.f32, LANES)
+                image[batch[b], r, c] = ti.Vector.zero(self.dtype, LANES)
             for b, g in ti.ndrange(nb, n):
-                self._splat(self.batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g])
+                self._splat(image, batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g])
 
     def forward(self, cloud: GaussianCloud) -> None:
         """Render the current batch of projections of ``cloud`` into ``image``."""
-        self._forward(cloud, cloud.count, self.batch_size)
+        self._check_cloud(cloud)
+        self._forward(cloud, self.image, self.batch, cloud.count, self.batch_size)
+
+    def render(self, cloud: GaussianCloud, indices) -> np.ndarray:
+        """Projections ``indices`` of ``cloud`` as NumPy (len(indices), H, W) of the projector's dtype.
+
+        Renders through an image and a batch field of its own, so the training state (``batch``,
+        ``image``, ``image_grad``, the gradients) is left exactly as it was."""
+        self._check_cloud(cloud)
+        indices = self._indices(indices)
+        unique, inverse = np.unique(indices, return_inverse=True)
+        if self._render_fields is None:
+            self._render_fields = (ti.Vector.field(LANES, self.dtype, self.image.shape), ti.field(ti.i32, self.n_proj))
+        image, batch = self._render_fields
+        self._upload_batch(batch, unique)
+        self._forward(cloud, image, batch, cloud.count, len(unique))
+        return unpack_images(image.to_numpy()[unique], self.width)[inverse.reshape(-1)]
 
     # ------------------------------------------------------------------ adjoint
     @ti.func
@@ -304,8 +406,8 @@ class TiltSeriesProjector:
         they hold drops out. The sums live in memory on purpose: loop-carried vector registers defeat
         LLVM's SLP vectorizer, while load-add-store of 8 contiguous floats becomes one SIMD
         operation; taking rows in pairs halves those read-modify-writes."""
-        profile_a = ti.Vector.zero(ti.f32, LANES)
-        profile_b = ti.Vector.zero(ti.f32, LANES)
+        profile_a = ti.Vector.zero(self.dtype, LANES)
+        profile_b = ti.Vector.zero(self.dtype, LANES)
         for j in ti.static(range(CHUNK_BLOCKS)):
             blk = ti.min(blk0 + j, ti.static(self.row_blocks - 1))
             va = self.image_grad[k, ra, blk]
@@ -327,17 +429,17 @@ class TiltSeriesProjector:
         Separable: Σ_xy G E f(dx) h(dy) = Σ_x ex(x) f(dx) Σ_y ey(y) h(dy) G(x, y), so rows only
         accumulate column sums and the column profile is applied once per chunk."""
         col, row, s2, norm, _, c_lo, c_hi, r_lo, r_hi = self._footprint(k, p, sigma)
-        a0 = 0.0  # Σ G E
-        ax = 0.0  # Σ G E dx
-        ay = 0.0  # Σ G E dy
-        ar = 0.0  # Σ G E (dx² + dy²)
+        a0 = self.dtype(0.0)  # Σ G E
+        ax = self.dtype(0.0)  # Σ G E dx
+        ay = self.dtype(0.0)  # Σ G E dy
+        ar = self.dtype(0.0)  # Σ G E (dx² + dy²)
         if c_lo <= c_hi and r_lo <= r_hi:
             inv2s2, step, ey0, qy0 = self._walk_setup(row, s2, r_lo)
             blk = c_lo // LANES
             while blk * LANES <= c_hi:
                 _, profile, dx = self._chunk(blk, col, inv2s2, step, c_lo, c_hi)
                 for j in ti.static(range(SUM_SLOTS)):
-                    self.column_sums[b, g, j] = ti.Vector.zero(ti.f32, LANES)
+                    self.column_sums[b, g, j] = ti.Vector.zero(self.dtype, LANES)
                 e, q = ey0, qy0
                 for i in range((r_hi - r_lo + 2) // 2):
                     ra = r_lo + 2 * i
@@ -345,7 +447,7 @@ class TiltSeriesProjector:
                     ea = self._gaussian(ra - row, inv2s2, e)
                     e *= q
                     q *= step
-                    eb = self._gaussian(rb - row, inv2s2, e) if ra < r_hi else 0.0
+                    eb = self._gaussian(rb - row, inv2s2, e) if ra < r_hi else self.dtype(0.0)
                     e *= q
                     q *= step
                     self._gather_rows(k, ra, rb, ra - row, rb - row, ea, eb, blk, profile, b, g)
@@ -359,7 +461,7 @@ class TiltSeriesProjector:
                 ay += self.column_sums[b, g, CHUNK_BLOCKS].sum()
                 ar += self.column_sums[b, g, CHUNK_BLOCKS + 1].sum()
                 blk += CHUNK_BLOCKS
-        ps = ti.static(self.pixel_size)
+        ps = self.dtype(self.pixel_size)
         s2_a = s2 * ps * ps
         # Chain rule to Å: E = exp(−r_px² / (2 s_px²)), dE/du = E dx_px / (s_px² ps).
         return ti.Vector([a * norm * ax / (s2 * ps), a * norm * ay / (s2 * ps), norm * a0,
@@ -374,9 +476,9 @@ class TiltSeriesProjector:
     @ti.kernel
     def _reduce_per_gaussian(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):
         for g in range(n):
-            gp = ti.Vector([0.0, 0.0, 0.0])
-            ga = 0.0
-            gs2 = 0.0
+            gp = ti.Vector.zero(self.dtype, 3)
+            ga = self.dtype(0.0)
+            gs2 = self.dtype(0.0)
             for b in range(nb):
                 k = self.batch[b]
                 d = pairs[b, g]
@@ -391,9 +493,9 @@ class TiltSeriesProjector:
     @ti.func
     def _reduce_projection(self, cloud, pairs, n, b):
         k = self.batch[b]
-        gsh = ti.Vector([0.0, 0.0])
-        gang = 0.0
-        gphi = 0.0
+        gsh = ti.Vector.zero(self.dtype, 2)
+        gang = self.dtype(0.0)
+        gphi = self.dtype(0.0)
         for g in range(n):
             d = pairs[b, g]
             p = cloud.pos[g]
@@ -402,11 +504,11 @@ class TiltSeriesProjector:
             # Rotating by δ about the in-plane axis (a_x, a_y, 0) moves (u, v) by δ z' (a_y, −a_x).
             gang += q[2] * (d[0] * self.axis[k][1] - d[1] * self.axis[k][0])
             # R = R_z(φ) R_y(θ) R_z(−φ): dR/dφ p = J R p − R J p, J the generator about z (J r = (−r_y, r_x, 0)).
-            rjp = self.rot[k] @ ti.Vector([-p[1], p[0], 0.0])
+            rjp = self.rot[k] @ ti.Vector([-p[1], p[0], self.dtype(0.0)])
             gphi += d[0] * (-q[1] - rjp[0]) + d[1] * (q[0] - rjp[1])
         self.grad_shift[k] = gsh
-        self.grad_angle[k] = gang * ti.static(math.pi / 180.0)
-        self.grad_axis_angle[k] = gphi * ti.static(math.pi / 180.0)
+        self.grad_angle[k] = gang * self.dtype(math.pi / 180.0)
+        self.grad_axis_angle[k] = gphi * self.dtype(math.pi / 180.0)
 
     @ti.kernel
     def _reduce_per_projection(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):
@@ -421,6 +523,7 @@ class TiltSeriesProjector:
     def backward(self, cloud: GaussianCloud, alignment: bool = True) -> None:
         """From ``image_grad`` of the current batch, write the cloud's grad_* fields and, with
         ``alignment``, ``grad_shift``, ``grad_angle`` and ``grad_axis_angle`` of the batch's projections."""
+        self._check_cloud(cloud)
         self.ensure_capacity(cloud.capacity)
         for g0 in range(0, cloud.count, self.slab):
             self._backward_pairs(cloud, self.pair_grad, g0, min(self.slab, cloud.count - g0), self.batch_size)
@@ -430,51 +533,72 @@ class TiltSeriesProjector:
             self._reduce_per_projection(*args)
 
 
-def _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size, blur_sigma, indices):
-    """A cloud and projector for one NumPy call, reused across calls with the same sizes (a new
-    object would mean compiling its kernels again)."""
-    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+def cached_cloud(capacity: int, dtype=ti.f32) -> GaussianCloud:
+    """A `GaussianCloud` of at least ``capacity`` (rounded up to a power of two), shared for the Taichi
+    session: a new object would mean compiling the kernels that take it again."""
+    ti_type, np_type = float_types(dtype)
+    capacity = 1 << max(int(capacity) - 1, 0).bit_length()
+    key = ("gaussian cloud", capacity, np_type.__name__)
     cache = session_cache()
-    capacity = 1 << max(len(positions) - 1, 0).bit_length()
-    key = ("cloud", capacity)
     if key not in cache:
-        cache[key] = GaussianCloud(capacity)
-    cloud = cache[key]
-    cloud.set(positions, amplitudes, sigmas)
-    key = ("projector", len(geometry), tuple(int(v) for v in shape), float(pixel_size), float(blur_sigma))
+        cache[key] = GaussianCloud(capacity, ti_type)
+    return cache[key]
+
+
+def cached_projector(geometry: TiltGeometry, shape, pixel_size: float, blur_sigma: float = 0.0,
+                     dtype=ti.f32, capacity: int = 1) -> TiltSeriesProjector:
+    """A `TiltSeriesProjector` for len(geometry) projections of ``shape``, ``pixel_size`` and
+    ``blur_sigma`` at ``dtype``, shared for the Taichi session (its kernels compile once), set to
+    ``geometry`` and with room for ``capacity`` Gaussians. Its batch and fields belong to whoever
+    called last: take results out before the next call."""
+    ti_type, np_type = float_types(dtype)
+    key = ("tilt projector", len(geometry), tuple(int(v) for v in shape), float(pixel_size), float(blur_sigma),
+           np_type.__name__)
+    cache = session_cache()
     if key not in cache:
-        cache[key] = TiltSeriesProjector(geometry, shape, pixel_size, blur_sigma, capacity=capacity)
+        cache[key] = TiltSeriesProjector(geometry, shape, pixel_size, blur_sigma, capacity, ti_type)
     projector = cache[key]
     projector.set_geometry(geometry)
+    projector.ensure_capacity(capacity)
+    return projector
+
+
+def _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size, blur_sigma, indices, dtype):
+    """The session's cloud (holding the Gaussians) and projector for one NumPy call, and the indices."""
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    cloud = cached_cloud(len(positions), dtype)
+    cloud.set(positions, amplitudes, sigmas)
+    projector = cached_projector(geometry, shape, pixel_size, blur_sigma, dtype, cloud.capacity)
     indices = np.arange(len(geometry)) if indices is None else np.asarray(indices).reshape(-1)
-    projector.set_batch(indices)
     return cloud, projector, indices
 
 
 def project_tilt_series(positions, amplitudes, sigmas, geometry: TiltGeometry, shape, pixel_size: float,
-                        blur_sigma: float = 0.0, indices=None) -> np.ndarray:
+                        blur_sigma: float = 0.0, indices=None, dtype=np.float32) -> np.ndarray:
     """Projections (len(indices), H, W) of Gaussians at ``positions`` (N, 3) Å with amplitudes (N,)
-    (image units · Å²) and widths ``sigmas`` (N,) Å, blurred by ``blur_sigma`` Å. NumPy in, NumPy out;
-    the engine keeps its data on the device and calls `TiltSeriesProjector` directly."""
+    (image units · Å²) and widths ``sigmas`` (N,) Å, blurred by ``blur_sigma`` Å, computed and returned
+    in ``dtype`` (np.float32 or np.float64). NumPy in, NumPy out; the engine keeps its data on the
+    device and calls `TiltSeriesProjector` directly."""
     cloud, projector, indices = _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size,
-                                         blur_sigma, indices)
-    projector.forward(cloud)
-    return projector.images_numpy()[indices]
+                                         blur_sigma, indices, dtype)
+    return projector.render(cloud, indices)
 
 
 def project_tilt_series_adjoint(positions, amplitudes, sigmas, geometry: TiltGeometry, shape, pixel_size: float,
-                                image_grad, blur_sigma: float = 0.0, indices=None) -> dict:
-    """Gradients of L given dL/dimage (len(indices), H, W): 'pos' (N, 3) per Å, 'amp' (N,),
-    'sigma' (N,) per Å, 'shift' (len(indices), 2) per Å, 'angle' (len(indices),) per degree,
-    'axis_angle' (len(indices),) per degree (each projection's share of dL/dφ)."""
+                                image_grad, blur_sigma: float = 0.0, indices=None, dtype=np.float32) -> dict:
+    """Gradients of L given dL/dimage (len(indices), H, W), computed in ``dtype`` and returned as
+    float64: 'pos' (N, 3) per Å, 'amp' (N,), 'sigma' (N,) per Å, 'shift' (len(indices), 2) per Å,
+    'angle' (len(indices),) per degree, 'axis_angle' (len(indices),) per degree (each projection's
+    share of dL/dφ). ``indices`` must not repeat a projection."""
     cloud, projector, indices = _prepare(positions, amplitudes, sigmas, geometry, shape, pixel_size,
-                                         blur_sigma, indices)
-    full = np.zeros((projector.n_proj, projector.height, projector.width), np.float32)
-    full[indices] = np.asarray(image_grad, dtype=np.float32)
-    projector.image_grad.from_numpy(pack_images(full))
+                                         blur_sigma, indices, dtype)
+    if len(np.unique(indices)) != len(indices):
+        raise ValueError(f"indices must not repeat a projection, got {indices}")
+    projector.set_batch(indices)
+    full = np.zeros((projector.n_proj, projector.height, projector.width), projector.np_dtype)
+    full[indices] = np.asarray(image_grad, dtype=np.float64)
+    projector.image_grad.from_numpy(pack_images(full, projector.np_dtype))
     projector.backward(cloud)
     grads = cloud.gradients()
-    grads["shift"] = projector.grad_shift.to_numpy()[indices].astype(np.float64)
-    grads["angle"] = projector.grad_angle.to_numpy()[indices].astype(np.float64)
-    grads["axis_angle"] = projector.grad_axis_angle.to_numpy()[indices].astype(np.float64)
+    grads.update(projector.alignment_gradients(indices))
     return grads

@@ -10,6 +10,9 @@ thresholded projections).
 
 Units: voxel values are projected-potential densities (image units per Å), so A·v is a line integral
 in image units; voxel and pixel edges in Å.
+
+Precision: ``dtype`` (ti.f32, the default, or ti.f64) types every field and kernel constant, as in
+`engine.kernels.projector`.
 """
 
 import math
@@ -19,7 +22,7 @@ import taichi as ti
 
 from engine.core.backend import current_arch, session_cache
 from engine.core.geometry import TiltGeometry, centre_index
-from engine.kernels.projector import CPU_TASK_SPREAD
+from engine.kernels.projector import CPU_TASK_SPREAD, float_types
 
 
 @ti.data_oriented
@@ -28,10 +31,12 @@ class VoxelProjector:
 
     grid_shape : (nx, ny, nz) voxels; origin : world position (Å) of voxel (0, 0, 0); voxel : edge (Å).
     Back-projection reduces with 'sum' (the transpose of `project`) or 'min' (a voxel is inside a
-    visual hull only if every projection's mask covers it).
+    visual hull only if every projection's mask covers it). ``dtype``: ti.f32 (default) or ti.f64.
     """
 
-    def __init__(self, n_proj: int, image_shape, pixel_size: float, grid_shape, origin, voxel: float):
+    def __init__(self, n_proj: int, image_shape, pixel_size: float, grid_shape, origin, voxel: float,
+                 dtype=ti.f32):
+        self.dtype, self.np_dtype = float_types(dtype)
         self.n_proj = n_proj
         self.height, self.width = (int(v) for v in image_shape)
         self.pixel_size = float(pixel_size)
@@ -41,25 +46,25 @@ class VoxelProjector:
         # A voxel holds density × voxel³ of material, spread over pixel² of image.
         self.splat_scale = self.voxel**3 / self.pixel_size**2
         self.on_cpu = current_arch() == "cpu"
-        self.rot = ti.Matrix.field(3, 3, ti.f32, n_proj)
-        self.shift = ti.Vector.field(2, ti.f32, n_proj)
-        self.images = ti.field(ti.f32, (n_proj, self.height, self.width))
-        self.volume = ti.field(ti.f32, self.grid_shape)
+        self.rot = ti.Matrix.field(3, 3, self.dtype, n_proj)
+        self.shift = ti.Vector.field(2, self.dtype, n_proj)
+        self.images = ti.field(self.dtype, (n_proj, self.height, self.width))
+        self.volume = ti.field(self.dtype, self.grid_shape)
 
     def set_geometry(self, geometry: TiltGeometry) -> None:
-        arrays = geometry.kernel_arrays()
-        self.rot.from_numpy(arrays["rotations"])
-        self.shift.from_numpy(arrays["shifts"])
+        self.rot.from_numpy(geometry.rotations.astype(self.np_dtype))
+        self.shift.from_numpy(geometry.shifts.astype(self.np_dtype))
 
     @ti.func
     def _bilinear(self, k, i, j, l):
         """Pixel (x0, y0), fractions (fx, fy) of voxel (i, j, l)'s projection in image k, and whether
         it lands inside the image. The one place both directions take their weights from."""
-        p = ti.Vector([self.origin[0] + i * self.voxel, self.origin[1] + j * self.voxel,
-                       self.origin[2] + l * self.voxel])
+        dt = self.dtype
+        voxel, ps = dt(self.voxel), dt(self.pixel_size)
+        p = ti.Vector([dt(self.origin[0]) + i * voxel, dt(self.origin[1]) + j * voxel, dt(self.origin[2]) + l * voxel])
         q = self.rot[k] @ p
-        x = (q[0] + self.shift[k][0]) / self.pixel_size + ti.static(centre_index(self.width))
-        y = (q[1] + self.shift[k][1]) / self.pixel_size + ti.static(centre_index(self.height))
+        x = (q[0] + self.shift[k][0]) / ps + dt(ti.static(centre_index(self.width)))
+        y = (q[1] + self.shift[k][1]) / ps + dt(ti.static(centre_index(self.height)))
         inside = 0.0 <= x <= self.width - 1 and 0.0 <= y <= self.height - 1
         x0 = ti.min(ti.max(ti.cast(ti.floor(x), ti.i32), 0), self.width - 2)
         y0 = ti.min(ti.max(ti.cast(ti.floor(y), ti.i32), 0), self.height - 2)
@@ -69,7 +74,7 @@ class VoxelProjector:
     def _splat_voxel(self, k, i, j, l):
         x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
         if inside:
-            v = self.volume[i, j, l] * ti.static(self.splat_scale)
+            v = self.volume[i, j, l] * self.dtype(self.splat_scale)
             # Plain adds: one thread owns projection k (see `_project`).
             self.images[k, y0, x0] += (1 - fx) * (1 - fy) * v
             self.images[k, y0, x0 + 1] += fx * (1 - fy) * v
@@ -94,12 +99,12 @@ class VoxelProjector:
     @ti.kernel
     def _backproject(self, use_min: ti.template()):
         for i, j, l in self.volume:
-            acc = 0.0
+            acc = self.dtype(0.0)
             if ti.static(use_min):
-                acc = 1e30
+                acc = self.dtype(1e30)
             for k in range(self.n_proj):
                 x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
-                value = 0.0
+                value = self.dtype(0.0)
                 if inside:
                     value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
                              + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
@@ -107,18 +112,21 @@ class VoxelProjector:
                     acc = ti.min(acc, value)
                 else:
                     acc += value
-            self.volume[i, j, l] = acc * (1.0 if ti.static(use_min) else ti.static(self.splat_scale))
+            if ti.static(use_min):
+                self.volume[i, j, l] = acc
+            else:
+                self.volume[i, j, l] = acc * self.dtype(self.splat_scale)
 
     def project(self, volume: np.ndarray) -> np.ndarray:
         """A·v: the (n, H, W) projections of ``volume`` (nx, ny, nz) in image units."""
-        self.volume.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        self.volume.from_numpy(np.ascontiguousarray(volume, dtype=self.np_dtype))
         self._project()
         return self.images.to_numpy()
 
     def backproject(self, images: np.ndarray, reduction: str = "sum") -> np.ndarray:
         """Aᵀ·images ('sum', the exact transpose of `project`) or the per-voxel minimum over
         projections of the bilinear samples ('min')."""
-        self.images.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
         self._backproject(reduction == "min")
         return self.volume.to_numpy()
 
@@ -141,8 +149,8 @@ class VoxelProjector:
         """SIRT: v ← max(0, v + λ C Aᵀ R (b − A v)), R and C the inverse row and column sums of A.
         ``callback(iteration, volume, residual_norm)`` sees every step."""
         b = np.asarray(images, dtype=np.float64)
-        row = self.project(np.ones(self.grid_shape, np.float32)).astype(np.float64)
-        col = self.backproject(np.ones(b.shape, np.float32)).astype(np.float64)
+        row = self.project(np.ones(self.grid_shape)).astype(np.float64)
+        col = self.backproject(np.ones(b.shape)).astype(np.float64)
         inv_row = np.where(row > 1e-6 * row.max(), 1.0 / np.maximum(row, 1e-30), 0.0)
         inv_col = np.where(col > 1e-6 * col.max(), 1.0 / np.maximum(col, 1e-30), 0.0)
         v = np.zeros(self.grid_shape)
@@ -153,7 +161,7 @@ class VoxelProjector:
                 v = np.maximum(v, 0.0)
             if callback is not None:
                 callback(it, v, float(np.linalg.norm(residual)))
-        return v.astype(np.float32)
+        return v.astype(self.np_dtype)
 
 
 def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
@@ -167,17 +175,18 @@ def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
     return filtered[..., :n]
 
 
-def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float) -> VoxelProjector:
+def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dtype=ti.f32) -> VoxelProjector:
     """A cached `VoxelProjector` whose grid covers the field of view: x and z span the image width,
-    y its height (Å), at ``voxel`` spacing."""
+    y its height (Å), at ``voxel`` spacing, of ``dtype``."""
     h, w = image_shape
     nx = int((w - 1) * pixel_size // voxel) + 1
     ny = int((h - 1) * pixel_size // voxel) + 1
-    key = ("voxel projector", n_proj, tuple(image_shape), float(pixel_size), float(voxel))
+    ti_type, np_type = float_types(dtype)
+    key = ("voxel projector", n_proj, tuple(image_shape), float(pixel_size), float(voxel), np_type.__name__)
     cache = session_cache()
     if key not in cache:
         origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
-        cache[key] = VoxelProjector(n_proj, image_shape, pixel_size, (nx, ny, nx), origin, voxel)
+        cache[key] = VoxelProjector(n_proj, image_shape, pixel_size, (nx, ny, nx), origin, voxel, ti_type)
     return cache[key]
 
 
