@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "False")
 
 __version__ = "0.1.0"
-__all__ = ["load_series", "reconstruct", "simulate", "evaluate", "ReconstructionResult"]
+__all__ = ["load_series", "reconstruct", "simulate", "score", "ReconstructionResult"]
 
 
 def __getattr__(name):  # the API on first use: importing a stage alone does not start Taichi's import

@@ -103,7 +103,7 @@ def simulate(structure, tilts, pixel_size: float, shape=None, blur: float = 0.4,
                                 blur_sigma=blur, b_factor=b_factor, noise=noise, peak_counts=peak_counts, seed=seed)
 
 
-def evaluate(atoms, truth, radius: float = 1.0) -> dict:
+def score(atoms, truth, radius: float = 1.0) -> dict:
     """Precision, recall, F1 and RMSD (pm) of ``atoms`` against ``truth`` (`Atoms` or files) by optimal
     one-to-one matching within ``radius`` Å."""
     from engine.evaluate.metrics import evaluate_atoms

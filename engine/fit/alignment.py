@@ -61,7 +61,7 @@ class AlignmentRefiner:
             # d/dlog c = c dL/dc
             g = ti.Vector([grad_shift[k][0], grad_shift[k][1], grad_angle[k], grad_scale[k] * ti.exp(p[3]),
                            grad_offset[k]])
-            step, m, v = adam_direction(g, self.m[k], self.v[k], ti.cast(self.age[k], ti.f32))
+            step, m, v = adam_direction(g, self.m[k], self.v[k], self.age[k], ti.f32)
             self.m[k] = m
             self.v[k] = v
             self.params[k] = p - ti.Vector([lr_shift, lr_shift, lr_angle, lr_intensity, lr_offset]) * step
@@ -72,7 +72,7 @@ class AlignmentRefiner:
             self.axis_age[None] += 1
             a = self.axis[None]
             step, m, v = adam_direction(ti.Vector([total]), ti.Vector([a[1]]), ti.Vector([a[2]]),
-                                        ti.cast(self.axis_age[None], ti.f32))
+                                        self.axis_age[None], ti.f32)
             self.axis[None] = ti.Vector([a[0] - lr_angle * step[0], m[0], v[0]])
 
     def step(self, projector, target, lr_shift: float, lr_angle: float, lr_intensity: float,

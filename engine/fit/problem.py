@@ -37,7 +37,8 @@ class FitProblem:
         self.d_min, self.repulsion = d_min, repulsion
         self.profile = profile
         self.projector = TiltSeriesProjector(geometry, normalised.shape[1:], pixel_size, data.blur)
-        self.target = FitTarget(self.projector, normalised, loss, data, gain if gain is not None else 0.0)  # TEMP
+        self.target = FitTarget(normalised, loss, data, gain, image=self.projector.image,
+                                image_grad=self.projector.image_grad, batch=self.projector.batch)
         self.model = AtomModel(256, profile)
         self.grid = NeighbourGrid(d_min, capacity=256) if repulsion > 0 else None
 
@@ -90,18 +91,11 @@ class FitProblem:
         """Predicted projections ``indices`` (normalised units): the atoms rendered in the current
         geometry, with each projection's intensity scale and offset."""
         indices = np.asarray(indices).reshape(-1)
-        if hasattr(self.projector, "render"):
-            images = self.projector.render(self.model.cloud, indices)
-        else:  # TEMP until the kernels merge
-            batch = self.projector.batch_numpy()
-            self.projector.set_batch(indices)
-            self.projector.forward(self.model.cloud)
-            images = self.projector.images_numpy()[indices]
-            self.projector.set_batch(batch)
+        images = self.projector.render(self.model.cloud, indices)
         if self.refiner is not None:
             a = self.refiner.alignment
             images = images * a.intensity_scale[indices, None, None] + a.intensity_offset[indices, None, None]
         return images
 
     def loss_value(self) -> float:
-        return self.target.loss_value()
+        return self.target.loss_value(self.projector.batch_size)

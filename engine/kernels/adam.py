@@ -12,15 +12,16 @@ EPSILON = 1e-12  # keeps the step finite for a zero gradient; far below any real
 
 
 @ti.func
-def adam_direction(g, m, v, steps):
+def adam_direction(g, m, v, steps, dtype: ti.template()):
     """Adam's step direction for the gradient ``g`` (a vector) of a row with moments ``m``, ``v``
-    and ``steps`` steps taken (this one included; a float of the parameters' type). Returns
+    and ``steps`` steps taken (this one included), in the parameters' type ``dtype``. Returns
     (direction, new m, new v)."""
-    bias1 = 1.0 - ti.pow(BETA1, steps)
-    bias2 = 1.0 - ti.pow(BETA2, steps)
-    m_new = BETA1 * m + (1 - BETA1) * g
-    v_new = BETA2 * v + (1 - BETA2) * g * g
-    return (m_new / bias1) / (ti.sqrt(v_new / bias2) + EPSILON), m_new, v_new
+    beta1, beta2 = dtype(BETA1), dtype(BETA2)
+    bias1 = 1.0 - ti.pow(beta1, ti.cast(steps, dtype))
+    bias2 = 1.0 - ti.pow(beta2, ti.cast(steps, dtype))
+    m_new = beta1 * m + dtype(1 - BETA1) * g
+    v_new = beta2 * v + dtype(1 - BETA2) * g * g
+    return (m_new / bias1) / (ti.sqrt(v_new / bias2) + dtype(EPSILON)), m_new, v_new
 
 
 @ti.data_oriented
@@ -41,7 +42,7 @@ class SharedParameters:
     def _step(self, grad: ti.types.ndarray(), lr: ti.types.ndarray(), steps: ti.f32):
         for j in range(self.params.shape[0]):
             direction, m, v = adam_direction(ti.Vector([grad[j]]), ti.Vector([self.m[j]]), ti.Vector([self.v[j]]),
-                                             steps)
+                                             steps, ti.f32)
             self.m[j] = m[0]
             self.v[j] = v[0]
             self.params[j] -= lr[j] * direction[0]

@@ -9,6 +9,7 @@ entries 0…N−1 hold the atoms' first components in atom order). The projector
 parameters and takes one Adam step (`engine.kernels.adam`) with a learning rate per parameter kind.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from engine.kernels.adam import adam_direction
 from engine.kernels.projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = math.log(SIGMA_MIN), math.log(SIGMA_MAX)
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,7 @@ class AtomModel:
         self.count = 0
         self.profile = profile
         self.dtype = dtype
-        self.cloud = (GaussianCloud(self.capacity * profile.components) if dtype == ti.f32  # TEMP until the dtype merge
-                      else GaussianCloud(self.capacity * profile.components, dtype=dtype))
+        self.cloud = GaussianCloud(self.capacity * profile.components, dtype=dtype)
         self.pos = ti.Vector.field(3, dtype, self.capacity)
         self.log_amp = ti.field(dtype, self.capacity)
         self.log_sigma = ti.field(dtype, self.capacity)
@@ -99,11 +100,11 @@ class AtomModel:
     def _render(self, cloud: ti.template(), i, n):
         """Write atom i's Gaussians (of n atoms) into the cloud."""
         amp = ti.exp(self.log_amp[i])
-        sigma = ti.min(ti.max(ti.exp(self.log_sigma[i]), SIGMA_MIN), SIGMA_MAX)
+        sigma = ti.min(ti.max(ti.exp(self.log_sigma[i]), self.dtype(SIGMA_MIN)), self.dtype(SIGMA_MAX))
         for k in ti.static(range(self.profile.components)):
             cloud.pos[k * n + i] = self.pos[i]
-            cloud.amp[k * n + i] = amp * ti.static(self.profile.weights[k])
-            cloud.sigma[k * n + i] = ti.sqrt(sigma * sigma + ti.static(self.profile.extra_var[k]))
+            cloud.amp[k * n + i] = amp * self.dtype(ti.static(self.profile.weights[k]))
+            cloud.sigma[k * n + i] = ti.sqrt(sigma * sigma + self.dtype(ti.static(self.profile.extra_var[k])))
 
     @ti.kernel
     def _to_cloud(self, cloud: ti.template(), n: ti.i32):
@@ -128,13 +129,13 @@ class AtomModel:
                 ga += cloud.grad_amp[c] * cloud.amp[c]
                 gs += cloud.grad_sigma[c] * sigma2 / cloud.sigma[c]
             g = ti.Vector([gp[0], gp[1], gp[2], ga, gs]) * grad_scale
-            step, m, v = adam_direction(g, self.m[i], self.v[i], ti.cast(self.age[i], self.dtype))
+            step, m, v = adam_direction(g, self.m[i], self.v[i], self.age[i], self.dtype)
             self.m[i] = m
             self.v[i] = v
             self.pos[i] -= lr_pos * ti.Vector([step[0], step[1], step[2]])
             self.log_amp[i] -= lr_amp * step[3]
-            self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], ti.log(SIGMA_MIN)),
-                                       ti.log(SIGMA_MAX))
+            self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], self.dtype(LOG_SIGMA_MIN)),
+                                       self.dtype(LOG_SIGMA_MAX))
             self._render(cloud, i, n)  # right away: one kernel launch per step instead of two
 
     @ti.kernel

@@ -50,7 +50,7 @@ class FitTarget:
     def __init__(self, normalised: np.ndarray, loss: str, data_model, gain: float, *, image, image_grad, batch):
         if loss not in LOSSES:
             raise InputError("--noise", f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
-        if loss == "poisson" and not gain > 0:
+        if loss == "poisson" and not (gain is not None and gain > 0):
             raise InputError("--gain", "the Poisson loss needs the detector gain (counts per data unit)")
         self.dtype, self.np_dtype = float_types(image.dtype)
         if self.dtype == ti.f64 and not supports_float64():
@@ -69,7 +69,7 @@ class FitTarget:
         self.loss = loss
         self.weight = 1.0 / data_model.noise**2
         self.root_weight = float(np.sqrt(self.weight))
-        self.gain = float(gain)
+        self.gain = float(gain) if gain is not None else 0.0  # used by the Poisson loss alone
         self.scale = float(data_model.scale)
         self.background = float(data_model.background)
         self.measured = ti.Vector.field(LANES, self.dtype, packed)
