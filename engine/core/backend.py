@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
@@ -16,8 +17,9 @@ _state = {"arch": None, "cache": {}}
 
 
 def _start(name: str) -> str:
-    ti.init(arch=_TI_ARCH[name], default_fp=ti.f32, default_ip=ti.i32, random_seed=0,
-            log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=int(os.environ.get("ATOMSPLAT_THREADS", os.cpu_count())))
+    with contextlib.redirect_stdout(sys.stderr):  # Taichi prints "Starting on arch=..." to stdout
+        ti.init(arch=_TI_ARCH[name], default_fp=ti.f32, default_ip=ti.i32, random_seed=0,
+                log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=int(os.environ.get("ATOMSPLAT_THREADS", os.cpu_count())))
     got = ti.lang.impl.current_cfg().arch
     actual = {ti.x64: "cpu", ti.arm64: "cpu", ti.cuda: "cuda", ti.vulkan: "vulkan"}.get(got, str(got))
     _state["arch"] = actual
