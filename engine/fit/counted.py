@@ -28,7 +28,8 @@ from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
 from engine.kernels.evidence import LikelihoodGain
-from engine.kernels.projector import TiltSeriesProjector, pack_images
+from engine.kernels.loss import FitTarget
+from engine.kernels.projector import TiltSeriesProjector
 from engine.kernels.volume import local_maxima, projector_for, suppress_close
 from engine.measure.datamodel import DataModel
 from engine.physics.chemistry import minimum_distance
@@ -62,6 +63,9 @@ class CountedFit:
         self.d_min = minimum_distance(settings.species, settings.d_min)
         bond = min((nearest_neighbour_distance(s) for s in settings.species), default=self.d_min / 0.7)
         self.projector = TiltSeriesProjector(self.geometry, (self.height, self.width), self.pixel_size, 0.0)
+        self.target = FitTarget(self.counts, "poisson", DataModel(background=0.0, scale=1.0, noise=1.0, blur=0.0), 1.0,
+                                image=self.projector.image, image_grad=self.projector.image_grad,
+                                batch=self.projector.batch)
         self.model = AtomModel(256, AtomProfile())
         self.volumes = projector_for(self.n, (self.height, self.width), self.pixel_size, SEED_VOXEL)
         self.volumes.set_geometry(self.geometry)
@@ -127,24 +131,28 @@ class CountedFit:
             self.background *= ratio.mean(axis=(1, 2))
 
     def refine(self, steps: int, lr_position: float, decay: bool = False, observer=None) -> None:
-        """``steps`` steps: Adam on positions and the shared log width, EM of amplitude and backgrounds."""
+        """``steps`` steps: Adam on positions and the shared log width, EM of amplitude and backgrounds,
+        the Poisson residual and its sums on the device (the loss kernel with λ = I_k + B_k)."""
         if self.model.count == 0:
             return
         self._upload(self.positions())  # fresh Adam moments for this refinement
         shared = SharedParameters([math.log(self.shape_width)])
+        pixels = self.height * self.width
         for t in range(steps):
             factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps)) if decay else 1.0
-            atoms = self.render()
-            ratio = self.counts / np.maximum(self.background[:, None, None] + atoms, 1e-12)
-            self.projector.image_grad.from_numpy(pack_images(1.0 - ratio))
+            self.target.set_intensity(np.ones(self.n), self.background)
+            self.projector.forward(self.model.cloud)
+            self.target.residual(self.n, 1.0)
             self.projector.backward(self.model.cloud, alignment=False)
             width_grad = float(self.model.cloud.gradients()["sigma"].sum()) * self.shape_width  # d/dlog s
             self.model.adam_step(lr_position * factor, 0.0, 0.0)
             self.shape_width = math.exp(shared.step([width_grad], [WIDTH_RATE * factor])[0])
-            total = float(atoms.sum())
-            if total > 0:
-                self.amplitude *= float(np.sum(atoms * ratio)) / total
-            self.background *= ratio.mean(axis=(1, 2))
+            # EM: with g = dL/dλ = 1 − y/λ, Σ_p y/λ = N_p − Σ_p g and Σ_p I y/λ = Σ_p I − Σ_p g I.
+            sums = self.target.intensity_gradients()
+            rendered = float(sums["rendered"].sum())
+            if rendered > 0:
+                self.amplitude *= (rendered - float(sums["scale"].sum())) / rendered
+            self.background *= 1.0 - sums["offset"] / pixels
             self.model.set_shape(self.amplitude * self.pixel_size ** 2, self.shape_width)
             self.iteration += 1
             if self.iteration % 10 == 0:
@@ -153,9 +161,10 @@ class CountedFit:
             observer(self)
 
     def _record(self) -> None:
-        expected = self.expected()
+        self.target.set_intensity(np.ones(self.n), self.background)
+        self.projector.forward(self.model.cloud)
         self.history["iteration"].append(self.iteration)
-        self.history["loss"].append(-self.loglik(expected) / self.counts.size)
+        self.history["loss"].append(self.target.loss_value(self.n) if self.model.count else None)
         self.history["atoms"].append(self.model.count)
 
     # ------------------------------------------------------------------ the schedule

@@ -84,6 +84,7 @@ class FitTarget:
         self.intensity_offset = ti.field(self.dtype, n)
         self.grad_scale = ti.field(self.dtype, n)   # dL/dc_k of the last `residual`
         self.grad_offset = ti.field(self.dtype, n)  # dL/db_k of the last `residual`
+        self.rendered_sum = ti.field(self.dtype, n)  # Σ_p of the rendered atoms I_k at the last `residual`
         self.set_intensity(np.ones(n), np.zeros(n))
 
     def set_measured(self, normalised: np.ndarray) -> None:
@@ -130,10 +131,10 @@ class FitTarget:
 
     @ti.func
     def _residual_block(self, image, image_grad, k, r, c, batch_scale):
-        """Writes dL/dimage of one block; returns its shares of dL/dc_k and dL/db_k."""
+        """Writes dL/dimage of one block; returns its shares of dL/dc_k, dL/db_k and Σ I_k."""
         grad, _, rendered = self._terms(image, k, r, c)
         image_grad[k, r, c] = grad * (self.intensity_scale[k] * batch_scale)
-        return (grad * rendered).sum() * batch_scale, grad.sum() * batch_scale
+        return (grad * rendered).sum() * batch_scale, grad.sum() * batch_scale, (rendered * self.lane_mask[c]).sum()
 
     def residual(self, nb: int, batch_scale: float) -> None:
         """dL/dimage of the batch's first ``nb`` projections into ``image_grad``, scaled by
@@ -148,10 +149,11 @@ class FitTarget:
         return float(per.sum() / (nb * self.height * self.width))
 
     def intensity_gradients(self) -> dict:
-        """'scale' and 'offset' (n,): dL/dc_k and dL/db_k of the last `residual`, as float64 (entries
-        outside its batch are stale)."""
+        """'scale' and 'offset' (n,): dL/dc_k and dL/db_k of the last `residual`, and 'rendered' (n,):
+        Σ_p I_k of the atoms then rendered, as float64 (entries outside its batch are stale)."""
         return {"scale": self.grad_scale.to_numpy().astype(np.float64),
-                "offset": self.grad_offset.to_numpy().astype(np.float64)}
+                "offset": self.grad_offset.to_numpy().astype(np.float64),
+                "rendered": self.rendered_sum.to_numpy().astype(np.float64)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,21 +174,26 @@ def _kernels(dtype_name: str):
                     k = batch[item // CPU_TASK_SPREAD]
                     gc = dtype(0.0)
                     gb = dtype(0.0)
+                    total = dtype(0.0)
                     for r, c in ti.ndrange(target.height, target.row_blocks):
-                        dc, db = target._residual_block(image, image_grad, k, r, c, batch_scale)
+                        dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
                         gc += dc
                         gb += db
+                        total += ds
                     target.grad_scale[k] = gc
                     target.grad_offset[k] = gb
+                    target.rendered_sum[k] = total
         else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
             for b in range(nb):
                 target.grad_scale[batch[b]] = 0.0
                 target.grad_offset[batch[b]] = 0.0
+                target.rendered_sum[batch[b]] = 0.0
             for b, r, c in ti.ndrange(nb, target.height, target.row_blocks):
                 k = batch[b]
-                dc, db = target._residual_block(image, image_grad, k, r, c, batch_scale)
+                dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
                 ti.atomic_add(target.grad_scale[k], dc)
                 ti.atomic_add(target.grad_offset[k], db)
+                ti.atomic_add(target.rendered_sum[k], ds)
 
     @ti.kernel
     def loss(target: ti.template(), image: ti.template(), batch: ti.template(), nb: ti.i32):
