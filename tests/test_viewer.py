@@ -1,5 +1,5 @@
-"""The viewer: the sphere rasteriser's pixels (on every backend), the camera's conventions, headless
-fit movies, the `view` command, mesh export and the viewer options' errors."""
+"""The viewer: the sphere rasteriser's pixels (on every backend), the camera's conventions, frame
+PNGs, headless fit movies, the `view` command, mesh export and the viewer options' errors."""
 
 import importlib.util
 
@@ -18,7 +18,7 @@ from viewer.frame import FRAME_SHAPE
 from viewer.mesh import atoms_to_mesh, export_mesh, sphere_template
 from viewer.palette import TRUTH_COLOURS, amplitude_colours, atom_radii, element_colour
 from viewer.render import AMBIENT, BACKGROUND, DIFFUSE, LIGHT, OrbitCamera, renderer_for
-from viewer.window import check_movie_path, display_available
+from viewer.window import check_movie_path, display_available, write_png
 
 SHAPE = (200, 200)  # px
 EXTENT = 20.0  # Å across the view: 10 px per Å
@@ -115,6 +115,18 @@ def test_display_detection(monkeypatch):
     assert not display_available()
     monkeypatch.setenv("DISPLAY", "remotehost:0")
     assert display_available()
+
+
+def test_frame_png_round_trip_and_atomic_replace(tmp_path):
+    rng = np.random.default_rng(3)
+    first = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    second = rng.integers(0, 256, size=(10, 20, 3), dtype=np.uint8)
+    path = tmp_path / "frame.png"
+    assert write_png(first, path) == path
+    assert (iio.imread(path) == first).all()
+    write_png(second, path)
+    assert (iio.imread(path) == second).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["frame.png"]
 
 
 def test_mesh_export_reloads_with_one_sphere_per_atom(tmp_path):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .frame import ViewSettings
-from .window import DEFAULT_EVERY, HeadlessRecorder, LiveViewer, check_every, display_available
+from .window import DEFAULT_EVERY, HeadlessRecorder, LiveViewer, check_every, display_available, write_png
 
 
 def add_view_options(parser) -> None:
@@ -127,12 +127,10 @@ def cmd_view(args) -> int:
     if not headless:
         LiveViewer(Path(args.atoms).parent, settings=settings).show_result(result, tilt)
         return 0
-    from engine.io.plots import save_png
-
     from .frame import compose_frame
 
     if not (args.out or args.headless):
         print(f"atomsplat: no display found; rendering {out} instead", file=sys.stderr)
-    save_png(compose_frame(result.snapshot(tilt), settings), out)
+    write_png(compose_frame(result.snapshot(tilt), settings), out)
     print(f"wrote {out}")
     return 0

@@ -17,10 +17,10 @@ from functools import lru_cache
 import numpy as np
 
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
-from engine.io.plots import diverging_map, grey_map, line_plot, text_image
 
 from .palette import (TRUTH_COLOURS, amplitude_colours, amplitude_range, atom_radii, element_colour,
                       species_colours)
+from .raster import diverging_map, grey_map, line_plot, text_image
 from .render import BACKGROUND, OrbitCamera, renderer_for
 
 FRAME_SHAPE = (720, 1280)
@@ -240,15 +240,15 @@ def projection_strip(snapshot: Snapshot, shape=STRIP_BOX[2:]) -> np.ndarray:
 
 
 def history_plot(history: dict, key: str, title: str, shape, logy: bool) -> np.ndarray:
-    """``history[key]`` against iteration as a `line_plot` of ``shape`` (H, W); a note when there is
-    no history."""
+    """``history[key]`` against iteration as a `raster.line_plot` of ``shape`` (H, W); a note when
+    there is no history."""
     x = np.asarray(history.get("iteration", []), float)
     y = np.asarray(history.get(key, []), float)
     if len(x) == 0:
         canvas = np.full(tuple(shape) + (3,), PAGE, np.uint8)
         _paste(canvas, _text(f"{title}: NO FIT HISTORY"), TEXT_H, 0)
         return canvas
-    return line_plot({title: (x, y)}, logy=logy, size=tuple(shape))
+    return line_plot(x, y, title, tuple(shape), logy=logy)
 
 
 def status_line(snapshot: Snapshot) -> str:
