@@ -25,11 +25,12 @@ def write_outputs(fit, atoms: Atoms, arch: str, wall_seconds: float, extra: dict
     predicted = fit.predicted()
     measured = series.projections.astype(np.float64)
     nrmse = float(np.linalg.norm(predicted - measured) / np.linalg.norm(measured - fit.data.background))
-    projection_panel(series.projections, predicted, series.angles, path=out / "projections.png")
+    projection_panel(series.projections, predicted, series.angles, path=out / "projections.png",
+                     pixel_size=series.pixel_size)
     history = fit.history
     it = np.asarray(history["iteration"], float)
-    line_plot({"loss": (it, np.asarray(history["loss"], float))}, path=out / "loss.png", title="LOSS",
-              xlabel="ITERATION", logy=True)
+    loss = np.array([np.nan if v is None else v for v in history["loss"]], float)
+    line_plot({"loss": (it, loss)}, path=out / "loss.png", title="Loss", xlabel="iteration", logy=True)
     alignment = None
     if fit.refiner is not None:
         write_alignment(fit.refiner.alignment, out, series.angles, series.pixel_size, fit.data.scale)
