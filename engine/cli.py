@@ -170,8 +170,11 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
               file=sys.stderr)
         raise
     report = result.report
+    loss = "n/a" if report["final_loss"] is None else f"{report['final_loss']:.4g}"
     print(f"{len(result.atoms)} atoms -> {out_dir / 'atoms.xyz'} ({report['iterations']} iterations, "
-          f"{report['wall_seconds']:.1f} s, loss {report['final_loss']:.4g})")
+          f"{report['wall_seconds']:.1f} s, loss {loss})")
+    if report.get("empty_reason"):
+        print(f"atomsplat: no atoms: {report['empty_reason']}", file=sys.stderr)
     if result.metrics is not None:
         from engine.evaluate.metrics import format_table
 

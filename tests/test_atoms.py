@@ -305,7 +305,7 @@ def test_write_refuses_overwrite_and_keeps_original(tmp_path):
     ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], {"pos": [1.0]}), "column name 'pos' cannot be written"),
     ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], info={"note": "two\nlines"}), "info entry 'note' cannot be written"),
     ("a.xyz", Atoms(["Au"], [[0.0, 0.0, 0.0]], info={"Lattice": "1 2 3"}), "'Lattice' must be nine numbers"),
-    ("a.xyz", Atoms(np.array([], dtype=str), np.zeros((0, 3))), "empty structure (0 atoms)"),
+    ("a.pdb", Atoms(np.array([], dtype=str), np.zeros((0, 3))), "empty structure (0 atoms)"),
     ("a.xyz", Atoms(["Au"], [[0.0, np.nan, 0.0]]), "non-finite position"),
     ("a.pdb", Atoms(["Au"], [[0.0, -1000.0, 0.0]]), "outside the PDB range"),
     ("missing_dir/a.xyz", _random_atoms(3), "does not exist"),
@@ -315,3 +315,10 @@ def test_write_errors(tmp_path, name, atoms, problem):
         write_atoms(atoms, tmp_path / name)
     assert err.value.source == str(tmp_path / name) and problem in err.value.problem
     assert not (tmp_path / name).exists()
+
+
+def test_an_empty_result_is_a_zero_atom_xyz(tmp_path):
+    """A fit that finds no atom writes an XYZ of 0 atoms (its answer), with the columns declared."""
+    write_atoms(Atoms(np.array([], dtype=str), np.zeros((0, 3)), {"amplitude": np.zeros(0)}), tmp_path / "a.xyz")
+    lines = (tmp_path / "a.xyz").read_text().splitlines()
+    assert lines[0].strip() == "0" and "amplitude" in lines[1]

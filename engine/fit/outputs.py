@@ -24,7 +24,8 @@ def write_outputs(fit, atoms: Atoms, arch: str, wall_seconds: float, extra: dict
     write_atoms(atoms, out / "atoms.xyz", overwrite=True)
     predicted = fit.predicted()
     measured = series.projections.astype(np.float64)
-    nrmse = float(np.linalg.norm(predicted - measured) / np.linalg.norm(measured - fit.data.background))
+    signal = np.linalg.norm(measured - fit.data.background)
+    nrmse = float(np.linalg.norm(predicted - measured) / signal) if signal > 0 else None
     projection_panel(series.projections, predicted, series.angles, path=out / "projections.png",
                      pixel_size=series.pixel_size)
     history = fit.history

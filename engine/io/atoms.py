@@ -494,7 +494,7 @@ def write_atoms(atoms: Atoms, path: str | os.PathLike, overwrite: bool = False) 
         raise InputError(path, "file exists; pass overwrite=True (--overwrite) to replace it")
     if not path.parent.is_dir():
         raise InputError(path, f"directory {str(path.parent)!r} does not exist")
-    if len(atoms) == 0:
+    if len(atoms) == 0 and fmt != EXTXYZ:  # an XYZ file of 0 atoms is the answer "no atoms found"
         raise InputError(path, "empty structure (0 atoms), nothing to write")
     if not np.all(np.isfinite(atoms.positions)):
         raise InputError(path, "non-finite position (NaN or inf), refusing to write")
