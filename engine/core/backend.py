@@ -9,7 +9,7 @@ import sys
 
 import taichi as ti
 
-from engine.core.errors import InputError
+from engine.core.settings import SettingError
 
 ARCH_CHOICES = ("auto", "cpu", "cuda", "vulkan")
 _TI_ARCH = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}
@@ -46,7 +46,7 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
     Taichi, and every field allocated before is gone (so is `session_cache`).
     """
     if arch not in ARCH_CHOICES:
-        raise InputError("--arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+        raise SettingError("arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
     if _state["arch"] is not None and arch in ("auto", _state["arch"]):
         actual = _state["arch"]  # already running: keep the fields and compiled kernels
     elif arch == "auto":
@@ -58,7 +58,7 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
     else:
         actual = _start(arch)
         if actual != arch:
-            raise InputError("--arch", f"backend {arch!r} is not available on this machine (Taichi started {actual!r})")
+            raise SettingError("arch", f"backend {arch!r} is not available on this machine (Taichi started {actual!r})")
     if verbose:
         print(f"[atomsplat] backend: {actual}", file=sys.stderr)
     return actual

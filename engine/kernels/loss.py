@@ -26,7 +26,6 @@ import numpy as np
 import taichi as ti
 
 from engine.core.backend import current_arch
-from engine.core.errors import InputError
 from engine.kernels.projector import (CPU_TASK_SPREAD, FLOAT64_UNSUPPORTED, LANES, blocks_per_row, float_types,
                                       pack_images, supports_float64)
 
@@ -49,9 +48,9 @@ class FitTarget:
 
     def __init__(self, normalised: np.ndarray, loss: str, data_model, gain: float, *, image, image_grad, batch):
         if loss not in LOSSES:
-            raise InputError("--noise", f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+            raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
         if loss == "poisson" and not (gain is not None and gain > 0):
-            raise InputError("--gain", "the Poisson loss needs the detector gain (counts per data unit)")
+            raise ValueError("the Poisson loss needs the detector gain (counts per data unit)")
         self.dtype, self.np_dtype = float_types(image.dtype)
         if self.dtype == ti.f64 and not supports_float64():
             raise ValueError(FLOAT64_UNSUPPORTED)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.core.elements import normalize_symbol, projected_potential_gaussians
-from engine.core.errors import InputError
+from engine.core.settings import SettingError
 
 
 def isolated_atom_fit(symbol: str, pixel_size: float, blur: float, profile=None) -> tuple[float, float]:
@@ -75,7 +75,7 @@ def assign_species(amplitudes: np.ndarray, widths: np.ndarray, species: list[str
     if composition is not None:
         weights = np.array([composition.get(s, 0.0) for s in species], dtype=np.float64)
         if not np.all(weights > 0):
-            raise InputError("--composition", f"needs a positive fraction for each of {', '.join(species)}")
+            raise SettingError("composition", f"needs a positive fraction for each of {', '.join(species)}")
         weights /= weights.sum()
     else:
         weights = np.full(len(species), 1.0 / len(species))
