@@ -29,7 +29,7 @@ from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
 from engine.kernels.evidence import LikelihoodGain
 from engine.kernels.loss import FitTarget
-from engine.kernels.projector import TiltSeriesProjector
+from engine.kernels.projector import TiltSeriesProjector, cached_cloud
 from engine.kernels.volume import local_maxima, projector_for, suppress_close
 from engine.measure.datamodel import DataModel
 from engine.physics.chemistry import minimum_distance
@@ -101,23 +101,16 @@ class CountedFit:
 
     def render(self, pos: np.ndarray | None = None) -> np.ndarray:
         """Expected atom counts (n, H, W) of ``pos`` (default: the model's atoms)."""
-        if pos is not None:
-            saved = self.positions()
-            self._upload(pos)
-        images = np.zeros_like(self.counts)
-        if self.model.count:
-            self.projector.forward(self.model.cloud)  # its batch is every projection
-            images = self.projector.images_numpy()
-        if pos is not None:
-            self._upload(saved)
-        return images.astype(np.float64)
+        if pos is None:
+            if not self.model.count:
+                return np.zeros_like(self.counts)
+            return self.projector.render(self.model.cloud, np.arange(self.n)).astype(np.float64)
+        probe = cached_cloud(len(pos))
+        probe.set(pos, np.full(len(pos), self.amplitude * self.pixel_size ** 2), np.full(len(pos), self.shape_width))
+        return self.projector.render(probe, np.arange(self.n)).astype(np.float64)
 
     def expected(self) -> np.ndarray:
         return self.background[:, None, None] + self.render()
-
-    def loglik(self, expected: np.ndarray) -> float:
-        """Σ y log λ − λ (the Poisson log-likelihood without its constant)."""
-        return float(np.sum(self.counts * np.log(np.maximum(expected, 1e-12)) - expected))
 
     def _em_scalars(self, atoms: np.ndarray, iterations: int) -> None:
         """EM updates of the amplitude and the backgrounds, positions and width fixed; ``atoms`` the
@@ -218,7 +211,7 @@ class CountedFit:
         return self.atoms()
 
     def _merge(self) -> int:
-        pos, merged = self.selection.merge(self.expected(), self.loglik, lambda p: self.render(p), self.positions(),
+        pos, merged = self.selection.merge(self.counts, self.expected(), self.render, self.positions(),
                                            self.amplitude, self.shape_width)
         self._upload(pos)
         return merged

@@ -114,24 +114,27 @@ class EvidenceSelection:
             accepted.append(i)
         return found[accepted]
 
-    def merge(self, expected, loglik, render, pos, amp, width, steps: int = 4) -> tuple[np.ndarray, int]:
+    def merge(self, counts, expected, render, pos, amp, width, steps: int = 4) -> tuple[np.ndarray, int]:
         """Pairs closer than one bond against the best single atom between them (Fisher-scored from
         the midpoint, the rest held fixed): the pair stays only if it wins by the penalty.
-        ``render(positions)`` gives the atoms' expected counts; ``loglik(λ)`` the log-likelihood."""
+        ``render(positions)`` gives those atoms' expected counts."""
         pairs = sorted(cKDTree(pos).query_pairs(self.bond)) if len(pos) else []
         if not pairs:
             return pos, 0
-        full = loglik(expected)
         gone = np.zeros(len(pos), bool)
         merged = []
         for i, j in pairs:
             if gone[i] or gone[j]:
                 continue
-            without = np.maximum(expected - render(pos[[i, j]]), 1e-6)
+            pair = render(pos[[i, j]])
+            without = np.maximum(expected - pair, 1e-6)
+            seen = pair > 0  # the pair's log-likelihood is a sum over the pixels it reaches
+            y, full, rest = counts[seen], expected[seen], without[seen]
+            pair_gain = float(np.sum(y * np.log(full / rest) - (full - rest)))
             self.gain.set_model(without)
             single = self._score_steps(0.5 * (pos[i] + pos[j])[None], amp, width, steps)
             gain, fisher, _ = self.gain.run(single, amp, width, add=True)
-            if full - (loglik(without) + gain[0]) < self.penalty(fisher, len(pos))[0]:
+            if pair_gain - gain[0] < self.penalty(fisher, len(pos))[0]:
                 gone[i] = gone[j] = True
                 merged.append(single[0])
         if not merged:
