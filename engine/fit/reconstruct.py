@@ -24,7 +24,7 @@ from engine.fit.problem import FitProblem, with_moments
 from engine.fit.seeding import SeedVolumes, initial_atoms
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
-from engine.fit.trainer import CHECKPOINT, Trainer
+from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.io.tiltseries import TiltSeries
 from engine.measure.alignment import prealign, require_single_axis
@@ -87,7 +87,8 @@ class Reconstruction:
         rng = np.random.default_rng(settings.seed)
         volumes = SeedVolumes(self.screened, self.data.noise, geometry, series.pixel_size, settings.voxel, self.d_min)
         self.strategy = DensityControl(settings, volumes, self.d_min, rng)
-        self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress)
+        self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress,
+                               fingerprint=lambda: data_fingerprint(series))
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
