@@ -136,10 +136,10 @@ def cmd_view(args) -> int:
     headless = bool(args.out or args.headless) or not display_available()
     out = Path(args.out) if args.out else Path(args.atoms).with_name(Path(args.atoms).stem + "_view.png")
     if frame_wanted and headless:
+        writable_file(out, args.overwrite)
         if out.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(out, f"cannot write a picture as {out.suffix or '(no extension)'!r}; "
                                   f"give a file ending in {', '.join(IMAGE_SUFFIXES)}")
-        writable_file(out, args.overwrite)
     if args.mesh:
         from .mesh import export_mesh
 
