@@ -11,6 +11,7 @@ Lengths in Å, angles in degrees.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
         clear_outputs(out_dir, keep=(series.source, truth if isinstance(truth, (str, Path)) else None))
     actual = init_backend(arch, verbose=progress)
     t0 = time.perf_counter()
+    if progress:
+        print(f"[atomsplat] preparing the fit of {series.n_tilts} projections of {series.shape[0]} x "
+              f"{series.shape[1]} px (data model, seeds)", file=sys.stderr)
     fit = create_fit(series, checked, out_dir, progress=progress)
     if resume:
         if not isinstance(fit, Reconstruction):

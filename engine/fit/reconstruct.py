@@ -13,11 +13,13 @@ The stages, each in its own module:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from engine.core.errors import InputError
 from engine.fit.alignment import AlignmentRefiner
 from engine.fit.calibration import calibrate_b_factors
 from engine.fit.problem import FitProblem, with_moments
@@ -78,8 +80,11 @@ class Reconstruction:
         refiner, geometry = None, series.get_geometry()
         if settings.refine_alignment:
             require_single_axis(series)
-            refiner = AlignmentRefiner(prealign(self.screened, series.angles, series.pixel_size, self.data.noise),
-                                       series.angles)
+            try:
+                prealigned = prealign(self.screened, series.angles, series.pixel_size, self.data.noise)
+            except InputError as err:  # the measurement names the data generically; the user knows the file
+                raise InputError(self.source, err.problem) from None
+            refiner = AlignmentRefiner(prealigned, series.angles)
             geometry = refiner.geometry()
         self.profile = atom_profile(settings.profile, settings.species, self.data.blur)
         self.problem = FitProblem(self.normalised, geometry, series.pixel_size, self.data, self.loss, self.gain,
@@ -143,6 +148,8 @@ class Reconstruction:
         self.trainer.run(None if observer is None else lambda: observer(self))
         s = self.settings
         if s.species and s.thermal_refits > 0:
+            if self.trainer.progress:
+                print(f"[atomsplat] calibrating B-factors ({s.thermal_refits} steps per refit)", file=sys.stderr)
             t0 = time.perf_counter()
             state = self.problem.state()
             species = self._species(state["amp"] * self.data.scale, state["sigma"])[0]
