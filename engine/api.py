@@ -73,7 +73,8 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     from engine.evaluate.metrics import evaluate_atoms
     from engine.fit.outputs import check_output_folder, clear_outputs, write_outputs
     from engine.fit.reconstruct import CHECKPOINT, Reconstruction, create_fit
-    from engine.fit.settings import fit_settings
+    from engine.measure.datamodel import choose_noise_model
+    from engine.fit.settings import fit_settings, requested_noise
     from engine.fit.trainer import check_checkpoint, data_fingerprint, resumed_settings
 
     if resume and out_dir is None:
@@ -84,6 +85,7 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     if not isinstance(series, TiltSeries):
         series = load_series(series)
     require_tomography(series)
+    noise = choose_noise_model(series, requested_noise(checked), checked.gain)  # refuses data the model cannot take
     truth_atoms = truth if truth is None or isinstance(truth, Atoms) else read_atoms(truth)
     if meta is not None:
         check_checkpoint(Path(out_dir) / CHECKPOINT, meta, data_fingerprint(series), asdict(checked))
@@ -95,7 +97,7 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     if progress:
         print(f"[atomsplat] preparing the fit of {series.n_tilts} projections of {series.shape[0]} x "
               f"{series.shape[1]} px (data model, seeds)", file=sys.stderr)
-    fit = create_fit(series, checked, out_dir, progress=progress)
+    fit = create_fit(series, checked, out_dir, progress=progress, noise=noise)
     if resume:
         if not isinstance(fit, Reconstruction):
             raise InputError(out_dir, "the tied-atom fit of counted data keeps no checkpoint to resume "

@@ -38,13 +38,16 @@ from engine.physics.profile import atom_profile
 __all__ = ["CHECKPOINT", "Reconstruction", "create_fit"]
 
 
-def create_fit(series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True):
+def create_fit(series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True,
+               noise: NoiseModel | None = None):
     """The fit for these data and settings: counted data of one element (or none named) with the
     one-Gaussian profile, no alignment refinement and no ``per_atom_shape`` go to the tied-atom
-    evidence fit (`engine.fit.counted`); everything else to the per-atom `Reconstruction`."""
+    evidence fit (`engine.fit.counted`); everything else to the per-atom `Reconstruction`.
+    ``noise``: the noise model when already chosen (`choose_noise_model`, which checks the data
+    against it before any work)."""
     from engine.fit.counted import CountedFit
 
-    noise = choose_noise_model(series, requested_noise(settings), settings.gain)
+    noise = noise or choose_noise_model(series, requested_noise(settings), settings.gain)
     if (noise.kind == "poisson" and not settings.per_atom_shape and not settings.refine_alignment
             and len(settings.species) <= 1 and settings.profile == "gaussian"):
         return CountedFit(series, settings, out_dir, noise.gain, noise.reason, progress)
