@@ -160,6 +160,11 @@ def cmd_simulate(args) -> int:
     if args.build is not None:
         write_atoms(atoms, truth, overwrite=args.overwrite)
         print(f"wrote {truth} ({len(atoms)} atoms)")
+    if args.overwrite:  # companions of an earlier simulation to this name that this one did not write
+        source = Path(args.structure).resolve() if args.structure is not None else None
+        for path in (truth, alignment_truth, alignment_truth.with_suffix(".xf")):
+            if path not in targets and path.is_file() and path.resolve() != source:
+                path.unlink()
     print(f"wrote {out}: {series.n_tilts} projections of {series.shape[0]}x{series.shape[1]} px, "
           f"pixel {series.pixel_size} A")
     return 0
@@ -424,9 +429,9 @@ def cmd_run(args) -> int:
 
     observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth_atoms, args.resume is not None)
     make_folder(out_dir)
+    if args.overwrite and args.resume is None:  # an earlier simulation's series, truth and misalignment
+        clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
     if simulation is not None:
-        if args.overwrite:
-            clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
         sim = scene.simulate
         series = _simulate(simulation, sim["tilts"], sim["pixel_size"], sim.get("blur", 0.4), sim.get("noise", 0.0),
                            sim.get("peak_counts"), sim.get("b_factor", 0.0), sim.get("seed", 0), args.arch,
@@ -444,7 +449,8 @@ def cmd_run(args) -> int:
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
           f"{s['angle_max']:g} deg, pixel {s['pixel_size']:g} A")
     _reconstruct(series, settings, out_dir, args, truth_atoms, observer, keep=keep)
-    if (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
+    own_truth = misalignment is not None or (args.resume is not None and scene.simulate is not None)
+    if own_truth and (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
         from engine.core.files import write_atomically
         from engine.measure.alignment import alignment_errors, read_alignment
 

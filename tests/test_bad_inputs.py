@@ -369,3 +369,14 @@ def test_baseline_without_atoms_names_the_data(inputs, tmp_path, monkeypatch, ca
     assert main(["baseline", "small.npz", "--arch", "cpu"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith(ERROR)]
     assert errors == [f"{ERROR} small.npz: no atoms traced: no peaks in the reconstructed volume"]
+
+
+def test_simulate_overwrite_leaves_no_stale_companions(inputs, tmp_path):
+    shutil.copy(inputs / "atoms.xyz", tmp_path / "s_truth.xyz")  # the input structure, named like a truth
+    (tmp_path / "s_alignment.json").write_text("{}")  # an earlier --misalign run's truth
+    (tmp_path / "s_alignment.xf").write_text("")
+    (tmp_path / "s.npz").write_bytes(b"old")
+    result = atomsplat("simulate", "s_truth.xyz", "--tilts=-60:60:30", "--out", "s.npz", "--overwrite", "--arch", "cpu",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "s_truth.xyz"]
