@@ -22,11 +22,8 @@ from engine.core.backend import ARCH_CHOICES, cpu_threads, init_backend
 from engine.core.errors import InputError
 from engine.core.settings import SettingError
 
-VIEWER_OUTPUTS = ("frames/frame_*.png", "fit.gif", "fit.mp4", "screenshot_*.png")
-"""Files the viewer leaves in a fit's folder (removed with the fit's own by --overwrite)."""
 SIMULATED_OUTPUTS = ("series.npz", "truth.xyz", "true_alignment.json", "true_alignment.xf")
 """What `run` writes beside the fit when its scene simulates the data."""
-RUN_OUTPUTS = ("alignment_errors.json",)
 BASELINE_OUTPUTS = ("atoms.xyz", "volume.mrc", "metrics.json")
 
 
@@ -223,19 +220,16 @@ def _alignment_check(series) -> dict | None:
     return misalignment_summary(alignment, series.pixel_size)
 
 
-def _reconstruct(series, settings: dict, out_dir: Path, args, truth=None, observer=None, keep=()) -> dict:
+def _reconstruct(series, settings: dict, out_dir: Path, args, truth=None, observer=None) -> dict:
     """Fit ``series`` with ``settings`` into ``out_dir`` (checked before: `_fit_folder`); score it
     against ``truth`` (atoms read and checked before, never shown to the fit) afterwards.
     ``observer``: a viewer watching the fit (`viewer.cli.fit_observer`), finished once the results
-    are written. ``keep``: input files in the folder that --overwrite must not remove. Returns the
-    report."""
+    are written. --overwrite: the API removes the earlier fit's outputs once everything is checked.
+    Returns the report."""
     from engine.api import reconstruct
-    from engine.fit.outputs import clear_outputs
     from engine.fit.trainer import CHECKPOINT
 
     resume = args.resume is not None
-    if args.overwrite and not resume:
-        clear_outputs(out_dir, VIEWER_OUTPUTS + RUN_OUTPUTS, keep=keep)
     checkpoint = out_dir / CHECKPOINT
     try:
         result = reconstruct(series, settings, out_dir=out_dir, arch=args.arch, resume=resume,
@@ -324,7 +318,7 @@ def cmd_reconstruct(args) -> int:
     from viewer.cli import fit_observer
 
     observer = fit_observer(args, viewer_table, args.scene, out_dir, truth_atoms, args.resume is not None)
-    _reconstruct(series, settings, out_dir, args, truth_atoms, observer, keep=(args.data, truth))
+    _reconstruct(series, settings, out_dir, args, truth_atoms, observer)
     return 0
 
 
@@ -405,7 +399,6 @@ def cmd_run(args) -> int:
         series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size, angles_file=scene.angles_file)
     elif args.resume is not None:  # the interrupted run's own simulated series and truth
         series, truth = read_tilt_series(out_dir / "series.npz"), out_dir / "truth.xyz"
-        keep = (out_dir / "series.npz", truth)
     else:
         sim = scene.simulate
 
@@ -429,9 +422,12 @@ def cmd_run(args) -> int:
 
     observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth_atoms, args.resume is not None)
     make_folder(out_dir)
-    if args.overwrite and args.resume is None:  # an earlier simulation's series, truth and misalignment
-        clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
+    # --overwrite: an earlier simulation's series, truth and misalignment go too (after the fit's own
+    # checks when nothing is simulated now)
+    replace_simulated = args.overwrite and args.resume is None
     if simulation is not None:
+        if replace_simulated:
+            clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
         sim = scene.simulate
         series = _simulate(simulation, sim["tilts"], sim["pixel_size"], sim.get("blur", 0.4), sim.get("noise", 0.0),
                            sim.get("peak_counts"), sim.get("b_factor", 0.0), sim.get("seed", 0), args.arch,
@@ -444,11 +440,12 @@ def cmd_run(args) -> int:
 
             write_alignment(misalignment, out_dir, series.angles, series.pixel_size, 1.0, stem="true_alignment")
         print(f"simulated {len(truth_atoms)} atoms -> {out_dir / 'series.npz'}")
-        keep = (out_dir / "series.npz", out_dir / "truth.xyz")
     s = summarize(series)
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
           f"{s['angle_max']:g} deg, pixel {s['pixel_size']:g} A")
-    _reconstruct(series, settings, out_dir, args, truth_atoms, observer, keep=keep)
+    _reconstruct(series, settings, out_dir, args, truth_atoms, observer)
+    if simulation is None and replace_simulated:
+        clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
     own_truth = misalignment is not None or (args.resume is not None and scene.simulate is not None)
     if own_truth and (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
         from engine.core.files import write_atomically

@@ -21,8 +21,11 @@ from engine.measure.alignment import misalignment_summary, write_alignment
 
 
 OUTPUTS = ("atoms.xyz", "report.json", "projections.png", "loss.png", "metrics.json", "checkpoint.npz",
-           "alignment.json", "alignment.xf")
-"""A fit's files in its output folder (patterns relative to it)."""
+           "alignment.json", "alignment.xf",
+           "frames/frame_*.png", "fit.gif", "fit.mp4", "screenshot_*.png", "alignment_errors.json")
+"""A fit's files in its output folder (patterns relative to it): the fit's own, then what the viewer
+(frames, movie, screenshots) and `atomsplat run` (the refined alignment scored against the truth)
+leave beside it."""
 EARLIER_FIT = ("atoms.xyz", "report.json", "checkpoint.npz")
 """Any of these marks a folder as holding a fit (finished or interrupted)."""
 
