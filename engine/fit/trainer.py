@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import zipfile
 import signal
 import sys
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -104,7 +104,7 @@ def check_checkpoint(path, meta: dict, fingerprint: dict | None, settings: dict)
     current = json.loads(json.dumps(settings))
     differ = [f"{name} {_show(meta['settings'].get(name))} there, {_show(value)} here"
               for name, value in current.items()
-              if name != "checkpoint_every" and meta["settings"].get(name) != value]
+              if name != "checkpoint_every" and name in meta["settings"] and meta["settings"][name] != value]
     if differ:
         raise InputError(path, f"was written with other settings ({'; '.join(differ)}); resume with the same "
                                "settings (any not given are taken from the checkpoint)")
