@@ -11,6 +11,7 @@ Lengths in Å, angles in degrees.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ import numpy as np
 
 from engine.core.backend import init_backend
 from engine.core.errors import InputError
+from engine.core.files import write_atomically
 from engine.io.atoms import Atoms, read_atoms
-from engine.io.tiltseries import TiltSeries, read_tilt_series
+from engine.io.tiltseries import TiltSeries, read_tilt_series, require_tomography
 
 
 @dataclass
@@ -48,29 +50,54 @@ def load_series(path, pixel_size: float | None = None, angles_file=None) -> Tilt
 
 
 def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str = "auto", resume: bool = False,
-                truth=None, progress: bool = True, observer=None, **overrides) -> ReconstructionResult:
+                overwrite: bool = False, truth=None, progress: bool = True, observer=None,
+                **overrides) -> ReconstructionResult:
     """Fit atoms to ``series`` (a `TiltSeries` or a file path).
 
     settings  : the fit's settings (`engine.fit.settings`) as a dict; keyword ``overrides`` on top,
                 e.g. ``reconstruct(series, species=["Pt", "Ni"], iters=400)``.
     out_dir   : where atoms.xyz, report.json, the figures and checkpoints go (default: a new
-                temporary folder); ``resume`` continues the checkpoint there.
-    truth     : atoms (a file or `Atoms`) to score the result against once it is written.
+                temporary folder). A folder holding an earlier fit needs ``resume`` (continue its
+                checkpoint: the same data, its settings unless given, the same where given) or
+                ``overwrite`` (its outputs are removed before the fit starts).
+    truth     : atoms (a file or `Atoms`) to score the result against once it is written; a file is
+                read and checked before the fit, which never sees it.
     arch      : Taichi backend: auto, cpu, cuda or vulkan.
     observer  : called as ``observer(fit)`` after every step (see `engine.fit.reconstruct`).
+    Everything is checked before any work: a bad input raises InputError (or SettingError) and
+    leaves the folder as it was.
     """
-    from engine.evaluate.metrics import evaluate_atoms
-    from engine.fit.outputs import write_outputs
-    from engine.fit.reconstruct import CHECKPOINT, Reconstruction, create_fit
-    from engine.fit.settings import fit_settings
+    from dataclasses import asdict
 
-    checked = fit_settings(settings, **overrides)
+    from engine.core.files import make_folder
+    from engine.evaluate.metrics import evaluate_atoms
+    from engine.fit.outputs import check_output_folder, clear_outputs, write_outputs
+    from engine.fit.reconstruct import CHECKPOINT, Reconstruction, create_fit
+    from engine.measure.datamodel import choose_noise_model
+    from engine.fit.settings import fit_settings, requested_noise
+    from engine.fit.trainer import check_checkpoint, data_fingerprint, resumed_settings
+
+    if resume and out_dir is None:
+        raise InputError("resume", "needs the out_dir holding the checkpoint")
+    meta = None if out_dir is None else check_output_folder(out_dir, resume, overwrite)
+    values = {**(settings or {}), **overrides}
+    checked = fit_settings(resumed_settings(meta, values) if meta is not None else values)
     if not isinstance(series, TiltSeries):
         series = load_series(series)
-    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="atomsplat-"))
+    require_tomography(series)
+    noise = choose_noise_model(series, requested_noise(checked), checked.gain)  # refuses data the model cannot take
+    truth_atoms = truth if truth is None or isinstance(truth, Atoms) else read_atoms(truth)
+    if meta is not None:
+        check_checkpoint(Path(out_dir) / CHECKPOINT, meta, data_fingerprint(series), asdict(checked))
+    out_dir = make_folder(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="atomsplat-"))
+    if overwrite and not resume:
+        clear_outputs(out_dir, keep=(series.source, truth if isinstance(truth, (str, Path)) else None))
     actual = init_backend(arch, verbose=progress)
     t0 = time.perf_counter()
-    fit = create_fit(series, checked, out_dir, progress=progress)
+    if progress:
+        print(f"[atomsplat] preparing the fit of {series.n_tilts} projections of {series.shape[0]} x "
+              f"{series.shape[1]} px (data model, seeds)", file=sys.stderr)
+    fit = create_fit(series, checked, out_dir, progress=progress, noise=noise)
     if resume:
         if not isinstance(fit, Reconstruction):
             raise InputError(out_dir, "the tied-atom fit of counted data keeps no checkpoint to resume "
@@ -79,10 +106,9 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     atoms = fit.run(observer=observer)
     report = write_outputs(fit, atoms, actual, time.perf_counter() - t0)
     metrics = None
-    if truth is not None:
-        truth_atoms = truth if isinstance(truth, Atoms) else read_atoms(truth)
+    if truth_atoms is not None:
         metrics = evaluate_atoms(atoms, truth_atoms, radius=1.0, radii_extra=(0.5,))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_atomically(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     alignment = fit.refiner.alignment if fit.refiner is not None else None
     return ReconstructionResult(atoms, report, alignment, metrics, out_dir)
 

@@ -1,21 +1,30 @@
 """The `atomsplat` command line: simulate, info, reconstruct, baseline, evaluate, run and view.
 
-Every bad input ends in one line `atomsplat: error: FILE: problem` and exit status 2, never a
-traceback; Ctrl-C ends with status 130.
+Every bad input ends in one line `atomsplat: error: FILE: problem` (or `--option: problem`) and exit
+status 2, never a traceback, and everything is checked before any work, so a refused command leaves
+no file behind. Ctrl-C ends with one line and status 130. stdout carries only what a command is
+asked for (JSON with --json); progress, warnings (`atomsplat: warning: ...`) and errors go to
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from engine.core.backend import ARCH_CHOICES, init_backend
+from engine.core.backend import ARCH_CHOICES, cpu_threads, init_backend
 from engine.core.errors import InputError
 from engine.core.settings import SettingError
+
+SIMULATED_OUTPUTS = ("series.npz", "truth.xyz", "true_alignment.json", "true_alignment.xf")
+"""What `run` writes beside the fit when its scene simulates the data."""
+BASELINE_OUTPUTS = ("atoms.xyz", "volume.mrc", "metrics.json")
 
 
 def _add_arch(parser):
@@ -29,31 +38,73 @@ def _add_fit_options(parser):
     FIT_SCHEMA.add_arguments(parser.add_argument_group("fit settings (also [reconstruct] keys of a scene)"))
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier fit in the output folder (its outputs are removed first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_arch(parser)
 
 
-def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise, peak_counts, b_factor, seed,
-                   arch, misalignment=None):
-    """Returns (atoms, series) for a structure file or a builder recipe. Inputs are read and checked
-    before the backend starts, so bad input fails fast. With ``misalignment`` (an
-    `engine.measure.alignment.Alignment`) the series is recorded in that geometry and intensity but carries
-    only the nominal angles, as a misaligned experiment would."""
+def _add_angles(parser):
+    parser.add_argument("--angles", metavar="FILE", default=None,
+                        help="tilt angles in degrees, one per line (IMOD .tlt); replaces those of the series file")
+
+
+def _simulation_inputs(structure_path, build, tilts, pixel_size, shape, blur, noise, peak_counts, b_factor, seed,
+                       name) -> tuple:
+    """Read and check everything a simulation needs, before any work: returns (atoms, angles, shape,
+    label). ``name(key)`` is how an error names a parameter (a flag, or a scene key)."""
+    from engine.core.memory import require_memory
     from engine.io.atoms import read_atoms
-    from engine.physics.simulate import auto_shape, parse_tilt_range, simulate_tilt_series
+    from engine.physics.simulate import auto_shape, check_image_shape, parse_tilt_range
     from engine.physics.structures import build_structure, parse_recipe
 
+    def number(key, value, minimum, strict=False):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+                or value < minimum or (strict and value == minimum):
+            raise InputError(name(key), f"must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+        return float(value)
+
+    number("pixel_size", pixel_size, 0, strict=True)
+    number("blur", blur, 0)
+    number("noise", noise, 0)
+    number("peak_counts", peak_counts, 0, strict=True)
+    number("b_factor", b_factor, 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(name("seed"), f"must be a whole number >= 0, got {seed!r}")
+    try:
+        angles = parse_tilt_range(tilts) if isinstance(tilts, str) else np.asarray(tilts, float)
+    except InputError as err:
+        raise InputError(name("tilts"), err.problem) from None
+    if shape is not None:
+        shape = check_image_shape(shape, name("shape"))
     if structure_path is not None:
         atoms = read_atoms(structure_path)
         label = str(structure_path)
     else:
-        recipe = parse_recipe(build) if isinstance(build, str) else build
-        atoms = build_structure(recipe, seed=seed)
+        try:
+            recipe = parse_recipe(build) if isinstance(build, str) else build
+            atoms = build_structure(recipe, seed=seed)
+        except InputError as err:
+            raise InputError(name("build"), str(err)) from None
         label = " ".join(f"{k}={v}" for k, v in recipe.items())
-    angles = parse_tilt_range(tilts) if isinstance(tilts, str) else np.asarray(tilts, float)
     if shape is None:
         shape = auto_shape(atoms, pixel_size)
+        check_image_shape(shape, name("shape"))
+    require_memory(len(angles) * shape[0] * shape[1] * 48.0, name("shape"),
+                   f"{len(angles)} projections of {shape[0]} x {shape[1]} px",
+                   "use fewer tilts, larger pixels or a smaller image")
+    return atoms, angles, tuple(shape), label
+
+
+def _simulate(inputs, tilts, pixel_size, blur, noise, peak_counts, b_factor, seed, arch, misalignment=None):
+    """Simulate the checked ``inputs`` (`_simulation_inputs`); returns the series. With
+    ``misalignment`` (an `engine.measure.alignment.Alignment`) the series is recorded in that geometry
+    and intensity but carries only the nominal angles, as a misaligned experiment would."""
+    from engine.physics.simulate import simulate_tilt_series
+
+    atoms, angles, shape, label = inputs
     init_backend(arch, verbose=True)
     series = simulate_tilt_series(atoms, angles, pixel_size, shape, blur_sigma=blur, b_factor=b_factor,
                                   noise=noise, peak_counts=peak_counts, seed=seed,
@@ -64,32 +115,39 @@ def _simulate_from(structure_path, build, tilts, pixel_size, shape, blur, noise,
                                   intensity_scale=None if misalignment is None else misalignment.intensity_scale)
     if misalignment is not None:
         series.geometry = None  # the experimenter knows only the nominal angles
-    return atoms, series
+    return series
+
+
+SIMULATE_FLAGS = {"pixel_size": "--pixel", "build": "--build", "structure": "STRUCTURE"}
 
 
 def cmd_simulate(args) -> int:
+    from engine.core.files import writable_file
     from engine.io.atoms import write_atoms
-    from engine.io.tiltseries import write_tilt_series
+    from engine.io.tiltseries import check_series_path, write_tilt_series
 
     if (args.structure is None) == (args.build is None):
         raise InputError("simulate", "give a STRUCTURE file or --build RECIPE (exactly one)")
     out = Path(args.out)
+    check_series_path(out, "--out")
+    targets = [out] + ([out.with_suffix(".tlt")] if out.suffix.lower() != ".npz" else [])
+    truth = out.with_name(out.stem + "_truth.xyz")
+    alignment_truth = out.with_name(out.stem + "_alignment.json")
+    targets += [truth] if args.build is not None else []
+    targets += [alignment_truth, alignment_truth.with_suffix(".xf")] if args.misalign is not None else []
+    for target in targets:
+        writable_file(target, args.overwrite)
+    inputs = _simulation_inputs(args.structure, args.build, args.tilts, args.pixel,
+                                tuple(args.shape) if args.shape else None, args.blur, args.noise, args.peak_counts,
+                                args.b_factor, args.seed, lambda key: SIMULATE_FLAGS.get(key, "--" + key.replace("_", "-")))
     misalignment = None
     if args.misalign is not None:
         from engine.measure.alignment import misalignment_from
-        from engine.physics.simulate import parse_tilt_range
 
-        misalignment = misalignment_from(args.misalign.split(","), "--misalign", parse_tilt_range(args.tilts),
-                                         args.pixel, seed=args.seed)
-        alignment_truth = out.with_name(out.stem + "_alignment.json")
-        if alignment_truth.exists() and not args.overwrite:
-            raise InputError(alignment_truth, "already exists; pass --overwrite to replace it")
-    atoms, series = _simulate_from(args.structure, args.build, args.tilts, args.pixel,
-                                   tuple(args.shape) if args.shape else None, args.blur, args.noise,
-                                   args.peak_counts, args.b_factor, args.seed, args.arch, misalignment)
-    truth = out.with_name(out.stem + "_truth.xyz")
-    if args.build is not None and truth.exists() and not args.overwrite:
-        raise InputError(truth, "already exists; pass --overwrite to replace it")
+        misalignment = misalignment_from(args.misalign.split(","), "--misalign", inputs[1], args.pixel, seed=args.seed)
+    series = _simulate(inputs, args.tilts, args.pixel, args.blur, args.noise, args.peak_counts, args.b_factor,
+                       args.seed, args.arch, misalignment)
+    atoms = inputs[0]
     write_tilt_series(series, out, overwrite=args.overwrite)
     if misalignment is not None:
         from engine.measure.alignment import write_alignment
@@ -99,6 +157,11 @@ def cmd_simulate(args) -> int:
     if args.build is not None:
         write_atoms(atoms, truth, overwrite=args.overwrite)
         print(f"wrote {truth} ({len(atoms)} atoms)")
+    if args.overwrite:  # companions of an earlier simulation to this name that this one did not write
+        source = Path(args.structure).resolve() if args.structure is not None else None
+        for path in (truth, alignment_truth, alignment_truth.with_suffix(".xf")):
+            if path not in targets and path.is_file() and path.resolve() != source:
+                path.unlink()
     print(f"wrote {out}: {series.n_tilts} projections of {series.shape[0]}x{series.shape[1]} px, "
           f"pixel {series.pixel_size} A")
     return 0
@@ -107,9 +170,10 @@ def cmd_simulate(args) -> int:
 def cmd_info(args) -> int:
     from engine.io.tiltseries import read_tilt_series, summarize
 
-    series = read_tilt_series(args.file, pixel_size=args.pixel)
+    series = read_tilt_series(args.file, pixel_size=args.pixel, angles_file=args.angles, finite=False)
     summary = summarize(series)
-    summary["alignment_check"] = _alignment_check(series)
+    usable = summary["nan_count"] == 0 and np.isfinite(series.projections).all()
+    summary["alignment_check"] = _alignment_check(series) if usable else None
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -124,7 +188,7 @@ def cmd_info(args) -> int:
           f"{s['field_of_view_A'][0]:.1f} A)")
     print(f"intensity       min {s['intensity_min']:.4g}, max {s['intensity_max']:.4g}, "
           f"mean {s['intensity_mean']:.4g}")
-    print(f"NaN pixels      {s['nan_count']}")
+    print(f"NaN pixels      {s['nan_count']}" + ("" if usable else "  (reconstruct and baseline refuse non-finite pixels)"))
     if s["noise_sigma"] is not None:
         print(f"noise sigma     {s['noise_sigma']:.4g} (from file)")
     if s["blur_sigma"] is not None:
@@ -141,10 +205,12 @@ def cmd_info(args) -> int:
 def _alignment_check(series) -> dict | None:
     """Coarse pre-alignment of a single-axis series (engine.measure.alignment.prealign) and whether refining the
     alignment is advised; None for other geometries or series without a usable signal."""
+    from engine.io.tiltseries import require_tomography
     from engine.measure.alignment import misalignment_summary, prealign, require_single_axis
     from engine.measure.datamodel import estimate_data_model
 
     try:
+        require_tomography(series)
         require_single_axis(series)
         data = estimate_data_model(series, blur=0.0)
         normalised = (series.projections.astype(np.float64) - data.background) / data.scale
@@ -154,21 +220,25 @@ def _alignment_check(series) -> dict | None:
     return misalignment_summary(alignment, series.pixel_size)
 
 
-def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool, truth_path=None,
-                 progress: bool = True, observer=None) -> dict:
-    """Fit ``series`` with ``settings`` into ``out_dir``; evaluate against ``truth_path`` afterwards
-    (the truth is read only once the atoms are written). ``observer``: a viewer watching the fit
-    (`viewer.cli.fit_observer`), finished once the results are written. Returns the report."""
+def _reconstruct(series, settings: dict, out_dir: Path, args, truth=None, observer=None) -> dict:
+    """Fit ``series`` with ``settings`` into ``out_dir`` (checked before: `_fit_folder`); score it
+    against ``truth`` (atoms read and checked before, never shown to the fit) afterwards.
+    ``observer``: a viewer watching the fit (`viewer.cli.fit_observer`), finished once the results
+    are written. --overwrite: the API removes the earlier fit's outputs once everything is checked.
+    Returns the report."""
     from engine.api import reconstruct
     from engine.fit.trainer import CHECKPOINT
 
+    resume = args.resume is not None
+    checkpoint = out_dir / CHECKPOINT
     try:
-        result = reconstruct(series, settings, out_dir=out_dir, arch=arch, resume=resume, truth=truth_path,
-                             progress=progress, observer=observer)
+        result = reconstruct(series, settings, out_dir=out_dir, arch=args.arch, resume=resume,
+                             overwrite=args.overwrite and not resume, truth=truth, progress=not args.quiet,
+                             observer=observer)
     except KeyboardInterrupt:
-        print(f"atomsplat: interrupted; checkpoint in {out_dir / CHECKPOINT} (continue with --resume {out_dir})",
-              file=sys.stderr)
-        raise
+        if checkpoint.exists():
+            raise KeyboardInterrupt(f"interrupted; checkpoint in {checkpoint} (continue with --resume {out_dir})") from None
+        raise KeyboardInterrupt("interrupted before the first checkpoint; nothing to resume") from None
     report = result.report
     loss = "n/a" if report["final_loss"] is None else f"{report['final_loss']:.4g}"
     print(f"{len(result.atoms)} atoms -> {out_dir / 'atoms.xyz'} ({report['iterations']} iterations, "
@@ -184,77 +254,118 @@ def _reconstruct(series, settings: dict, out_dir: Path, arch: str, resume: bool,
     return report
 
 
-def _output_dir(args, default: Path) -> Path:
-    """The output folder: --resume DIR, else --out, else ``default``. Never replaces a finished result
-    unless asked."""
+def _fit_folder(args, default: Path) -> tuple[Path, dict | None]:
+    """The output folder (--resume DIR, else --out, else ``default``) and, when resuming, its
+    checkpoint's bookkeeping; checked before any work (`engine.fit.outputs.check_output_folder`): a
+    folder holding a fit needs --resume or --overwrite, and a finished fit is not resumed."""
+    from engine.fit.outputs import check_output_folder
+
     if args.resume is not None:
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise InputError("--out", "a resumed fit writes into its own folder (--resume DIR); drop --out")
         out_dir = Path(args.resume)
-        if not (out_dir / "checkpoint.npz").exists():
-            raise InputError(out_dir, "has no checkpoint.npz to resume from")
-        return out_dir
-    out_dir = Path(args.out) if args.out else default
-    if not args.overwrite and (out_dir / "atoms.xyz").exists():
-        raise InputError(out_dir, "already holds a reconstruction (atoms.xyz); pass --overwrite to replace it "
-                                  "or --resume DIR to continue its checkpoint")
-    return out_dir
+    else:
+        out_dir = Path(args.out) if args.out else default
+    out_dir = Path(os.path.normpath(out_dir))
+    return out_dir, check_output_folder(out_dir, args.resume is not None, args.overwrite)
 
 
-def _settings(args, base: dict) -> dict:
-    """The scene's [reconstruct] table with the flags given on top, checked before any work."""
+def _settings(args, base: dict, meta: dict | None = None) -> dict:
+    """The scene's [reconstruct] table with the flags given on top, checked before any work. When
+    resuming (``meta``: the checkpoint's bookkeeping), the checkpoint's settings are the base."""
     from engine.fit.settings import FIT_SCHEMA, fit_settings
+    from engine.fit.trainer import resumed_settings
 
     settings = FIT_SCHEMA.from_args(args, base)
+    if meta is not None:
+        settings = resumed_settings(meta, settings)
     fit_settings(settings)
     return settings
 
 
+def _check_resume(out_dir: Path, meta: dict | None, series, settings: dict) -> None:
+    """A resumed checkpoint must belong to these data and settings."""
+    if meta is None:
+        return
+    from dataclasses import asdict
+
+    from engine.fit.settings import fit_settings
+    from engine.fit.trainer import CHECKPOINT, check_checkpoint, data_fingerprint
+
+    check_checkpoint(out_dir / CHECKPOINT, meta, data_fingerprint(series), asdict(fit_settings(settings)))
+
+
+def _read_truth(path):
+    from engine.io.atoms import read_atoms
+
+    return None if path is None else read_atoms(path)
+
+
 def cmd_reconstruct(args) -> int:
     from engine.scene import load_scene
-    from engine.io.tiltseries import read_tilt_series
+    from engine.io.tiltseries import read_tilt_series, require_tomography
 
-    base, truth = {}, args.truth
+    base, truth, viewer_table = {}, args.truth, {}
     if args.scene:
         scene = load_scene(args.scene)
-        base = scene.reconstruct
+        base, viewer_table = scene.reconstruct, scene.viewer
         truth = truth or scene.truth_file
-    settings = _settings(args, base)
-    series = read_tilt_series(args.data, pixel_size=args.pixel)
-    out_dir = _output_dir(args, Path("out") / Path(args.data).stem)
-    if truth is not None and not Path(truth).exists():
-        raise InputError(truth, "truth file not found")
+    out_dir, meta = _fit_folder(args, Path("out") / Path(args.data).stem)
+    settings = _settings(args, base, meta)
+    series = require_tomography(read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles))
+    _check_resume(out_dir, meta, series, settings)
+    truth_atoms = _read_truth(truth)
     from viewer.cli import fit_observer
 
-    observer = fit_observer(args, scene.viewer if args.scene else {}, args.scene, out_dir, truth, args.resume is not None)
-    _reconstruct(series, settings, out_dir, args.arch, args.resume is not None, truth,
-                 progress=not args.quiet, observer=observer)
+    observer = fit_observer(args, viewer_table, args.scene, out_dir, truth_atoms, args.resume is not None)
+    _reconstruct(series, settings, out_dir, args, truth_atoms, observer)
     return 0
 
 
 def cmd_baseline(args) -> int:
     import time
 
-    from engine.io.atoms import read_atoms, write_atoms
-    from engine.classical.baseline import BASELINE_SCHEMA, baseline_settings, run_baseline, write_volume_mrc
-    from engine.io.tiltseries import read_tilt_series
+    from engine.classical.baseline import (BASELINE_SCHEMA, baseline_settings, check_baseline_size, run_baseline,
+                                           write_volume_mrc)
+    from engine.core.files import make_folder, writable_folder
+    from engine.fit.outputs import clear_outputs
+    from engine.io.atoms import write_atoms
+    from engine.io.tiltseries import read_tilt_series, require_tomography
 
     settings = baseline_settings(BASELINE_SCHEMA.from_args(args))
-    series = read_tilt_series(args.data, pixel_size=args.pixel)
-    out_dir = Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")
-    if not args.overwrite and (out_dir / "atoms.xyz").exists():
-        raise InputError(out_dir, "already holds a result (atoms.xyz); pass --overwrite to replace it")
+    series = require_tomography(read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles))
+    out_dir = Path(os.path.normpath(Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")))
+    writable_folder(out_dir)
+    found = [name for name in BASELINE_OUTPUTS if (out_dir / name).exists()]
+    if found and not args.overwrite:
+        raise InputError(out_dir, f"already holds a result ({', '.join(found)}); pass --overwrite to replace it")
+    check_baseline_size(series, settings)
+    truth = _read_truth(args.truth)
+    make_folder(out_dir)
+    if args.overwrite:
+        clear_outputs(out_dir, BASELINE_OUTPUTS, keep=(args.data, args.truth))
     init_backend(args.arch, verbose=True)
     t0 = time.perf_counter()
-    atoms, volume, projector = run_baseline(series, settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    with tqdm(total=settings.iters, desc="SIRT", unit="it", file=sys.stderr, dynamic_ncols=True,
+              disable=settings.method != "sirt") as bar:
+        try:
+            atoms, volume, projector = run_baseline(series, settings, callback=lambda *_: bar.update(1))
+        except InputError as err:
+            if err.source != "volume":
+                raise
+            raise InputError(args.data, f"no atoms traced: {err.problem}") from None
     write_atoms(atoms, out_dir / "atoms.xyz", overwrite=True)
     write_volume_mrc(volume, projector.voxel, out_dir / "volume.mrc", overwrite=True)
     print(f"{settings.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> "
           f"{out_dir / 'volume.mrc'} ({time.perf_counter() - t0:.1f} s)")
-    if args.truth:
+    if truth is not None:
+        from engine.core.files import write_atomically
         from engine.evaluate.metrics import evaluate_atoms, format_table
 
-        metrics = evaluate_atoms(atoms, read_atoms(args.truth), radius=1.0, radii_extra=(0.5,))
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics = evaluate_atoms(atoms, truth, radius=1.0, radii_extra=(0.5,))
+        write_atomically(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
         print(format_table(metrics))
     return 0
 
@@ -263,6 +374,8 @@ def cmd_evaluate(args) -> int:
     from engine.io.atoms import read_atoms
     from engine.evaluate.metrics import evaluate_atoms, format_table
 
+    if not (np.isfinite(args.radius) and args.radius > 0):
+        raise InputError("--radius", f"must be a positive number of Å, got {args.radius}")
     pred, truth = read_atoms(args.pred), read_atoms(args.truth)
     radii = tuple(r for r in (0.5, 1.0) if r != args.radius)
     result = evaluate_atoms(pred, truth, radius=args.radius, radii_extra=radii)
@@ -271,52 +384,76 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from engine.core.files import make_folder
+    from engine.fit.outputs import clear_outputs
     from engine.io.atoms import write_atoms
+    from engine.io.tiltseries import read_tilt_series, require_tomography, summarize, write_tilt_series
     from engine.scene import load_scene
-    from engine.io.tiltseries import read_tilt_series, summarize, write_tilt_series
 
     scene = load_scene(args.scene)
-    settings = _settings(args, scene.reconstruct)
-    out_dir = _output_dir(args, scene.output_dir or Path("out") / Path(args.scene).stem)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    truth = scene.truth_file
+    out_dir, meta = _fit_folder(args, scene.output_dir or Path("out") / Path(args.scene).stem)
+    settings = _settings(args, scene.reconstruct, meta)
+    truth, series, simulation, misalignment = scene.truth_file, None, None, None
+    keep = (scene.data_file, scene.truth_file)
     if scene.simulate is None:
-        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size)
+        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size, angles_file=scene.angles_file)
     elif args.resume is not None:  # the interrupted run's own simulated series and truth
         series, truth = read_tilt_series(out_dir / "series.npz"), out_dir / "truth.xyz"
     else:
         sim = scene.simulate
-        misalignment = None
-        if "misalign" in sim:
-            from engine.measure.alignment import misalignment_from, write_alignment
-            from engine.physics.simulate import parse_tilt_range
 
-            misalignment = misalignment_from(sim["misalign"], f"{args.scene}: data.simulate.misalign",
-                                             parse_tilt_range(sim["tilts"]), sim["pixel_size"], seed=sim.get("seed", 0))
-        atoms, series = _simulate_from(sim.get("structure"), sim.get("build"), sim["tilts"], sim["pixel_size"],
-                                       tuple(sim["shape"]) if "shape" in sim else None, sim.get("blur", 0.4),
-                                       sim.get("noise", 0.0), sim.get("peak_counts"), sim.get("b_factor", 0.0),
-                                       sim.get("seed", 0), args.arch, misalignment)
+        def name(key):
+            return f"{args.scene}: data.simulate.{key}"
+
+        simulation = _simulation_inputs(sim.get("structure"), sim.get("build"), sim["tilts"], sim["pixel_size"],
+                                        sim.get("shape"), sim.get("blur", 0.4), sim.get("noise", 0.0),
+                                        sim.get("peak_counts"), sim.get("b_factor", 0.0), sim.get("seed", 0), name)
+        if "misalign" in sim:
+            from engine.measure.alignment import misalignment_from
+
+            misalignment = misalignment_from(sim["misalign"], name("misalign"), simulation[1], sim["pixel_size"],
+                                             seed=sim.get("seed", 0))
+        truth = None
+    if series is not None:
+        require_tomography(series)
+        _check_resume(out_dir, meta, series, settings)
+    truth_atoms = _read_truth(truth) if simulation is None else simulation[0]
+    from viewer.cli import fit_observer
+
+    observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth_atoms, args.resume is not None)
+    make_folder(out_dir)
+    # --overwrite: an earlier simulation's series, truth and misalignment go too (after the fit's own
+    # checks when nothing is simulated now)
+    replace_simulated = args.overwrite and args.resume is None
+    if simulation is not None:
+        if replace_simulated:
+            clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
+        sim = scene.simulate
+        series = _simulate(simulation, sim["tilts"], sim["pixel_size"], sim.get("blur", 0.4), sim.get("noise", 0.0),
+                           sim.get("peak_counts"), sim.get("b_factor", 0.0), sim.get("seed", 0), args.arch,
+                           misalignment)
+        require_tomography(series)
         write_tilt_series(series, out_dir / "series.npz", overwrite=True)
-        truth = out_dir / "truth.xyz"
-        write_atoms(atoms, truth, overwrite=True)
+        write_atoms(truth_atoms, out_dir / "truth.xyz", overwrite=True)
         if misalignment is not None:
+            from engine.measure.alignment import write_alignment
+
             write_alignment(misalignment, out_dir, series.angles, series.pixel_size, 1.0, stem="true_alignment")
-        print(f"simulated {len(atoms)} atoms -> {out_dir / 'series.npz'}")
+        print(f"simulated {len(truth_atoms)} atoms -> {out_dir / 'series.npz'}")
     s = summarize(series)
     print(f"series: {s['n_tilts']} projections {s['height']}x{s['width']} px, tilts {s['angle_min']:g}.."
           f"{s['angle_max']:g} deg, pixel {s['pixel_size']:g} A")
-    from viewer.cli import fit_observer
-
-    observer = fit_observer(args, scene.viewer, args.scene, out_dir, truth, args.resume is not None)
-    _reconstruct(series, settings, out_dir, args.arch, args.resume is not None, truth,
-                 progress=not args.quiet, observer=observer)
-    if (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
+    _reconstruct(series, settings, out_dir, args, truth_atoms, observer)
+    if simulation is None and replace_simulated:
+        clear_outputs(out_dir, SIMULATED_OUTPUTS, keep=keep)
+    own_truth = misalignment is not None or (args.resume is not None and scene.simulate is not None)
+    if own_truth and (out_dir / "true_alignment.json").exists() and (out_dir / "alignment.json").exists():
+        from engine.core.files import write_atomically
         from engine.measure.alignment import alignment_errors, read_alignment
 
         errors = alignment_errors(read_alignment(out_dir / "alignment.json"),
                                   read_alignment(out_dir / "true_alignment.json"), series.pixel_size)
-        (out_dir / "alignment_errors.json").write_text(json.dumps(errors, indent=2))
+        write_atomically(out_dir / "alignment_errors.json", lambda tmp: tmp.write_text(json.dumps(errors, indent=2)))
         print("alignment vs truth: " + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
     return 0
 
@@ -355,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarize a tilt series file")
     p.add_argument("file", help=".npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
+    _add_angles(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -363,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scene", help="take [reconstruct] settings (and the truth) from a scene file")
     p.add_argument("--out", help="output folder (default: out/<data name>)")
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
-    p.add_argument("--truth", help="ground-truth atoms to score against after the fit")
+    _add_angles(p)
+    p.add_argument("--truth", help="ground-truth atoms to score against after the fit (checked before it, "
+                                   "never shown to it)")
     _add_fit_options(p)
     add_view_options(p)
     p.set_defaults(func=cmd_reconstruct)
@@ -382,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     BASELINE_SCHEMA.add_arguments(p.add_argument_group("baseline settings"))
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
+    _add_angles(p)
     p.add_argument("--truth", help="ground-truth atoms to score against afterwards")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in the output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result in the output folder (its outputs are removed first)")
     _add_arch(p)
     p.set_defaults(func=cmd_baseline)
 
@@ -398,20 +540,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Python warnings as one line each, without a source path and code line."""
+    print(f"atomsplat: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SettingError as err:  # a library error names the setting; here it is a flag
-        print(f"atomsplat: error: --{err.setting.replace('_', '-')}: {err.problem}", file=sys.stderr)
-        return 2
-    except InputError as err:
-        print(f"atomsplat: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("atomsplat: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            if hasattr(args, "arch"):
+                cpu_threads()  # a bad ATOMSPLAT_THREADS is refused before any work
+            return args.func(args)
+        except SettingError as err:  # a library error names the setting; here it is a flag
+            print(f"atomsplat: error: --{err.setting.replace('_', '-')}: {err.problem}", file=sys.stderr)
+            return 2
+        except InputError as err:
+            print(f"atomsplat: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            print(f"atomsplat: {err.args[0] if err.args else 'interrupted'}", file=sys.stderr)
+            return 130
+        except MemoryError:
+            print("atomsplat: error: out of memory (use smaller data, or fewer or larger voxels and pixels)",
+                  file=sys.stderr)
+            return 2
+        except OSError as err:  # a file the checks before the work could not foresee
+            where = err.filename or "atomsplat"
+            print(f"atomsplat: error: {where}: {err.strerror or err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

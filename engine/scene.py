@@ -4,6 +4,7 @@
     file = "series.npz"          # paths are relative to the scene file
     truth = "truth.xyz"          # optional ground truth, used only for evaluation
     pixel_size = 0.3             # Å, for MRC/TIFF stacks without one in the header
+    angles = "series.tlt"        # optional: tilt angles, one per line (else from the file or STEM.tlt)
 
     [data.simulate]              # ... or a structure simulated on the fly
     build = { kind = "cuboctahedron", element = "Au", shells = 3 }   # or structure = "atoms.xyz"
@@ -28,6 +29,7 @@ Unknown sections or keys are an error naming the scene file and the key.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from engine.core.errors import InputError
 SIMULATE_KEYS = {"build": dict, "structure": str, "tilts": str, "pixel_size": (int, float),
                  "shape": list, "blur": (int, float), "noise": (int, float), "peak_counts": (int, float),
                  "b_factor": (int, float), "seed": int, "misalign": list}
-DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "simulate": dict}
+DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "angles": str, "simulate": dict}
 SECTIONS = {"data": DATA_KEYS, "reconstruct": None, "output": {"dir": str}, "viewer": {"view": bool, "every": int}}
 
 
@@ -54,6 +56,7 @@ class Scene:
     data_file: Path | None = None
     truth_file: Path | None = None
     pixel_size: float | None = None
+    angles_file: Path | None = None
     simulate: dict | None = None
     reconstruct: dict = field(default_factory=dict)
     output_dir: Path | None = None
@@ -94,10 +97,16 @@ def load_scene(path) -> Scene:
     if ("file" in data) == ("simulate" in data):
         raise InputError(path, "[data] needs exactly one of 'file' or a [data.simulate] table")
     base = path.resolve().parent
+
+    def resolve(relative) -> Path:
+        return Path(os.path.normpath(base / relative))
+
     scene = Scene(path=path, reconstruct=dict(table.get("reconstruct", {})), viewer=dict(table.get("viewer", {})))
     if "file" in data:
-        scene.data_file = base / data["file"]
+        scene.data_file = resolve(data["file"])
         scene.pixel_size = data.get("pixel_size")
+        if "angles" in data:
+            scene.angles_file = resolve(data["angles"])
     else:
         simulate = dict(data["simulate"])
         _check(simulate, SIMULATE_KEYS, "data.simulate.", path)
@@ -106,11 +115,17 @@ def load_scene(path) -> Scene:
         for key in ("tilts", "pixel_size"):
             if key not in simulate:
                 raise InputError(path, f"[data.simulate] needs '{key}'")
+        if "angles" in data:
+            raise InputError(path, "'data.angles' goes with 'data.file'; a simulation takes 'tilts'")
+        if "shape" in simulate:
+            from engine.physics.simulate import check_image_shape
+
+            simulate["shape"] = check_image_shape(simulate["shape"], f"{path}: data.simulate.shape")
         if "structure" in simulate:
-            simulate["structure"] = base / simulate["structure"]
+            simulate["structure"] = resolve(simulate["structure"])
         scene.simulate = simulate
     if "truth" in data:
-        scene.truth_file = base / data["truth"]
+        scene.truth_file = resolve(data["truth"])
     out = table.get("output", {}).get("dir")
-    scene.output_dir = base / out if out else None
+    scene.output_dir = resolve(out) if out else None
     return scene

@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 
+from engine.core.errors import InputError
 from engine.core.settings import SettingError
 from engine.evaluate.metrics import evaluate_atoms
 from engine.fit.outputs import write_outputs
@@ -100,6 +101,13 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     interrupted.problem.step = step_then_interrupt
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
+    if not refine_alignment:  # the checkpoint belongs to these data and settings only
+        other_data = simulate(small_particle, seed=2)
+        with pytest.raises(InputError, match="other data"):
+            Reconstruction(other_data, settings, tmp_path / "b", progress=False).resume(tmp_path / "b" / "checkpoint.npz")
+        other_settings = fit_settings(iters=250, densify_every=50, checkpoint_every=100, batch=8, seed=4)
+        with pytest.raises(InputError, match="seed 3 there, 4 here"):
+            Reconstruction(series, other_settings, tmp_path / "b", progress=False).resume(tmp_path / "b" / "checkpoint.npz")
     resumed = Reconstruction(series, settings, tmp_path / "b", progress=False)
     resumed.resume(tmp_path / "b" / "checkpoint.npz")
     assert resumed.iteration == 137

@@ -9,8 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .frame import ViewSettings
-from .window import DEFAULT_EVERY, HeadlessRecorder, LiveViewer, check_every, display_available, write_png
+DEFAULT_EVERY = 100
+"""Iterations between frames by default (viewer overhead ≤ 10 % of the fit, see scripts/bench_viewer.py);
+`viewer.window` takes it from here, so the command line starts without loading the renderer."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def add_view_options(parser) -> None:
@@ -27,10 +29,14 @@ def add_view_options(parser) -> None:
                        help="the headless movie, .gif or .mp4 (MP4 needs imageio-ffmpeg); implies --headless")
 
 
-def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth_path=None, resume: bool = False):
+def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth=None, resume: bool = False):
     """The observer the options ask for (a LiveViewer or a HeadlessRecorder), or None. Checks every
-    option before the fit starts; a live window without a display falls back to headless frames."""
+    option before the fit starts; a live window without a display falls back to headless frames.
+    ``truth``: true atoms (`Atoms` or a file) shown in the frames, never given to the fit."""
     from engine.core.errors import InputError
+
+    from .frame import ViewSettings
+    from .window import HeadlessRecorder, LiveViewer, check_every, check_movie_path, display_available
 
     view = args.view if args.view is not None else scene_viewer.get("view", False)
     headless = args.headless or args.movie is not None
@@ -42,17 +48,24 @@ def fit_observer(args, scene_viewer: dict, scene_path, out_dir, truth_path=None,
         if args.view_every is not None:
             raise InputError("--view-every", "needs --view or --headless")
         return None
-    if args.movie is not None and Path(args.movie).exists() and not args.overwrite:
-        raise InputError(args.movie, "already exists; pass --overwrite to replace it")
+    if args.movie is not None:
+        from engine.core.files import writable_folder
+
+        check_movie_path(args.movie)
+        if Path(args.movie).exists() and not args.overwrite:
+            raise InputError(args.movie, "already exists; pass --overwrite to replace it")
+        writable_folder(Path(args.movie).parent, args.movie)
+    if truth is not None and not hasattr(truth, "positions"):
+        from engine.io.atoms import read_atoms
+
+        truth = read_atoms(truth)  # shown only; the fit never sees it
+    settings = ViewSettings(truth=truth, show_truth=truth is not None)
     if not headless:
         if display_available():
-            from engine.io.atoms import read_atoms
-
-            truth = read_atoms(truth_path) if truth_path is not None else None  # shown only; the fit never sees it
-            return LiveViewer(out_dir, every, ViewSettings(truth=truth))
+            return LiveViewer(out_dir, every, settings)
         print(f"atomsplat: no display found; rendering the viewer headless into {Path(out_dir) / 'frames'}",
               file=sys.stderr)
-    return HeadlessRecorder(out_dir, every, args.movie, fresh=not resume)
+    return HeadlessRecorder(out_dir, every, args.movie, fresh=not resume, settings=settings)
 
 
 def add_view_parser(sub, add_arch) -> None:
@@ -64,10 +77,12 @@ def add_view_parser(sub, add_arch) -> None:
                                                     "predicted and residual projections")
     p.add_argument("--truth", help="true atoms: shows matched, missed and spurious atoms")
     p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the series file has none")
+    p.add_argument("--angles", metavar="FILE", default=None,
+                   help="tilt angles of --data in degrees, one per line (IMOD .tlt)")
     p.add_argument("--alignment", metavar="JSON", default=None,
                    help="refined alignment to predict the projections with (default: alignment.json beside the "
                         "atoms, when the fit wrote one)")
-    p.add_argument("--out", metavar="PNG", help="render one frame to this PNG instead of opening a window")
+    p.add_argument("--out", metavar="IMAGE", help="render one frame to this .png or .jpg instead of opening a window")
     p.add_argument("--headless", action="store_true",
                    help="no window: render the frame to --out (default ATOMS_view.png beside the atoms)")
     p.add_argument("--mesh", metavar="OUT", help="export the atoms as spheres to OUT.glb or OUT.ply (alone: "
@@ -84,28 +99,54 @@ def add_view_parser(sub, add_arch) -> None:
 
 
 def cmd_view(args) -> int:
-    from engine.io.atoms import read_atoms
+    import math
+
     from engine.core.backend import init_backend
     from engine.core.errors import InputError
+    from engine.core.files import writable_file, writable_folder
+    from engine.io.atoms import read_atoms
     from engine.io.tiltseries import read_tilt_series
 
+    from .frame import ViewSettings
+    from .window import display_available
+
+    if args.camera is not None and not all(math.isfinite(v) for v in args.camera):
+        raise InputError("--camera", f"azimuth and elevation must be finite numbers of degrees, got "
+                                     f"{args.camera[0]:g} {args.camera[1]:g}")
     atoms = read_atoms(args.atoms)
     truth = read_atoms(args.truth) if args.truth else None
-    series = read_tilt_series(args.data, pixel_size=args.pixel) if args.data else None
+    series = read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles) if args.data else None
+    if args.angles and not args.data:
+        raise InputError("--angles", "goes with --data (the series whose angles it gives)")
+    if args.tilt is not None and (series is None or not 0 <= args.tilt < series.n_tilts):
+        raise InputError("--tilt", "needs --data" if series is None else
+                         f"no projection {args.tilt} in a series of {series.n_tilts} (0-based)")
+    if args.mesh:
+        from .mesh import MESH_FORMATS
+
+        mesh = Path(args.mesh)
+        if mesh.suffix.lower() not in MESH_FORMATS:
+            raise InputError(mesh, f"unknown mesh format {mesh.suffix!r} (use {' or '.join(MESH_FORMATS)})")
+        if mesh.is_dir():
+            raise InputError(mesh, "is a folder; give a file name")
+        if mesh.exists() and not args.overwrite:
+            raise InputError(mesh, "already exists; pass --overwrite to replace it")
+        writable_folder(mesh.parent, mesh)
+    frame_wanted = not args.mesh or bool(args.out or args.headless)
+    headless = bool(args.out or args.headless) or not display_available()
+    out = Path(args.out) if args.out else Path(args.atoms).with_name(Path(args.atoms).stem + "_view.png")
+    if frame_wanted and headless:
+        writable_file(out, args.overwrite)
+        if out.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(out, f"cannot write a picture as {out.suffix or '(no extension)'!r}; "
+                                  f"give a file ending in {', '.join(IMAGE_SUFFIXES)}")
     if args.mesh:
         from .mesh import export_mesh
 
         export_mesh(atoms, args.mesh, overwrite=args.overwrite)
         print(f"wrote {args.mesh}: {len(atoms)} atoms as spheres")
-        if not (args.out or args.headless):
+        if not frame_wanted:
             return 0
-    if args.tilt is not None and (series is None or not 0 <= args.tilt < series.n_tilts):
-        raise InputError("--tilt", "needs --data" if series is None else
-                         f"no projection {args.tilt} in a series of {series.n_tilts} (0-based)")
-    headless = bool(args.out or args.headless) or not display_available()
-    out = Path(args.out) if args.out else Path(args.atoms).with_name(Path(args.atoms).stem + "_view.png")
-    if headless and out.exists() and not args.overwrite:
-        raise InputError(out, "already exists; pass --overwrite to replace it")
     init_backend(args.arch, verbose=True)
     from .sources import SavedResult, default_colour_mode, saved_report
 
@@ -125,12 +166,15 @@ def cmd_view(args) -> int:
     if args.camera is not None:
         settings.camera.set_angles(*args.camera)
     if not headless:
+        from .window import LiveViewer
+
         LiveViewer(Path(args.atoms).parent, settings=settings).show_result(result, tilt)
         return 0
     from .frame import compose_frame
+    from .window import write_image
 
     if not (args.out or args.headless):
         print(f"atomsplat: no display found; rendering {out} instead", file=sys.stderr)
-    write_png(compose_frame(result.snapshot(tilt), settings), out)
+    write_image(compose_frame(result.snapshot(tilt), settings), out)
     print(f"wrote {out}")
     return 0

@@ -224,7 +224,8 @@ def projection_strip(snapshot: Snapshot, shape=STRIP_BOX[2:]) -> np.ndarray:
     measured, predicted = snapshot.measured, snapshot.predicted
     n = len(snapshot.angles) if snapshot.angles is not None else 1
     angle = f", {snapshot.angles[snapshot.tilt]:+.1f}°" if snapshot.angles is not None else ""
-    _paste(canvas, _text(f"PROJECTION {snapshot.tilt + 1} OF {n}{angle}"), 0, 0)
+    # Numbered from 0, as `--tilt` and every error message count projections.
+    _paste(canvas, _text(f"PROJECTION {snapshot.tilt} OF 0-{n - 1}{angle}"), 0, 0)
     lo = float(min(np.nanmin(measured), np.nanmin(predicted)))
     hi = float(max(np.nanmax(measured), np.nanmax(predicted)))
     half_span = 0.5 * (hi - lo)

@@ -13,7 +13,7 @@ import trimesh
 
 from engine.io.atoms import Atoms
 from engine.core.errors import InputError
-from engine.core.files import write_atomically
+from engine.core.files import make_folder, write_atomically
 
 from .palette import atom_radii, species_colours
 
@@ -52,5 +52,5 @@ def export_mesh(atoms: Atoms, path, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise InputError(path, "already exists; pass --overwrite to replace it")
     mesh = atoms_to_mesh(atoms)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, path)
     return write_atomically(path, lambda tmp: mesh.export(tmp, file_type=file_type))

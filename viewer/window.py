@@ -23,11 +23,10 @@ from taichi.ui.utils import get_field_info
 from engine.core.errors import InputError
 from engine.core.files import write_atomically
 
+from .cli import DEFAULT_EVERY
 from .frame import COLOUR_MODES, DEFAULT_ANGLES, FRAME_SHAPE, VIEW_BOX, ViewSettings, compose_frame
 from .sources import fit_snapshot, nearest_zero_tilt
 
-DEFAULT_EVERY = 100
-"""Iterations between frames by default (viewer overhead ≤ 10 % of the fit, see scripts/bench_viewer.py)."""
 LIVE_BUDGET = 0.1
 """The live window skips a due frame while its drawing has taken more than this share of the fit's
 time since the last pause: on a slow display (software rendering) the fit still comes first."""
@@ -58,6 +57,13 @@ def write_png(image: np.ndarray, path) -> Path:
     """Write an RGB frame as a PNG at ``path`` through imageio, atomically. zlib level 1: half the
     CPU time of the default level for files 25 % larger (README, "Cost")."""
     return write_atomically(path, lambda tmp: iio.imwrite(tmp, image, extension=".png", compress_level=1))
+
+
+def write_image(image: np.ndarray, path) -> Path:
+    """Write an RGB frame as PNG or JPEG, by the suffix of ``path``, atomically."""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        return write_atomically(path, lambda tmp: iio.imwrite(tmp, image, extension=".jpeg", quality=92))
+    return write_png(image, path)
 
 
 def check_every(every, source: str = "--view-every") -> int:
@@ -172,8 +178,9 @@ class HeadlessRecorder(_FitWatcher):
     OUT/fit.gif). ``fresh``: a new fit, so frames left in OUT/frames by an earlier one are removed
     first; a resumed fit keeps them and adds its own."""
 
-    def __init__(self, out_dir, every: int = DEFAULT_EVERY, movie=None, fresh: bool = True):
-        super().__init__(every)
+    def __init__(self, out_dir, every: int = DEFAULT_EVERY, movie=None, fresh: bool = True,
+                 settings: ViewSettings | None = None):
+        super().__init__(every, settings)
         self.frames_dir = Path(out_dir) / "frames"
         self.movie = check_movie_path(movie if movie is not None else Path(out_dir) / "fit.gif")
         self.fresh = fresh

@@ -102,8 +102,30 @@ def trace_atoms(volume: np.ndarray, projector, d_min: float, species: list[str])
     return Atoms(labels, positions, {"intensity": intensity})
 
 
-def run_baseline(series: TiltSeries, config: BaselineSettings) -> tuple[Atoms, np.ndarray, object]:
-    """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector)."""
+def volume_grid(series: TiltSeries, voxel: float) -> tuple[int, int]:
+    """(nx, ny) voxels of the volume (nx, ny, nx) that covers the images' field of view (as
+    `run_baseline` makes it)."""
+    h, w = series.shape
+    return int((w - 1) * series.pixel_size // voxel) + 1, int((h - 1) * series.pixel_size // voxel) + 1
+
+
+BYTES_PER_VOXEL = 64  # the volume, SIRT's weights and updates in float64, the device field
+
+
+def check_baseline_size(series: TiltSeries, config: BaselineSettings) -> None:
+    """Refuse, before any work, a voxel grid that would not fit in memory (InputError naming --voxel)."""
+    from engine.core.memory import require_memory
+
+    voxel = config.voxel or series.pixel_size
+    nx, ny = volume_grid(series, voxel)
+    require_memory(float(nx) * ny * nx * BYTES_PER_VOXEL, "--voxel",
+                   f"{voxel:g} Å voxels make a {nx} x {ny} x {nx} volume, which",
+                   f"use larger voxels (default: the pixel size, {series.pixel_size:g} Å)")
+
+
+def run_baseline(series: TiltSeries, config: BaselineSettings, callback=None) -> tuple[Atoms, np.ndarray, object]:
+    """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector).
+    ``callback(iteration, volume, residual_norm)``: called after every SIRT iteration (progress)."""
     from engine.measure.datamodel import estimate_data_model
     from engine.kernels.volume import VoxelProjector
 
@@ -115,7 +137,7 @@ def run_baseline(series: TiltSeries, config: BaselineSettings) -> tuple[Atoms, n
     origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
     projector = VoxelProjector(series.n_tilts, series.shape, series.pixel_size, (nx, ny, nx), origin, voxel)
     projector.set_geometry(series.get_geometry())
-    volume = projector.sirt(images, config.iters) if config.method == "sirt" else projector.fbp(images)
+    volume = projector.sirt(images, config.iters, callback=callback) if config.method == "sirt" else projector.fbp(images)
     d_min = minimum_distance(config.species, config.d_min)
     return trace_atoms(volume, projector, d_min, list(config.species)), volume, projector
 

@@ -9,6 +9,7 @@ import sys
 
 import taichi as ti
 
+from engine.core.errors import InputError
 from engine.core.settings import SettingError
 
 ARCH_CHOICES = ("auto", "cpu", "cuda", "vulkan")
@@ -16,10 +17,26 @@ _TI_ARCH = {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan}
 _state = {"arch": None, "cache": {}}
 
 
+def cpu_threads() -> int:
+    """Threads of the CPU backend: ``ATOMSPLAT_THREADS`` when set (a whole number >= 1), else every
+    core. A bad value is an InputError naming the variable."""
+    text = os.environ.get("ATOMSPLAT_THREADS", "").strip()
+    if not text:
+        return os.cpu_count() or 1
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise InputError("ATOMSPLAT_THREADS", f"must be a whole number of threads >= 1, got {text!r}")
+    return threads
+
+
 def _start(name: str) -> str:
+    threads = cpu_threads()
     with contextlib.redirect_stdout(sys.stderr):  # Taichi prints "Starting on arch=..." to stdout
         ti.init(arch=_TI_ARCH[name], default_fp=ti.f32, default_ip=ti.i32, random_seed=0,
-                log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=int(os.environ.get("ATOMSPLAT_THREADS", os.cpu_count())))
+                log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=threads)
     got = ti.lang.impl.current_cfg().arch
     actual = {ti.x64: "cpu", ti.arm64: "cpu", ti.cuda: "cuda", ti.vulkan: "vulkan"}.get(got, str(got))
     _state["arch"] = actual
@@ -40,15 +57,17 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
     """Start Taichi on ``arch`` and return the backend actually running ('cpu', 'cuda' or 'vulkan').
 
     'auto' tries CUDA, then Vulkan (only where a GPU is present: `_gpu_present`), then the CPU, and
-    says which it picked when ``verbose``.
+    says which it picked when ``verbose`` (once, when it starts).
     Asking for a backend that this machine lacks is an error rather than a silent CPU fallback.
     Calling it again with 'auto' or the running arch keeps the running backend; another arch restarts
     Taichi, and every field allocated before is gone (so is `session_cache`).
     """
     if arch not in ARCH_CHOICES:
         raise SettingError("arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+    started = True
     if _state["arch"] is not None and arch in ("auto", _state["arch"]):
         actual = _state["arch"]  # already running: keep the fields and compiled kernels
+        started = False
     elif arch == "auto":
         # ti.init falls back to the CPU when a backend is missing, so the first that sticks wins.
         for candidate in ("cuda", "vulkan", "cpu") if _gpu_present() else ("cpu",):
@@ -59,7 +78,7 @@ def init_backend(arch: str = "auto", verbose: bool = False) -> str:
         actual = _start(arch)
         if actual != arch:
             raise SettingError("arch", f"backend {arch!r} is not available on this machine (Taichi started {actual!r})")
-    if verbose:
+    if verbose and started:  # said once, when it starts
         print(f"[atomsplat] backend: {actual}", file=sys.stderr)
     return actual
 

@@ -13,18 +13,20 @@ The stages, each in its own module:
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from engine.core.errors import InputError
 from engine.fit.alignment import AlignmentRefiner
 from engine.fit.calibration import calibrate_b_factors
 from engine.fit.problem import FitProblem, with_moments
 from engine.fit.seeding import SeedVolumes, initial_atoms
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
-from engine.fit.trainer import CHECKPOINT, Trainer
+from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.io.tiltseries import TiltSeries
 from engine.measure.alignment import prealign, require_single_axis
@@ -36,13 +38,16 @@ from engine.physics.profile import atom_profile
 __all__ = ["CHECKPOINT", "Reconstruction", "create_fit"]
 
 
-def create_fit(series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True):
+def create_fit(series: TiltSeries, settings: FitSettings, out_dir, progress: bool = True,
+               noise: NoiseModel | None = None):
     """The fit for these data and settings: counted data of one element (or none named) with the
     one-Gaussian profile, no alignment refinement and no ``per_atom_shape`` go to the tied-atom
-    evidence fit (`engine.fit.counted`); everything else to the per-atom `Reconstruction`."""
+    evidence fit (`engine.fit.counted`); everything else to the per-atom `Reconstruction`.
+    ``noise``: the noise model when already chosen (`choose_noise_model`, which checks the data
+    against it before any work)."""
     from engine.fit.counted import CountedFit
 
-    noise = choose_noise_model(series, requested_noise(settings), settings.gain)
+    noise = noise or choose_noise_model(series, requested_noise(settings), settings.gain)
     if (noise.kind == "poisson" and not settings.per_atom_shape and not settings.refine_alignment
             and len(settings.species) <= 1 and settings.profile == "gaussian"):
         return CountedFit(series, settings, out_dir, noise.gain, noise.reason, progress)
@@ -78,8 +83,11 @@ class Reconstruction:
         refiner, geometry = None, series.get_geometry()
         if settings.refine_alignment:
             require_single_axis(series)
-            refiner = AlignmentRefiner(prealign(self.screened, series.angles, series.pixel_size, self.data.noise),
-                                       series.angles)
+            try:
+                prealigned = prealign(self.screened, series.angles, series.pixel_size, self.data.noise)
+            except InputError as err:  # the measurement names the data generically; the user knows the file
+                raise InputError(self.source, err.problem) from None
+            refiner = AlignmentRefiner(prealigned, series.angles)
             geometry = refiner.geometry()
         self.profile = atom_profile(settings.profile, settings.species, self.data.blur)
         self.problem = FitProblem(self.normalised, geometry, series.pixel_size, self.data, self.loss, self.gain,
@@ -87,7 +95,8 @@ class Reconstruction:
         rng = np.random.default_rng(settings.seed)
         volumes = SeedVolumes(self.screened, self.data.noise, geometry, series.pixel_size, settings.voxel, self.d_min)
         self.strategy = DensityControl(settings, volumes, self.d_min, rng)
-        self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress)
+        self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress,
+                               fingerprint=lambda: data_fingerprint(series))
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
@@ -142,6 +151,8 @@ class Reconstruction:
         self.trainer.run(None if observer is None else lambda: observer(self))
         s = self.settings
         if s.species and s.thermal_refits > 0:
+            if self.trainer.progress:
+                print(f"[atomsplat] calibrating B-factors ({s.thermal_refits} steps per refit)", file=sys.stderr)
             t0 = time.perf_counter()
             state = self.problem.state()
             species = self._species(state["amp"] * self.data.scale, state["sigma"])[0]

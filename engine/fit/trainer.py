@@ -1,15 +1,21 @@
 """The training loop: the learning-rate schedule, mini-batches, the density-control strategy's rounds,
 joint alignment steps, the loss history, checkpoints (every ``checkpoint_every`` steps and on
-Ctrl-C, which is held until the step in flight is done), the progress bar and an observer."""
+Ctrl-C, which is held until the step in flight is done), the progress bar and an observer.
+
+A checkpoint records what it belongs to: a fingerprint of the tilt series (`data_fingerprint`) and
+the settings. Resuming checks both (`check_checkpoint`), so a checkpoint is never continued with
+other data or other settings."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +35,79 @@ def learning_rates(settings, iteration: int, steps: int) -> dict:
     set value to ``lr_final`` of it."""
     factor = settings.lr_final + (1 - settings.lr_final) * 0.5 * (1 + math.cos(math.pi * iteration / steps))
     return {name: getattr(settings, name) * factor for name in LEARNING_RATES}
+
+
+def data_fingerprint(series) -> dict:
+    """What identifies a tilt series for a checkpoint: a SHA-256 of its images, angles, pixel size
+    and explicit geometry, with its shape and file for messages."""
+    digest = hashlib.sha256()
+    arrays = [series.projections, series.angles, np.array([float(series.pixel_size)])]
+    if series.geometry is not None:
+        arrays += [series.geometry.rotations, series.geometry.shifts, series.geometry.tilt_axes]
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return {"sha256": digest.hexdigest(), "shape": list(series.projections.shape), "source": series.source}
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The bookkeeping of a checkpoint (iteration, settings, data fingerprint, …) without its arrays.
+    A missing, truncated or foreign file is an InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no checkpoint here" if not path.exists() else "not a regular file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+        int(meta["iteration"]), dict(meta["settings"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(path, f"not a readable atomsplat checkpoint: truncated, corrupt or another file "
+                               f"({type(err).__name__}: {err})") from None
+    return meta
+
+
+def resumed_settings(meta: dict, values: dict | None) -> dict:
+    """The settings to resume a checkpoint with: its own (``meta``), with ``values`` given on top (a
+    given value that differs is then refused by `check_checkpoint`)."""
+    from engine.fit.settings import FIT_SCHEMA
+
+    saved = {k: v for k, v in meta["settings"].items() if k in FIT_SCHEMA.settings}
+    return {**saved, **(values or {})}
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v:g}" for k, v in value.items())
+    return "not set" if value is None else str(value)
+
+
+def check_checkpoint(path, meta: dict, fingerprint: dict | None, settings: dict) -> None:
+    """Refuse to resume the checkpoint at ``path`` (its ``meta``) with data of another ``fingerprint``
+    or other ``settings`` (a dict; ``checkpoint_every`` may differ): InputError naming the checkpoint
+    and what differs."""
+    saved = meta.get("data")
+    if fingerprint is not None and saved is not None and saved.get("sha256") != fingerprint["sha256"]:
+        def describe(d):
+            shape = "x".join(map(str, d.get("shape") or [])) or "?"
+            return f"{d.get('source') or 'a tilt series'} ({shape})"
+
+        raise InputError(path, f"belongs to a fit of other data: {describe(saved)}, not {describe(fingerprint)}; "
+                               "resume with the same data, or start a new fit with --overwrite")
+    if saved is None and fingerprint is not None:
+        import warnings
+
+        warnings.warn(f"{path}: written without a data fingerprint (an older atomsplat); cannot check that it "
+                      "belongs to this data", UserWarning, stacklevel=2)
+    current = json.loads(json.dumps(settings))
+    differ = [f"{name} {_show(meta['settings'].get(name))} there, {_show(value)} here"
+              for name, value in current.items()
+              if name != "checkpoint_every" and name in meta["settings"] and meta["settings"][name] != value]
+    if differ:
+        raise InputError(path, f"was written with other settings ({'; '.join(differ)}); resume with the same "
+                               "settings (any not given are taken from the checkpoint)")
 
 
 def choose_batch(rng: np.random.Generator, n: int, size: int | None) -> np.ndarray:
@@ -57,11 +136,14 @@ class Trainer:
     """Runs ``settings.iters`` steps of a `FitProblem` with a `DensityControl` strategy.
 
     out_dir : where checkpoints go.   rng : the fit's generator (mini-batches; shared with the strategy).
+    fingerprint : a callable giving the data's `data_fingerprint` (called once, at the first checkpoint).
     """
 
-    def __init__(self, problem, strategy, settings, out_dir, rng: np.random.Generator, progress: bool = True):
+    def __init__(self, problem, strategy, settings, out_dir, rng: np.random.Generator, progress: bool = True,
+                 fingerprint=None):
         self.problem, self.strategy, self.settings = problem, strategy, settings
         self.out_dir, self.rng, self.progress = Path(out_dir), rng, progress
+        self._fingerprint, self._fingerprint_value = fingerprint, None
         self.iteration = 0
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"densify": 0.0, "refine": 0.0}
@@ -102,6 +184,12 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
 
+    def fingerprint(self) -> dict | None:
+        """The data's fingerprint, computed once."""
+        if self._fingerprint_value is None and self._fingerprint is not None:
+            self._fingerprint_value = self._fingerprint()
+        return self._fingerprint_value
+
     def save_checkpoint(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         payload = {f"state_{k}": v for k, v in self.problem.state().items()}
@@ -109,20 +197,23 @@ class Trainer:
             payload.update({f"align_{k}": v for k, v in self.problem.refiner.state().items()})
         payload["meta"] = np.array(json.dumps({
             "iteration": self.iteration, "settings": asdict(self.settings), "history": self.history,
-            "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state}))
+            "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state, "data": self.fingerprint()}))
         path = self.out_dir / CHECKPOINT
         write_atomically(path, lambda tmp: np.savez(tmp, **payload))
         return path
 
     def load_checkpoint(self, path) -> None:
+        """Continue from the checkpoint at ``path``; refuses one of other data or settings."""
         path = Path(path)
+        meta = read_checkpoint_meta(path)
+        check_checkpoint(path, meta, self.fingerprint(), asdict(self.settings))
         try:
             with np.load(path, allow_pickle=False) as f:
                 state = {k[len("state_"):]: f[k] for k in f.files if k.startswith("state_")}
                 alignment = {k[len("align_"):]: f[k] for k in f.files if k.startswith("align_")}
-                meta = json.loads(str(f["meta"]))
-        except (OSError, ValueError, KeyError) as err:
-            raise InputError(path, f"not a readable atomsplat checkpoint ({err})") from err
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise InputError(path, f"not a readable atomsplat checkpoint: truncated or corrupt "
+                                   f"({type(err).__name__}: {err})") from None
         self.iteration = int(meta["iteration"])
         self.history = meta["history"]
         self.phase_seconds = meta["phase_seconds"]

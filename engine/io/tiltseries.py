@@ -71,9 +71,25 @@ class TiltSeries:
 
     def __post_init__(self):
         try:
-            self.projections = np.asarray(self.projections, dtype=np.float32)
-            self.angles = np.asarray(self.angles, dtype=np.float64)
+            projections = np.asarray(self.projections)
+            angles = np.asarray(self.angles)
+            if projections.dtype.kind == "c" or angles.dtype.kind == "c":
+                what = "projections" if projections.dtype.kind == "c" else "angles"
+                raise InputError(self._label, f"the {what} are complex numbers ({np.asarray(getattr(self, what)).dtype}); "
+                                              "expected real values (take the amplitude or the real part first)")
+            if projections.dtype.kind == "f" and projections.dtype.itemsize > 4 and projections.size:
+                ok = np.isfinite(projections)
+                largest = max(float(np.max(projections, where=ok, initial=0.0)),
+                              -float(np.min(projections, where=ok, initial=0.0)))
+                if largest > float(np.finfo(np.float32).max):
+                    raise InputError(self._label, f"projection values up to {largest:.3g} exceed the range of the "
+                                                  f"32-bit floats images are kept in (±{np.finfo(np.float32).max:.3g}); "
+                                                  "rescale the data")
+            self.projections = projections.astype(np.float32, copy=False)
+            self.angles = angles.astype(np.float64, copy=False)
         except (TypeError, ValueError) as err:
+            if isinstance(err, InputError):
+                raise
             raise InputError(self._label, f"projections and angles must be numeric arrays ({err})") from err
 
     @property
@@ -94,13 +110,17 @@ class TiltSeries:
         """The explicit geometry if set, else the single-axis geometry of `angles` (tilt axis +y)."""
         return self.geometry if self.geometry is not None else TiltGeometry.from_tilt_angles(self.angles)
 
-    def validate(self) -> list[str]:
+    def validate(self, finite: bool = True) -> list[str]:
         """Check the series is usable for reconstruction.
+
+        finite : bool
+            Refuse NaN and inf pixels (default); False lets a summary count them.
 
         Returns
         -------
         list of str
-            Soft problems (angles not monotonic, duplicate angles), each also emitted with
+            Soft problems (angles not monotonic, duplicate angles, angles outside −90..90° or
+            spanning more than 180°), each also emitted with
             ``warnings.warn``. Empty when there are none.
 
         Raises
@@ -115,9 +135,9 @@ class TiltSeries:
             raise InputError(self._label, f"projections are {p.ndim}D {p.shape}; expected a 3D stack (n_tilts, H, W)")
         if p.size == 0:
             raise InputError(self._label, f"the projection stack is empty (shape {p.shape})")
-        finite = np.isfinite(p)
-        if not finite.all():
-            bad_per_image = np.count_nonzero(~finite, axis=(1, 2))
+        finite_pixels = np.isfinite(p)
+        if finite and not finite_pixels.all():
+            bad_per_image = np.count_nonzero(~finite_pixels, axis=(1, 2))
             n_nan = int(np.count_nonzero(np.isnan(p)))
             n_inf = int(bad_per_image.sum()) - n_nan
             first = int(np.flatnonzero(bad_per_image)[0])
@@ -169,9 +189,30 @@ def _is_single_axis(series: TiltSeries) -> bool:
     return bool(np.allclose(g.rotations, expected.rotations, atol=1e-6))
 
 
+def require_tomography(series: TiltSeries) -> TiltSeries:
+    """Refuse a series that cannot give a 3D reconstruction: one projection, or every projection at
+    the same orientation. InputError naming the source."""
+    if series.n_tilts < 2:
+        raise InputError(series._label, f"only {series.n_tilts} projection: a 3D reconstruction needs a tilt series "
+                                        "(projections at several tilt angles)")
+    g = series.get_geometry()
+    if np.allclose(g.rotations, g.rotations[0], atol=1e-9):
+        raise InputError(series._label, f"all {series.n_tilts} projections are at the same orientation "
+                                        f"(tilt {series.angles[0]:g}°): a 3D reconstruction needs several tilt angles")
+    return series
+
+
 def _angle_order_issues(angles: np.ndarray) -> list[str]:
-    """Soft problems of a single-axis angle list: a change of direction, repeated angles."""
+    """Soft problems of a single-axis angle list: a change of direction, repeated angles, angles
+    outside −90..90° or spanning more than 180°."""
     issues = []
+    low, high = float(angles.min()), float(angles.max())
+    if high - low > 180 + 1e-6:
+        issues.append(f"tilt angles span {high - low:g}° ({low:g}..{high:g}°), more than 180°: projections "
+                      "beyond 180° repeat others mirrored; check the angles' unit and offset")
+    elif low < -90 - 1e-6 or high > 90 + 1e-6:
+        issues.append(f"tilt angles {low:g}..{high:g}° lie outside −90..90°; check the angles' offset "
+                      "(they are used as given)")
     steps = np.sign(np.diff(angles))
     moving = steps[steps != 0]
     if moving.size:
@@ -189,7 +230,7 @@ def _angle_order_issues(angles: np.ndarray) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_tilt_series(path, pixel_size: float | None = None, angles_file=None) -> TiltSeries:
+def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, finite: bool = True) -> TiltSeries:
     """Read and validate a tilt series from .npz, MRC (.mrc, .st, .mrcs) or TIFF (.tif, .tiff).
 
     Parameters
@@ -202,7 +243,9 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None) ->
     angles_file : str or os.PathLike, optional
         Text file with one tilt angle [degrees] per line (IMOD .tlt). Overrides the angles stored in
         the file. Without it, angles come from the .npz, else from ``STEM.tlt`` or ``STEM.rawtlt``
-        beside `path`.
+        beside `path` (`--angles FILE` on the command line).
+    finite : bool
+        Refuse NaN and inf pixels (default); False reads them (for a summary).
 
     Returns
     -------
@@ -235,7 +278,7 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None) ->
 
     series = TiltSeries(**fields, pixel_size=pixel_size if pixel_size is not None else stored_pixel,
                         source=str(path))
-    series.validate()
+    series.validate(finite=finite)
     return series
 
 
@@ -259,6 +302,15 @@ def _number(value: np.ndarray, key: str, path: Path) -> float:
 
 
 def _read_npz(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as err:
+        raise InputError(path, f"cannot read the file ({err.strerror or err})") from None
+    if not head.startswith(b"PK"):
+        what = ("a single NumPy array (.npy), not an .npz archive" if head.startswith(b"\x93NUMPY")
+                else "empty" if not head else "not an .npz archive (a zip of NumPy arrays)")
+        raise InputError(path, f"{what}; expected the arrays projections, angles and pixel_size")
     with _reading(path, "an .npz archive"):
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -309,16 +361,20 @@ def _find_angle_file(path: Path) -> Path:
             return candidate
     raise InputError(path, f"no tilt angles: none stored in the file and neither "
                            f"{' nor '.join(c.name for c in candidates)} exists beside it; "
-                           "pass an angles file (one angle in degrees per line)")
+                           "pass --angles FILE (one angle in degrees per line)")
 
 
 def _read_angle_file(path) -> np.ndarray:
     """Tilt angles [degrees] from an IMOD-style text file, one per line; blank lines are skipped."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "angle file not found" if not path.exists() else "the angle file is not a regular file")
     try:
         text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read the angle file ({err})") from err
+    except OSError as err:
+        raise InputError(path, f"cannot read the angle file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "the angle file is not text (expected one angle in degrees per line)") from None
     angles = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -333,6 +389,17 @@ def _read_angle_file(path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+def check_series_path(path, source=None) -> Path:
+    """A path a tilt series can be written to: .npz or an MRC suffix; InputError naming ``source``
+    (default: the path) otherwise."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix != ".npz" and suffix not in MRC_SUFFIXES:
+        raise InputError(source or path, f"cannot write a tilt series as {suffix or '(no extension)'!r}; "
+                                         f"give a file ending in .npz or {', '.join(MRC_SUFFIXES)}")
+    return path
+
 
 def write_tilt_series(series: TiltSeries, path, overwrite: bool = False) -> Path:
     """Write a validated tilt series as .npz or as an MRC stack (.mrc, .st, .mrcs) with a .tlt beside it.

@@ -20,15 +20,38 @@ from engine.physics.forward import ForwardModel
 from engine.io.tiltseries import TiltSeries
 
 
+MAX_PROJECTIONS = 100_000
+"""More tilts than this in a range is a typo (a tilt series has tens to a few hundred)."""
+
+
 def parse_tilt_range(text: str) -> np.ndarray:
     """'-70:70:2' → tilt angles −70, −68, …, 70 (degrees, end included when on the grid)."""
     try:
         start, stop, step = (float(v) for v in text.split(":"))
-    except ValueError:
+    except (ValueError, AttributeError):
         raise InputError("--tilts", f"expected START:STOP:STEP in degrees, got {text!r}") from None
+    if not all(np.isfinite([start, stop, step])):
+        raise InputError("--tilts", f"START, STOP and STEP must be finite numbers of degrees, got {text!r}")
     if step <= 0 or stop < start:
         raise InputError("--tilts", f"need STOP >= START and STEP > 0, got {text!r}")
-    return start + step * np.arange(int(np.floor((stop - start) / step + 1e-9)) + 1)
+    count = np.floor((stop - start) / step + 1e-9) + 1
+    if count > MAX_PROJECTIONS:
+        raise InputError("--tilts", f"{text!r} gives {count:.3g} projections; at most {MAX_PROJECTIONS} "
+                                    "(a tilt series has tens to a few hundred)")
+    return start + step * np.arange(int(count))
+
+
+def check_image_shape(shape, source="--shape") -> tuple[int, int]:
+    """(H, W) as two whole numbers of pixels >= 1; InputError naming ``source`` otherwise."""
+    try:
+        ok = len(shape) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shape)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InputError(source, f"the image size must be two whole numbers H W of pixels, got {shape!r}")
+    if min(shape) < 1:
+        raise InputError(source, f"the image size must be at least 1 x 1 px, got {shape[0]} x {shape[1]}")
+    return int(shape[0]), int(shape[1])
 
 
 def specimen_gaussians(atoms: Atoms, b_factor: float = 0.0):
@@ -71,6 +94,7 @@ def simulate_tilt_series(atoms: Atoms, angles_deg, pixel_size: float, shape, blu
     intensity_scale : (n,) factors on each clean projection before noise (beam-current drift).
     """
     angles = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
+    shape = check_image_shape(tuple(shape), "shape")
     if pixel_size <= 0 or not np.isfinite(pixel_size):
         raise InputError("--pixel", f"pixel size must be a positive number of Å, got {pixel_size}")
     if noise < 0 or (peak_counts is not None and peak_counts <= 0):

@@ -99,6 +99,19 @@ def _integer(value, name: str, source: str, minimum: int) -> int:
     return int(value)
 
 
+BYTES_PER_ATOM = 2000
+"""Memory an atom takes while a structure is built and simulated (ASE's build, five Gaussians per
+atom in the simulator, their copies): generous, for the check before building."""
+
+
+def _require_size(n_atoms: float, source: str, what: str) -> None:
+    """Refuse, before building, a structure of about ``n_atoms`` atoms that would not fit in memory."""
+    from engine.core.memory import require_memory
+
+    require_memory(n_atoms * BYTES_PER_ATOM, source, f"{what} makes up to {n_atoms:,.0f} atoms, which",
+                   "build a smaller structure")
+
+
 def _finish(symbol: str, positions: np.ndarray, centre: bool) -> Atoms:
     atoms = Atoms(np.full(len(positions), symbol), positions)
     return atoms.centered() if centre else atoms
@@ -173,6 +186,7 @@ def sphere(element_or_lattice: str, radius: float, lattice: str | None = None, a
         symbol = _symbol(element_or_lattice, source)
     lattice, a, c = _crystal(symbol, lattice, a, c, source)
     radius = _positive(radius, "radius", source)
+    _require_size(4 / 3 * np.pi * (radius + a) ** 3 * 8 / a**3, source, f"radius={radius:g}")
     unit = bulk(symbol, lattice, a=a, c=c, cubic=lattice != "hcp")  # an atom at the origin
     cell = unit.cell.array
     # cells each way so that every point within radius of the middle cell's origin atom is in the block
@@ -217,6 +231,7 @@ def octahedron(element: str, length: int, cutoff: int = 0, a: float | None = Non
     cutoff = _integer(cutoff, "cutoff", source, 0)
     if length < 2 * cutoff + 1:
         raise InputError(source, f"length must be >= 2*cutoff + 1 = {2 * cutoff + 1}, got {length}")
+    _require_size((2 * length**3 + length) / 3, source, f"length={length}")
     cluster = Octahedron(symbol, length=length, cutoff=cutoff, latticeconstant=a)  # centred on the origin
     return _finish(symbol, cluster.positions, centre)
 
@@ -372,6 +387,7 @@ def amorphous(element: str, n_atoms: int, min_distance: float, radius: float | N
     source = "amorphous"
     symbol = _symbol(element, source)
     n_atoms = _integer(n_atoms, "n_atoms", source, 1)
+    _require_size(n_atoms, source, f"n_atoms={n_atoms}")
     min_distance = _positive(min_distance, "min_distance", source)
     if radius is not None and density is not None:
         raise InputError(source, "give radius or density, not both")
