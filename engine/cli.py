@@ -197,27 +197,53 @@ def cmd_info(args) -> int:
     if check is not None:
         print(f"alignment       pre-alignment finds shifts of {check['shift_rms_px']:.2f} px rms "
               f"(max {check['shift_max_px']:.2f} px), tilt axis at {check['axis_angle_deg']:.2f} deg")
+        if "chi2" in check:
+            verdict = ("significant: the shifts above are shrunk by their noise" if check["shifts_significant"]
+                       else "not significant: no shift is reported")
+            print(f"                measured shifts {check['raw_shift_rms_px']:.2f} px rms against a noise of "
+                  f"{check['shift_error_px']:.2f} px per projection: chi2 {check['chi2']:.1f} for {check['dof']} "
+                  f"dof, p = {check['p_value']:.2g}, {verdict}")
         if check["refine_advised"]:
             print("                the series looks misaligned: reconstruct with --refine-alignment")
     return 0
 
 
 def _alignment_check(series) -> dict | None:
-    """Coarse pre-alignment of a single-axis series (engine.measure.alignment.prealign) and whether refining the
-    alignment is advised; None for other geometries or series without a usable signal."""
+    """Coarse pre-alignment of a single-axis series (engine.measure.alignment.prealign_with_evidence) and
+    whether refining the alignment is advised; None for other geometries or series without a usable
+    signal. Counted data (whole counts, or counts times one quantum) are taken in counts: Poisson
+    variance per pixel, background per projection from the pixels away from the particle (which may
+    touch the image edge); other data use the data model's background and noise."""
+    from scipy import ndimage
+
     from engine.io.tiltseries import require_tomography
-    from engine.measure.alignment import misalignment_summary, prealign, require_single_axis
+    from engine.measure.alignment import (counts_background, counts_gain_or_none, misalignment_summary,
+                                          prealign_with_evidence, require_single_axis)
     from engine.measure.datamodel import estimate_data_model
 
     try:
         require_tomography(series)
         require_single_axis(series)
-        data = estimate_data_model(series, blur=0.0)
-        normalised = (series.projections.astype(np.float64) - data.background) / data.scale
-        alignment = prealign(normalised, series.angles, series.pixel_size, data.noise)
+        gain = counts_gain_or_none(series.projections)
+        if gain is not None:
+            counts = np.round(series.projections.astype(np.float64) * gain)
+            background = counts_background(counts)
+            images = counts - background[:, None, None]
+            variance = np.maximum(ndimage.gaussian_filter(counts, sigma=(0, 2, 2)), 0.25 * background[:, None, None])
+            noise = float(np.sqrt(max(background.mean(), 1e-12)))
+        else:
+            data = estimate_data_model(series, blur=0.0)
+            images = (series.projections.astype(np.float64) - data.background) / data.scale
+            variance, noise = None, data.noise
+        alignment, evidence = prealign_with_evidence(images, series.angles, series.pixel_size, noise,
+                                                     variance=variance)
     except InputError:
         return None
-    return misalignment_summary(alignment, series.pixel_size)
+    summary = misalignment_summary(alignment, series.pixel_size, evidence)
+    summary["counted"] = gain is not None
+    if gain is not None:
+        summary.update({"gain_counts_per_unit": gain, "background_counts": float(background.mean())})
+    return summary
 
 
 def _reconstruct(series, settings: dict, out_dir: Path, args, truth=None, observer=None) -> dict:

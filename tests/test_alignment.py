@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from engine.fit.alignment import AlignmentRefiner
-from engine.measure.alignment import (Alignment, prealign, random_misalignment, read_alignment,
-                              translation_gauge, write_alignment)
+from engine.measure.alignment import (Alignment, counts_background, prealign, prealign_with_evidence,
+                                      random_misalignment, read_alignment, translation_gauge, write_alignment)
 from engine.io.atoms import read_atoms
+from engine.io.tiltseries import TiltSeries, write_tilt_series
 from engine.cli import main
 from engine.core.errors import InputError
 from engine.evaluate.metrics import evaluate_atoms
@@ -19,7 +20,7 @@ from engine.fit.outputs import write_outputs
 from engine.fit.reconstruct import Reconstruction
 from engine.fit.settings import fit_settings
 from engine.measure.datamodel import estimate_data_model
-from engine.physics.simulate import simulate_tilt_series
+from engine.physics.simulate import auto_shape, simulate_tilt_series
 from engine.physics.structures import build_structure, parse_recipe
 
 TILTS = np.arange(-70.0, 70.01, 5.0)
@@ -191,3 +192,82 @@ def test_scene_with_misalignment_scores_the_refined_alignment(arch, tmp_path, ca
     scene.write_text(scene.read_text().replace("misalign = [1.5, 0.3, 1.0]", 'misalign = [1.5, "x", 1.0]'))
     assert main(["run", str(scene), "--arch", "cpu", "--overwrite"]) == 2
     assert "misalign" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- low-dose counted data
+LOW_DOSE_TILTS = np.arange(-75.0, 75.01, 2.5)
+
+
+def counted_series(atoms, dose, misalignment=None, pixel=0.2, background=1.0, seed=0):
+    """Poisson counts as a low-dose AET series: ``dose`` expected signal counts per atom per projection
+    plus ``background`` per pixel, a field of view 2 Å wider than the particle (it nearly touches
+    the edge)."""
+    tilts = LOW_DOSE_TILTS
+    clean = simulate_tilt_series(atoms, tilts, pixel, auto_shape(atoms, pixel, margin=2.0), blur_sigma=0.35,
+                                 geometry=None if misalignment is None else misalignment.geometry(tilts),
+                                 intensity_scale=None if misalignment is None else misalignment.intensity_scale)
+    clean = clean.projections.astype(np.float64)
+    expected = clean * (dose * len(atoms) / clean.sum(axis=(1, 2)).mean()) + background
+    counts = np.random.default_rng(seed).poisson(expected).astype(np.float32)
+    return TiltSeries(projections=counts, angles=tilts, pixel_size=pixel)
+
+
+@pytest.fixture(scope="module")
+def small_si():
+    return build_structure(parse_recipe("amorphous element=Si n_atoms=60 min_distance=2.25"), seed=1)
+
+
+def test_counts_background_is_unbiased_where_the_particle_touches_the_edge():
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:96, 0:96]
+    # A faint disc running off the right edge (the frame's median would be a whole count, 1).
+    disc = 0.6 * np.sqrt(np.clip(1 - ((xx - 70.0) ** 2 + (yy - 48.0) ** 2) / 34.0**2, 0, None))
+    for background in (0.4, 1.3):
+        counts = rng.poisson(background + disc, (12, 96, 96)).astype(float)
+        assert counts_background(counts).mean() == pytest.approx(background, rel=0.03)
+        empty = rng.poisson(background, (12, 96, 96)).astype(float)
+        assert counts_background(empty).mean() == pytest.approx(background, rel=0.01)
+    # A drifting beam: each projection keeps its own background.
+    drift = np.linspace(0.7, 1.3, 12)
+    counts = rng.poisson(drift[:, None, None] + disc, (12, 96, 96)).astype(float)
+    np.testing.assert_allclose(counts_background(counts), drift, rtol=0.05)
+
+
+def test_info_on_counted_data_advises_refinement_only_when_misaligned(arch, small_si, tmp_path, capsys):
+    if arch != "cpu":
+        pytest.skip("CLI checked on the CPU")
+    truth = random_misalignment(LOW_DOSE_TILTS, 0.2, 2.0, 0.5, 1.0, seed=3)
+    checks = {}
+    for name, misalignment in (("aligned", None), ("misaligned", truth)):
+        write_tilt_series(counted_series(small_si, 28, misalignment), tmp_path / f"{name}.npz")
+        capsys.readouterr()
+        assert main(["info", str(tmp_path / f"{name}.npz"), "--json"]) == 0
+        checks[name] = json.loads(capsys.readouterr().out)["alignment_check"]
+    aligned, misaligned = checks["aligned"], checks["misaligned"]
+    assert aligned["counted"] and not aligned["refine_advised"] and aligned["shift_rms_px"] <= 0.3
+    # The errors are honest: aligned shifts scatter as their standard errors say (χ² per dof near 1).
+    assert 0.7 < aligned["chi2"] / aligned["dof"] < 1.4
+    assert misaligned["refine_advised"] and misaligned["shifts_significant"] and misaligned["p_value"] < 1e-6
+    # Shrinking by the noise brings the shifts closer to the truth than the raw estimates (each about
+    # ±1 px here) and than no shifts at all.
+    counts = counted_series(small_si, 28, truth).projections.astype(np.float64)
+    background = counts_background(counts)
+    estimate, evidence = prealign_with_evidence(counts - background[:, None, None], LOW_DOSE_TILTS, 0.2, 1.0,
+                                                axis_angle=truth.axis_angle,
+                                                variance=np.maximum(counts, background.min()))
+
+    def rms(shifts):
+        return np.sqrt(np.mean(shifts**2))
+
+    shrunk = rms(estimate.shifts - truth.shifts)
+    assert shrunk < rms(evidence["raw_shifts_A"] - truth.shifts) and shrunk < 0.8 * rms(truth.shifts)
+
+
+@pytest.mark.parametrize("dose", [14, 28, 140])
+def test_info_finds_the_low_dose_development_series_aligned(shared_data, dose, capsys):
+    path = shared_data / f"dev_asi_dose{dose}.npz"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    assert main(["info", str(path), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["alignment_check"]
+    assert check["counted"] and check["shift_rms_px"] <= 0.3 and not check["refine_advised"]

@@ -118,28 +118,57 @@ def alignment_errors(estimate: Alignment, truth: Alignment, pixel_size: float) -
 
 
 # ---------------------------------------------------------------------- coarse pre-alignment
+def _axis_coordinates(shape, axis_angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (pixels from the image centre) across and along the tilt axis turned by φ."""
+    h, w = shape
+    phi = np.deg2rad(axis_angle)
+    yy, xx = np.mgrid[0:h, 0:w]
+    x, y = xx - centre_index(w), yy - centre_index(h)
+    return x * np.cos(phi) + y * np.sin(phi), -x * np.sin(phi) + y * np.cos(phi)
+
+
+def _axis_bins(shape, axis_angle: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Linear binning of every pixel onto a 1-pixel grid along the tilt axis turned by φ (degrees):
+    the lower bin of each pixel (flattened), its weight in the upper bin, and the number of bins."""
+    h, w = shape
+    _, coordinate = _axis_coordinates((h, w), axis_angle)
+    half = int(np.ceil(np.hypot(h, w) / 2)) + 1
+    position = coordinate.ravel() + half
+    lo = np.floor(position).astype(int)
+    return lo, position - lo, 2 * half + 2
+
+
+def _axis_binning(images: np.ndarray, axis_angle: float) -> np.ndarray:
+    """Sums of every image over lines across the tilt axis turned by φ (degrees): (n, L) profiles on a
+    1-pixel grid along the axis, linear binning."""
+    n = len(images)
+    lo, frac, length = _axis_bins(images.shape[1:], axis_angle)
+    flat = images.reshape(n, -1)
+    profiles = np.zeros((n, length))
+    for k in range(n):
+        profiles[k] = np.bincount(lo, flat[k] * (1 - frac), length) + np.bincount(lo + 1, flat[k] * frac, length)
+    return profiles
+
+
+def _axis_weights_on_pixels(weights: np.ndarray, shape, axis_angle: float) -> np.ndarray:
+    """The pixel map (H, W) whose dot product with an image equals ``weights`` (L,) dotted with the
+    image's binned profile (`_axis_binning`): the adjoint of the binning."""
+    lo, frac, _ = _axis_bins(shape, axis_angle)
+    return (weights[lo] * (1 - frac) + weights[lo + 1] * frac).reshape(shape)
+
+
+PROFILE_SMOOTHING = 1.0  # px
+
+
 def _axis_profiles(images: np.ndarray, axis_angle: float) -> np.ndarray:
     """Projection of every image onto the tilt axis turned by φ (degrees): (n, L) profiles on a
     1-pixel grid, linear binning. For a single-axis series these are all the same line (the common
     line) up to shifts along the axis, whatever the tilt."""
-    n, h, w = images.shape
-    phi = np.deg2rad(axis_angle)
-    yy, xx = np.mgrid[0:h, 0:w]
-    coordinate = (-(xx - centre_index(w)) * np.sin(phi) + (yy - centre_index(h)) * np.cos(phi)).ravel()
-    half = int(np.ceil(np.hypot(h, w) / 2)) + 1
-    position = coordinate + half
-    lo = np.floor(position).astype(int)
-    frac = position - lo
-    length = 2 * half + 2
-    flat = images.reshape(n, -1)
-    profiles = np.zeros((n, length))
-    for k in range(n):
-        profiles[k] = (np.bincount(lo, flat[k] * (1 - frac), length) + np.bincount(lo + 1, flat[k] * frac, length))
     # A 1-px smoothing that dominates the binning's own (none at φ = 0, most at 45°), so the profiles'
     # agreement does not favour angles aligned with the pixel grid.
     from scipy import ndimage
 
-    return ndimage.gaussian_filter1d(profiles, 1.0, axis=1)
+    return ndimage.gaussian_filter1d(_axis_binning(images, axis_angle), PROFILE_SMOOTHING, axis=1)
 
 
 def _subpixel_peak(values: np.ndarray) -> float:
@@ -153,23 +182,51 @@ def _subpixel_peak(values: np.ndarray) -> float:
     return float(i)
 
 
-def _profile_shifts(profiles: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, float]:
-    """Shifts (pixels) that register every profile onto their common mean by cross-correlation
-    (Fourier shift, sub-pixel peak), and the mismatch left (relative squared residual)."""
+def _profile_shifts(profiles: np.ndarray, rounds: int = 3, scoring: int = 4, noise_power: float = 0.0,
+                    initial: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """Shifts (pixels) that register every profile onto their common mean: cross-correlation (Fourier
+    shift, sub-pixel peak; or from ``initial`` shifts instead), then ``scoring`` Gauss-Newton steps
+    s_k −= Σ t'(p_k(x + s_k) − r)/Σ t'r' against the mean r, which (unlike the peak of a noisy
+    correlation, whose curvature is noisy too) are linear in the noise, so `_prealign_shifts` can
+    give their standard errors. The template t is the mean Wiener-filtered for the noise of one
+    profile (n times the mean's; ``noise_power`` is the expected |FFT|² of the mean's noise per
+    frequency, white): it keeps the detail a single noisy profile can be matched on, and drops the
+    finer detail on which noise makes the match ambiguous (several minima, the error far beyond the
+    linear one), and a noisy slope neither adds variance nor inflates the curvature. Returns the
+    shifts, the mismatch left (relative squared residual), the template's slope t' and the
+    curvature Σ t'r'."""
     n, length = profiles.shape
     freq = np.fft.rfftfreq(length)
     spectra = np.fft.rfft(profiles, axis=1)
-    shifts = np.zeros(n)
-    for _ in range(rounds):
+    shifts = np.zeros(n) if initial is None else np.asarray(initial, np.float64) - np.mean(initial)
+    for _ in range(rounds if initial is None else 0):
         aligned = spectra * np.exp(2j * np.pi * freq * shifts[:, None])
         reference = aligned.mean(axis=0)
         correlation = np.fft.irfft(spectra * np.conj(reference), n=length, axis=1)
         correlation = np.fft.fftshift(correlation, axes=1)
         shifts = np.array([_subpixel_peak(c) for c in correlation]) - length // 2
         shifts -= shifts.mean()
-    aligned = np.fft.irfft(spectra * np.exp(2j * np.pi * freq * shifts[:, None]), n=length, axis=1)
-    mismatch = float(np.sum((aligned - aligned.mean(axis=0)) ** 2) / np.sum(aligned**2))
-    return shifts, mismatch
+    smoothing = np.exp(-2 * (np.pi * freq * PROFILE_SMOOTHING) ** 2)  # the profiles' own Gaussian
+    for iteration in range(scoring + 1):
+        aligned_spectra = spectra * np.exp(2j * np.pi * freq * shifts[:, None])
+        mean_spectrum = aligned_spectra.mean(axis=0)
+        mean_noise = noise_power * smoothing**2
+        signal_power = np.maximum(np.abs(mean_spectrum) ** 2 - mean_noise, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wiener = np.where(signal_power > 0, signal_power / (signal_power + n * mean_noise), 0.0)
+        aligned = np.fft.irfft(aligned_spectra, n=length, axis=1)
+        reference = aligned.mean(axis=0)
+        slope = np.fft.irfft(2j * np.pi * freq * mean_spectrum, n=length)
+        template_slope = np.fft.irfft(2j * np.pi * freq * mean_spectrum * wiener, n=length)
+        curvature = float(template_slope @ slope)
+        if curvature <= 0 or iteration == scoring:
+            break
+        step = (aligned - reference) @ template_slope / curvature
+        shifts -= step - step.mean()
+        if np.abs(step - step.mean()).max() < 1e-4:
+            break
+    mismatch = float(np.sum((aligned - reference) ** 2) / max(float(np.sum(aligned**2)), 1e-300))
+    return shifts, mismatch, template_slope, curvature
 
 
 AXIS_EVIDENCE = 0.05  # relative drop of the common-line mismatch that moves the axis off its nominal angle
@@ -198,66 +255,335 @@ def estimate_axis_angle(images: np.ndarray, search_deg: float = 10.0, step_deg: 
     return float(fine[0] + (fine[1] - fine[0]) * _subpixel_peak(-mismatch))
 
 
-def _signal_weights(images: np.ndarray, noise: float) -> np.ndarray:
-    """The images, smoothed over 1.5 px and kept where clearly above the noise: centre-of-mass weights
-    that ignore the empty, noisy frame."""
+SUPPORT_SMOOTHING = 3.0   # px: σ of the Gaussian that makes the particle stand out of the noise; also the ring width
+SUPPORT_Z = 3.0           # one-sided z of a pixel of the smoothed image that counts as signal
+RING_Z = 2.0              # one-sided z of a ring's summed signal that joins it to the support (lenient: a ring of
+                          # noise only costs noise, a ring of signal left out moves the centre of mass)
+MARGIN_RINGS = 2          # rings without significant signal added beyond the last one with it
+SIGNIFICANCE = 1e-3       # false-alarm probability of the test "the series has shifts"
+
+
+def _disc(radius: float) -> np.ndarray:
+    r = int(np.ceil(radius))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def _smoothed_with_sd(images: np.ndarray, variance: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, H, W) smoothed by a Gaussian of σ pixels in the image plane, and the standard deviation
+    of every smoothed pixel from the per-pixel ``variance`` of independent noise (the variance
+    filtered by the squared kernel, edges included)."""
     from scipy import ndimage
 
-    smooth = ndimage.gaussian_filter(images, sigma=(0, 1.5, 1.5))
-    smoothed_noise = noise / (2 * np.sqrt(np.pi) * 1.5)
-    return np.where(smooth > 4 * smoothed_noise, smooth, 0.0)
+    radius = int(np.ceil(4 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    smooth, var = np.asarray(images, np.float64), np.asarray(variance, np.float64)
+    for axis in (1, 2):
+        smooth = ndimage.correlate1d(smooth, kernel, axis=axis, mode="reflect")
+        var = ndimage.correlate1d(var, kernel**2, axis=axis, mode="reflect")
+    return smooth, np.sqrt(np.maximum(var, 0.0))
 
 
-def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, noise: float, axis_angle: float) -> Alignment:
-    """Shifts (Å, translation gauge removed) for a tilt axis at ``axis_angle``: along the axis by
-    cross-correlating the common-line profiles, across it from the centre of mass, whose track over
-    the series must be A cos θ + B sin θ for a rigid specimen (A, B are the specimen's own offset)."""
+def _grow(image: np.ndarray, variance: np.ndarray, core: np.ndarray, step: float, ring_z: float,
+          margin_rings: int) -> np.ndarray:
+    """``core`` grown ring by ring (width ``step`` px) while a ring's summed signal is significant
+    (one-sided ``ring_z`` against its summed variance), then by ``margin_rings`` rings more."""
+    from scipy import ndimage
+
+    disc = _disc(step)
+    support, quiet = core, 0
+    while quiet < margin_rings:
+        grown = ndimage.binary_dilation(support, structure=disc)
+        ring = grown & ~support
+        if not ring.any():
+            break
+        signal, noise = float(image[ring].sum()), float(np.sqrt(max(variance[ring].sum(), 0.0)))
+        quiet = 0 if signal > ring_z * noise else quiet + 1
+        support = grown
+    return support
+
+
+def particle_support(images: np.ndarray, variance: np.ndarray, sigma: float = SUPPORT_SMOOTHING,
+                     z: float = SUPPORT_Z, ring_z: float = RING_Z, margin_rings: int = MARGIN_RINGS) -> np.ndarray:
+    """Where each background-subtracted image (n, H, W) holds the particle. The core: pixels whose
+    Gaussian-smoothed (σ px) value is ``z`` standard errors (from the per-pixel ``variance``) above
+    zero, in connected regions at least as large as the smoothing kernel (4πσ²; pure-noise
+    excursions are smaller). Then grown by rings σ px wide as long as a ring holds significant
+    signal (`_grow`), so a weak particle's faint rim, too faint for any pixel, is taken in as a
+    whole: a support that cut through the particle would move its centre of mass with the noise.
+    (n, H, W) bool; a projection without a core gets the whole image."""
+    from scipy import ndimage
+
+    smooth, sd = _smoothed_with_sd(images, variance, sigma)
+    significant = smooth > z * np.maximum(sd, 1e-12 * max(float(np.abs(smooth).max()), 1e-300))
+    support = np.ones(images.shape, bool)
+    for k in range(len(images)):
+        labels, count = ndimage.label(significant[k])
+        if count == 0:
+            continue  # too faint to locate: the whole image holds it
+        area = np.bincount(labels.ravel())[1:]
+        keep = np.flatnonzero(area >= 4 * np.pi * sigma**2) + 1
+        if len(keep) == 0:
+            continue
+        support[k] = _grow(images[k], variance[k], np.isin(labels, keep), sigma, ring_z, margin_rings)
+    return support
+
+
+def series_support(images: np.ndarray, variance: np.ndarray, sigma: float = SUPPORT_SMOOTHING) -> np.ndarray:
+    """One support (H, W) for the whole series: the `particle_support` of the series' mean image (√n
+    less noisy, so it finds a faint rim that single projections miss), joined by every projection's
+    own support where it touches that (a projection may reach further than the mean shows; its
+    supports elsewhere are noise). A support shared by all projections cuts none of them where
+    another holds the particle, so the common-line profiles stay comparable and the centres of mass
+    are not moved by where a noisy support happened to end. All False when the mean image shows no
+    particle."""
+    from scipy import ndimage
+
+    n = len(images)
+    mean = particle_support(images.mean(axis=0)[None], (variance.sum(axis=0) / n**2)[None], sigma)[0]
+    if mean.all():  # no core: no particle found
+        return np.zeros(images.shape[1:], bool)
+    support = mean.copy()
+    for each in particle_support(images, variance, sigma):
+        if each.all():
+            continue
+        labels, _ = ndimage.label(each)
+        touching = np.unique(labels[mean & each])
+        support |= np.isin(labels, touching[touching > 0])
+    return support
+
+
+def counts_background(counts: np.ndarray, sigma: float = SUPPORT_SMOOTHING, rounds: int = 20,
+                      seed: int = 0) -> np.ndarray:
+    """Background (counts per pixel) of every projection of counted data (n, H, W), also where the
+    particle touches the image edge: the mean count of the pixels outside the particle's support
+    (`series_support` with Poisson variance = the background).
+
+    Choosing the pixels by their own counts would bias the mean low (upward noise excursions and their
+    surroundings would be left out), so the counts are split by binomial thinning into two
+    independent Poisson halves; the pixels are chosen on one half and averaged on the other, and the
+    other way round. Starts from the 5th percentile of the smoothed image (below the background
+    wherever a twentieth of the image is empty) and iterates to the fixed point; while the support
+    fills the image (a background too low makes every ring look like signal) the background is
+    raised by one standard error of the smoothed image instead. When the support still leaves fewer
+    than 4πσ² pixels, the outer 3-pixel frame's mean. The projections share one (pooled) background
+    unless theirs differ significantly (χ² against their Poisson errors at SIGNIFICANCE), as they do
+    when the beam current drifts. Pixels must be whole counts."""
+    counts = np.asarray(counts, np.float64)
+    n = len(counts)
+    first = np.random.default_rng(seed).binomial(np.round(np.maximum(counts, 0)).astype(np.int64), 0.5)
+    halves = [first.astype(np.float64), counts - first]
+    smooth, _ = _smoothed_with_sd(counts, np.zeros_like(counts), sigma)
+    background = np.percentile(smooth.reshape(n, -1), 5, axis=1)
+    filled = False
+    for _ in range(rounds):
+        half = np.broadcast_to((background / 2)[:, None, None], counts.shape)
+        sums, pixels = np.zeros((2, n)), np.zeros((2, n))
+        for chosen, averaged in ((0, 1), (1, 0)):
+            empty = ~series_support(halves[chosen] - half, half, sigma)
+            sums[averaged], pixels[averaged] = (halves[averaged] * empty).sum(axis=(1, 2)), empty.sum()
+        filled = pixels.min() < 4 * np.pi * sigma**2
+        if filled:  # every ring looked like signal: the background is still too low; one standard error up
+            background = background + np.sqrt(np.maximum(background, 1e-12) / (4 * np.pi * sigma**2))
+            continue
+        updated = (sums / pixels).sum(axis=0)
+        converged = np.allclose(updated, background, rtol=0, atol=1e-9 + 1e-6 * float(background.max()))
+        background = updated
+        if converged:
+            break
+    if filled:  # the particle fills the image: the outer frame's mean
+        frame = np.ones(counts.shape[1:], bool)
+        frame[3:-3, 3:-3] = False
+        return counts[:, frame].mean(axis=1)
+    # One background for the whole series unless the projections' differ significantly: each is the sum
+    # of two half means, each of Poisson variance (b/2)/pixels.
+    from scipy import stats
+
+    pooled = float((sums.sum(axis=1) / pixels.sum(axis=1)).sum())
+    variance = (max(pooled, 1e-12) / 2) * (1 / pixels[0] + 1 / pixels[1])
+    chi2 = float(np.sum((background - pooled) ** 2 / variance))
+    if n > 1 and stats.chi2.sf(chi2, n - 1) >= SIGNIFICANCE:
+        return np.full(n, pooled)
+    return background
+
+
+def counts_gain_or_none(projections: np.ndarray) -> float | None:
+    """Counts per data unit when the series is counted data (whole numbers, or whole counts times one
+    quantum: `estimate_counts_gain`), else None."""
+    from engine.measure.datamodel import estimate_counts_gain
+
+    values = np.asarray(projections)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.min() < 0:
+        return None
+    if np.all(finite == np.round(finite)):
+        return 1.0
+    try:
+        return estimate_counts_gain(values)
+    except InputError:
+        return None
+
+
+def _shrink(residuals: np.ndarray, errors: np.ndarray, leverage: np.ndarray) -> tuple[np.ndarray, float]:
+    """Empirical-Bayes shrinkage of noisy, gauge-free shifts: with true shifts drawn from N(0, τ²) and
+    independent errors N(0, σ_k²), τ² by moments (Σ r² − Σ σ²(1 − h)) / Σ(1 − h) (h: the leverage of
+    the gauge fit), floored at 0, and every shift replaced by its posterior mean r τ²/(τ² + σ_k²).
+    Returns the shrunk shifts and τ."""
+    finite = np.isfinite(errors)
+    r, e, h = residuals[finite], errors[finite], leverage[finite]
+    tau2 = max(0.0, float(np.sum(r**2) - np.sum(e**2 * (1 - h))) / max(float(np.sum(1 - h)), 1e-12))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(~finite, 0.0, np.where(tau2 + errors**2 > 0, tau2 / (tau2 + errors**2), 1.0))
+    return np.where(finite, residuals, 0.0) * factor, float(np.sqrt(tau2))
+
+
+def _weighted_gauge_fit(values: np.ndarray, errors: np.ndarray, design: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals of ``values`` after the weighted (1/σ²) least-squares fit of ``design``'s columns, and
+    the fit's leverages h_kk."""
+    finite = np.isfinite(errors)
+    floor = 1e-12 * max(float(errors[finite].max()) if finite.any() else 1.0, 1e-300)
+    weight = np.where(finite, 1.0 / np.maximum(errors, floor), 0.0)
+    a = design * weight[:, None]
+    coefficients, *_ = np.linalg.lstsq(a, values * weight, rcond=None)
+    q, _ = np.linalg.qr(a)
+    return values - design @ coefficients, np.sum(q**2, axis=1)
+
+
+def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, variance: np.ndarray,
+                     axis_angle: float) -> tuple[Alignment, dict]:
+    """Shifts (Å, translation gauge removed) for a tilt axis at ``axis_angle``, each with its standard
+    error from the per-pixel ``variance``: along the axis by cross-correlating the common-line
+    profiles, across it from the centre of mass inside the particle's support, whose track over the
+    series must be A cos θ + B sin θ for a rigid specimen (A, B are the specimen's own offset). The
+    shifts are tested against their errors (χ²) and shrunk towards zero by empirical Bayes, so noise
+    does not pose as misalignment: the shifts returned are zero unless the χ² test rejects "no
+    shifts" at SIGNIFICANCE, and then the posterior means (`_shrink`)."""
+    from scipy import ndimage, stats
+
     n, h, w = images.shape
     phi = np.deg2rad(axis_angle)
-    along, _ = _profile_shifts(_axis_profiles(images, axis_angle))
-    weights = _signal_weights(images, noise)
-    total = weights.sum(axis=(1, 2))
-    if np.any(total <= 0):
-        raise InputError("tilt series", "a projection has no signal above the noise; cannot pre-align it")
-    yy, xx = np.mgrid[0:h, 0:w]
-    com = np.stack([(weights * (xx - centre_index(w))).sum(axis=(1, 2)),
-                    (weights * (yy - centre_index(h))).sum(axis=(1, 2))], axis=1) / total[:, None]
-    across_axis = np.array([np.cos(phi), np.sin(phi)])
-    track = com @ across_axis
+    support = series_support(images, variance)
+    if not support.any():
+        support = np.ones(support.shape, bool)
+    masked = np.where(support, images, 0.0)
+    masked_variance = np.where(support, variance, 0.0)
+
+    # Along the axis: the common line. The Gauss-Newton shift moves with the noise n of the raw profile
+    # by Σ (G t')(x) n(x) / Σ t'r', so its variance is Σ (G t')² var(n) / (Σ t'r')² (G: the profile
+    # smoothing, t: the Wiener-filtered mean, r: the mean), summed pixel by pixel through the binning.
+    # Noise power of the mean profile, |FFT|² per frequency (white; neighbouring bins' covariance aside).
+    # The Gauss-Newton steps start from the centre of mass along the axis (a linear estimate, the same at
+    # every tilt for a rigid specimen), not from the correlation peak, which at low counts can jump
+    # to a noise peak far off.
+    u, v = _axis_coordinates((h, w), axis_angle)
+    total = masked.sum(axis=(1, 2))
+    start = np.where(total > 0, (masked * v).sum(axis=(1, 2)) / np.where(total > 0, total, 1.0), 0.0)
+    noise_power = float(masked_variance.sum()) / n**2
+    along, _, slope, curvature = _profile_shifts(_axis_profiles(masked, axis_angle), noise_power=noise_power,
+                                                 initial=start, scoring=20)
+    weights = _axis_weights_on_pixels(ndimage.gaussian_filter1d(slope, PROFILE_SMOOTHING), (h, w), axis_angle)
+    along_error = np.sqrt(np.sum(masked_variance * weights[None] ** 2, axis=(1, 2))) / max(curvature, 1e-300)
+
+    # Across the axis: the centre of mass in the support, a ratio whose linearised variance is
+    # Σ (u − ū)² var / S².
+    # A projection whose signal in the support is not significant (the ratio's linearisation needs
+    # S well above its noise) says nothing: its shifts get an infinite error.
+    informative = (total > SUPPORT_Z * np.sqrt(masked_variance.sum(axis=(1, 2)))) & (along_error > 0)
+    if informative.sum() < 4:
+        raise InputError("tilt series", "too few projections have signal above the noise to pre-align the series")
+    safe_total = np.where(informative, total, 1.0)
+    track = np.where(informative, (masked * u).sum(axis=(1, 2)) / safe_total, 0.0)
+    track_error = np.sqrt(np.sum(masked_variance * (u[None] - track[:, None, None]) ** 2, axis=(1, 2))) / safe_total
+    track_error = np.where(informative, track_error, np.inf)
+    along, along_error = np.where(informative, along, 0.0), np.where(informative, along_error, np.inf)
+
     rad = np.deg2rad(np.asarray(angles_deg, np.float64))
-    design = np.stack([np.cos(rad), np.sin(rad)], axis=1)
-    coefficients, *_ = np.linalg.lstsq(design, track, rcond=None)
-    across = track - design @ coefficients
-    shifts = (across[:, None] * across_axis + along[:, None] * np.array([-np.sin(phi), np.cos(phi)])) * pixel_size
+    across, across_leverage = _weighted_gauge_fit(track, track_error, np.stack([np.cos(rad), np.sin(rad)], axis=1))
+    along, along_leverage = _weighted_gauge_fit(along, along_error, np.ones((n, 1)))
+    across, along = np.where(informative, across, 0.0), np.where(informative, along, 0.0)
+    chi2 = float(np.sum((across[informative] / track_error[informative]) ** 2)
+                 + np.sum((along[informative] / along_error[informative]) ** 2))
+    dof = 2 * int(informative.sum()) - 3
+    p_value = float(stats.chi2.sf(chi2, dof))
+    across_shrunk, across_tau = _shrink(across, track_error, across_leverage)
+    along_shrunk, along_tau = _shrink(along, along_error, along_leverage)
+
+    across_unit, along_unit = np.array([np.cos(phi), np.sin(phi)]), np.array([-np.sin(phi), np.cos(phi)])
     alignment = Alignment.identity(n)
     alignment.axis_angle = float(axis_angle)
     rotations = alignment.geometry(angles_deg).rotations
-    alignment.shifts = shifts - np.einsum("kij,j->ki", rotations[:, :2, :], translation_gauge(shifts, rotations))
-    return alignment
+
+    def gauge_free(across_px, along_px):
+        shifts = (across_px[:, None] * across_unit + along_px[:, None] * along_unit) * pixel_size
+        return shifts - np.einsum("kij,j->ki", rotations[:, :2, :], translation_gauge(shifts, rotations))
+
+    significant = bool(p_value < SIGNIFICANCE)
+    if significant:
+        alignment.shifts = gauge_free(across_shrunk, along_shrunk)
+    evidence = {"raw_shifts_A": gauge_free(across, along),
+                "shift_errors_px": np.stack([track_error, along_error], axis=1),
+                "chi2": chi2, "dof": dof, "p_value": p_value, "significant": significant,
+                "spread_px": (across_tau, along_tau)}
+    return alignment, evidence
+
+
+def prealign_with_evidence(normalised: np.ndarray, angles_deg, pixel_size: float, noise: float,
+                           axis_angle: float | None = None, variance: np.ndarray | None = None
+                           ) -> tuple[Alignment, dict]:
+    """`prealign`, and the evidence for its shifts: the unshrunk shifts (Å), every shift's standard
+    error (pixels, across and along the axis), the χ² of the shifts against their errors with its
+    degrees of freedom and p-value, whether that is significant at SIGNIFICANCE, and the estimated
+    spread τ of the true shifts (pixels, across and along)."""
+    images = np.asarray(normalised, np.float64)
+    if variance is None:
+        variance = np.full(images.shape, float(noise) ** 2)
+    variance = np.broadcast_to(np.asarray(variance, np.float64), images.shape)
+    if axis_angle is None:
+        axis_angle = estimate_axis_angle(images)
+    return _prealign_shifts(images, angles_deg, pixel_size, variance, axis_angle)
 
 
 def prealign(normalised: np.ndarray, angles_deg, pixel_size: float, noise: float,
-             axis_angle: float | None = None) -> Alignment:
+             axis_angle: float | None = None, variance: np.ndarray | None = None) -> Alignment:
     """Coarse alignment from the images alone (no atoms): the in-plane tilt-axis angle from the
     common line (`estimate_axis_angle`, unless given), then the shifts for it (`_prealign_shifts`).
 
     normalised : (n, H, W) background-subtracted projections; noise: their noise σ (same units).
-    Returns shifts in Å with the translation gauge removed; no angle offsets, unit intensities.
+    variance   : per-pixel noise variance (same units squared, e.g. the counts of counted data);
+                 not given: noise² everywhere.
+    Returns shifts in Å with the translation gauge removed: zero unless they are significant against
+    their noise, else shrunk by it (posterior means, `_shrink`); no angle offsets, unit intensities.
     """
-    images = np.asarray(normalised, np.float64)
-    if axis_angle is None:
-        axis_angle = estimate_axis_angle(images)
-    return _prealign_shifts(images, angles_deg, pixel_size, noise, axis_angle)
+    return prealign_with_evidence(normalised, angles_deg, pixel_size, noise, axis_angle, variance)[0]
 
 
-def misalignment_summary(alignment: Alignment, pixel_size: float) -> dict:
+SHIFT_THAT_MATTERS_PX = 0.5
+AXIS_THAT_MATTERS_DEG = 0.3
+
+
+def misalignment_summary(alignment: Alignment, pixel_size: float, evidence: dict | None = None) -> dict:
     """What `atomsplat info` reports of a pre-alignment: shifts in pixels, the axis angle in degrees,
-    and whether refining the alignment is advised (shifts over 0.5 px or an axis off by over 0.3°)."""
+    and whether refining the alignment is advised: an axis off by over AXIS_THAT_MATTERS_DEG, or shifts
+    that are significant against their noise (``evidence`` from `prealign_with_evidence`; without it
+    every shift counts) and, after shrinking by their noise, reach SHIFT_THAT_MATTERS_PX."""
     shifts_px = alignment.shifts / pixel_size
     rms = float(np.sqrt(np.mean(np.sum(shifts_px**2, axis=1))))
     largest = float(np.abs(shifts_px).max())
-    return {"shift_rms_px": rms, "shift_max_px": largest, "axis_angle_deg": float(alignment.axis_angle),
-            "refine_advised": bool(largest > 0.5 or abs(alignment.axis_angle) > 0.3)}
+    significant = True if evidence is None else evidence["significant"]
+    summary = {"shift_rms_px": rms, "shift_max_px": largest, "axis_angle_deg": float(alignment.axis_angle),
+               "refine_advised": bool((significant and largest > SHIFT_THAT_MATTERS_PX)
+                                      or abs(alignment.axis_angle) > AXIS_THAT_MATTERS_DEG)}
+    if evidence is not None:
+        raw = evidence["raw_shifts_A"] / pixel_size
+        errors = evidence["shift_errors_px"]
+        informative = np.all(np.isfinite(errors), axis=1)
+        summary.update({"raw_shift_rms_px": float(np.sqrt(np.mean(np.sum(raw[informative] ** 2, axis=1)))),
+                        "shift_error_px": float(np.sqrt(np.mean(np.sum(errors[informative] ** 2, axis=1)))),
+                        "projections_without_signal": int(np.sum(~informative)),
+                        "chi2": evidence["chi2"], "dof": evidence["dof"], "p_value": evidence["p_value"],
+                        "shifts_significant": evidence["significant"]})
+    return summary
 
 
 # ---------------------------------------------------------------------- output
