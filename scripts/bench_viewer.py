@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from engine.core.backend import init_backend
-from engine.cli import auto_shape
+from engine.physics.simulate import auto_shape
 from engine.fit.reconstruct import Reconstruction
 from engine.fit.settings import FIT_SCHEMA, fit_settings
 from engine.scene import load_scene

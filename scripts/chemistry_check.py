@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from engine.core.backend import init_backend
-from engine.cli import auto_shape
+from engine.physics.simulate import auto_shape
 from engine.evaluate.metrics import evaluate_atoms
 from engine.fit.reconstruct import Reconstruction
 from engine.fit.settings import fit_settings
