@@ -107,6 +107,7 @@ def test_alignment_files_round_trip_and_xf_maps_raw_to_aligned(tmp_path):
         read_alignment(tmp_path / "bad.json")
 
 
+@pytest.mark.slow
 def test_joint_refinement_recovers_the_misalignment(arch, particle, tmp_path):
     if arch != "cpu":
         pytest.skip("the end-to-end fit is checked on the CPU")
@@ -177,6 +178,7 @@ def test_viewer_predicts_saved_atoms_in_the_refined_alignment(arch):
         SavedResult(atoms, "atoms", series, alignment=random_misalignment(TILTS[:5], PIXEL, 1, 0, 0))
 
 
+@pytest.mark.slow
 def test_scene_with_misalignment_scores_the_refined_alignment(arch, tmp_path, capsys):
     if arch != "cpu":
         pytest.skip("CLI checked on the CPU")

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end fits and command-line runs
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

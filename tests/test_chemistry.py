@@ -58,6 +58,7 @@ def test_composition_fixes_the_weights_and_single_species_is_trivial():
         assign_species(amplitude, width, ["Fe", "Xx"], PIXEL, BLUR)
 
 
+@pytest.mark.slow
 def test_species_from_the_abtem_wedge_fit(shared_data, arch, tmp_path):
     """The fitted amplitudes of dev_ptni_wedge (abTEM, Lobato potentials) carry the chemistry: the
     physically placed mixture recovers the species of ≥ 97 % of the atoms."""
@@ -86,6 +87,7 @@ def test_b_factor_line_through_two_calibration_points():
     assert b_factors_from_calibration(s0, {2.0: s1, 0.0: s0}) == pytest.approx([0.0, 0.0])
 
 
+@pytest.mark.slow
 def test_ordered_fept_particle_species_and_b_factor(arch, tmp_path):
     """An L1_0 FePt particle simulated with B = 0.5 Å² and 3 % noise: species and B come back."""
     if arch != "cpu":

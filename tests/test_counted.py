@@ -14,6 +14,8 @@ from engine.measure.datamodel import choose_noise_model
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
 from engine.physics.structures import build_structure
 
+pytestmark = pytest.mark.slow  # end-to-end fits and command-line runs
+
 TILTS = parse_tilt_range("-70:70:5")
 PIXEL = 0.25
 

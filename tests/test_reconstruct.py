@@ -28,6 +28,7 @@ def simulate(atoms, tilts="-70:70:5", noise=0.02, seed=1):
     return simulate_tilt_series(atoms, parse_tilt_range(tilts), 0.3, (64, 64), blur_sigma=0.4, noise=noise, seed=seed)
 
 
+@pytest.mark.slow
 def test_small_particle_is_recovered_exactly(arch, small_particle, tmp_path):
     if arch != "cpu":
         pytest.skip("the end-to-end fit is checked on the CPU (the kernels are tested on every backend)")
@@ -43,6 +44,7 @@ def test_small_particle_is_recovered_exactly(arch, small_particle, tmp_path):
     assert report["n_atoms"] == len(small_particle)
 
 
+@pytest.mark.slow
 def test_huber_loss_shrugs_off_hot_pixels(arch, small_particle, tmp_path):
     # 0.3 % of the pixels are hot (5× the brightest atom). Least squares bends atoms towards them and
     # back-projected hot pixels spawn stray atoms; the Huber loss caps their pull and the volumes that
@@ -62,6 +64,7 @@ def test_huber_loss_shrugs_off_hot_pixels(arch, small_particle, tmp_path):
     assert result[True]["rmsd_pm"] < 0.3 * result[False]["rmsd_pm"]  # measured 1.3 and 10.5 pm
 
 
+@pytest.mark.slow
 def test_missing_and_extra_atoms_are_fixed_by_density_control(arch, small_particle, tmp_path):
     if arch != "cpu":
         pytest.skip("checked on the CPU")
@@ -80,6 +83,7 @@ def test_missing_and_extra_atoms_are_fixed_by_density_control(arch, small_partic
     assert result["f1"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refine_alignment", [False, True])
 def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, tmp_path, refine_alignment):
     if arch != "cpu":
