@@ -133,7 +133,10 @@ def cmd_info(args) -> int:
     if check is not None:
         print(f"alignment       pre-alignment finds shifts of {check['shift_rms_px']:.2f} px rms "
               f"(max {check['shift_max_px']:.2f} px), tilt axis at {check['axis_angle_deg']:.2f} deg")
-        if "chi2" in check:
+        if check.get("untestable"):
+            print(f"                not tested: {check['untestable']}, so the images alone cannot tell shifts "
+                  "(none reported)")
+        elif "chi2" in check:
             verdict = ("significant: the shifts above are shrunk by their noise" if check["shifts_significant"]
                        else "not significant: no shift is reported")
             print(f"                measured shifts {check['raw_shift_rms_px']:.2f} px rms against a noise of "
