@@ -257,6 +257,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    import dataclasses
     import time
 
     from engine.io.atoms import read_atoms, write_atoms
@@ -264,18 +265,29 @@ def cmd_baseline(args) -> int:
     from engine.io.tiltseries import read_tilt_series
 
     settings = baseline_settings(BASELINE_SCHEMA.from_args(args))
+    if settings.denoise == "bm3d":
+        from engine.classical.denoise import require_bm3d
+
+        require_bm3d()  # fail before any work
     series = read_tilt_series(args.data, pixel_size=args.pixel)
     out_dir = Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")
     if not args.overwrite and (out_dir / "atoms.xyz").exists():
         raise InputError(out_dir, "already holds a result (atoms.xyz); pass --overwrite to replace it")
     init_backend(args.arch, verbose=True)
     t0 = time.perf_counter()
-    atoms, volume, projector = run_baseline(series, settings)
+    details = {}
+    atoms, volume, projector = run_baseline(series, settings, details)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atoms(atoms, out_dir / "atoms.xyz", overwrite=True)
     write_volume_mrc(volume, projector.voxel, out_dir / "volume.mrc", overwrite=True)
+    seconds = time.perf_counter() - t0
+    steps = ([f"{'counted data' if details['counted'] else 'data'}, background {details['background']:.4g}"]
+             + ([f"BM3D {details['denoise_seconds']:.1f} s"] if "denoise_seconds" in details else []))
     print(f"{settings.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> "
-          f"{out_dir / 'volume.mrc'} ({time.perf_counter() - t0:.1f} s)")
+          f"{out_dir / 'volume.mrc'} ({seconds:.1f} s; {'; '.join(steps)})")
+    record = {"settings": dataclasses.asdict(settings), **details,
+              "n_atoms": len(atoms), "wall_seconds": seconds}
+    (out_dir / "report.json").write_text(json.dumps(record, indent=2, default=str))
     if args.truth:
         from engine.evaluate.metrics import evaluate_atoms, format_table
 
