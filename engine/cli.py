@@ -24,7 +24,7 @@ from engine.core.settings import SettingError
 
 SIMULATED_OUTPUTS = ("series.npz", "truth.xyz", "true_alignment.json", "true_alignment.xf")
 """What `run` writes beside the fit when its scene simulates the data."""
-BASELINE_OUTPUTS = ("atoms.xyz", "volume.mrc", "metrics.json")
+BASELINE_OUTPUTS = ("atoms.xyz", "volume.mrc", "report.json", "metrics.json")
 
 
 def _add_arch(parser):
@@ -197,7 +197,10 @@ def cmd_info(args) -> int:
     if check is not None:
         print(f"alignment       pre-alignment finds shifts of {check['shift_rms_px']:.2f} px rms "
               f"(max {check['shift_max_px']:.2f} px), tilt axis at {check['axis_angle_deg']:.2f} deg")
-        if "chi2" in check:
+        if check.get("untestable"):
+            print(f"                not tested: {check['untestable']}, so the images alone cannot tell shifts "
+                  "(none reported)")
+        elif "chi2" in check:
             verdict = ("significant: the shifts above are shrunk by their noise" if check["shifts_significant"]
                        else "not significant: no shift is reported")
             print(f"                measured shifts {check['raw_shift_rms_px']:.2f} px rms against a noise of "
@@ -349,16 +352,21 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    import dataclasses
     import time
 
     from engine.classical.baseline import (BASELINE_SCHEMA, baseline_settings, check_baseline_size, run_baseline,
                                            write_volume_mrc)
-    from engine.core.files import make_folder, writable_folder
+    from engine.core.files import make_folder, writable_folder, write_atomically
     from engine.fit.outputs import clear_outputs
     from engine.io.atoms import write_atoms
     from engine.io.tiltseries import read_tilt_series, require_tomography
 
     settings = baseline_settings(BASELINE_SCHEMA.from_args(args))
+    if settings.denoise == "bm3d":
+        from engine.classical.denoise import require_bm3d
+
+        require_bm3d()  # fail before any work
     series = require_tomography(read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles))
     out_dir = Path(os.path.normpath(Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")))
     writable_folder(out_dir)
@@ -374,20 +382,26 @@ def cmd_baseline(args) -> int:
     t0 = time.perf_counter()
     from tqdm import tqdm
 
+    details = {}
     with tqdm(total=settings.iters, desc="SIRT", unit="it", file=sys.stderr, dynamic_ncols=True,
               disable=settings.method != "sirt") as bar:
         try:
-            atoms, volume, projector = run_baseline(series, settings, callback=lambda *_: bar.update(1))
+            atoms, volume, projector = run_baseline(series, settings, details, callback=lambda *_: bar.update(1))
         except InputError as err:
             if err.source != "volume":
                 raise
             raise InputError(args.data, f"no atoms traced: {err.problem}") from None
     write_atoms(atoms, out_dir / "atoms.xyz", overwrite=True)
     write_volume_mrc(volume, projector.voxel, out_dir / "volume.mrc", overwrite=True)
+    seconds = time.perf_counter() - t0
+    steps = ([f"{'counted data' if details['counted'] else 'data'}, background {details['background']:.4g}"]
+             + ([f"BM3D {details['denoise_seconds']:.1f} s"] if "denoise_seconds" in details else []))
     print(f"{settings.method}: {len(atoms)} atoms traced -> {out_dir / 'atoms.xyz'}, volume -> "
-          f"{out_dir / 'volume.mrc'} ({time.perf_counter() - t0:.1f} s)")
+          f"{out_dir / 'volume.mrc'} ({seconds:.1f} s; {'; '.join(steps)})")
+    record = {"settings": dataclasses.asdict(settings), **details,
+              "n_atoms": len(atoms), "wall_seconds": seconds}
+    write_atomically(out_dir / "report.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     if truth is not None:
-        from engine.core.files import write_atomically
         from engine.evaluate.metrics import evaluate_atoms, format_table
 
         metrics = evaluate_atoms(atoms, truth, radius=1.0, radii_extra=(0.5,))

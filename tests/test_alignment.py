@@ -250,6 +250,15 @@ def test_info_on_counted_data_advises_refinement_only_when_misaligned(arch, smal
     # The errors are honest: aligned shifts scatter as their standard errors say (χ² per dof near 1).
     assert 0.7 < aligned["chi2"] / aligned["dof"] < 1.4
     assert misaligned["refine_advised"] and misaligned["shifts_significant"] and misaligned["p_value"] < 1e-6
+    # A field of view that cuts the specimen (a film, a window on a larger object): material moves in and
+    # out of view with the tilt, so the images alone cannot tell shifts and none are invented.
+    cropped = counted_series(small_si, 28, truth)
+    cropped.projections = np.ascontiguousarray(cropped.projections[:, :, 20:-20])
+    write_tilt_series(cropped, tmp_path / "cropped.npz")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "cropped.npz"), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["alignment_check"]
+    assert check["untestable"] and not check["refine_advised"] and check["shift_rms_px"] == 0
     # Shrinking by the noise brings the shifts closer to the truth than the raw estimates (each about
     # ±1 px here) and than no shifts at all.
     counts = counted_series(small_si, 28, truth).projections.astype(np.float64)

@@ -1,6 +1,12 @@
 """The classical pipeline, for comparison: a voxel reconstruction (SIRT with non-negativity, or FBP)
 and atom tracing in it, as atomic electron tomography papers do it.
 
+Low-dose counted data (whole counts, or counts times one quantum) are handled in counts: the
+background of every projection is estimated away from the particle (which may touch the image edge;
+`engine.measure.alignment.counts_background`), and with ``denoise = "bm3d"`` each projection is
+first denoised (Anscombe transform, BM3D with σ = 1, exact unbiased inverse; `engine.classical.denoise`)
+as the field does before reconstructing and tracing.
+
 Tracing: local maxima of the volume, one per d_min (greedy, brightest first); the threshold is
 chosen from the volume itself (Otsu's split of the peak heights into atoms and background); each
 peak is refined to sub-voxel precision by a parabola through its neighbours along each axis;
@@ -20,6 +26,8 @@ from engine.physics.chemistry import minimum_distance
 
 BASELINE_SCHEMA = Schema("BaselineSettings", [
     Setting("method", str, "sirt", "volume reconstruction", choices=("sirt", "fbp")),
+    Setting("denoise", str, "none", "denoise each projection first (counted data): bm3d = Anscombe transform, "
+            "BM3D with sigma 1, exact unbiased inverse (needs the bm3d package)", choices=("none", "bm3d")),
     Setting("iters", int, 50, "SIRT iterations", check=positive),
     Setting("voxel", float, None, "voxel edge (not set: the pixel size)", "Å", check=positive),
     Setting("species", list, [], "expected elements, e.g. Pt,Ni (species by k-means)", parse=name_list),
@@ -123,17 +131,48 @@ def check_baseline_size(series: TiltSeries, config: BaselineSettings) -> None:
                    f"use larger voxels (default: the pixel size, {series.pixel_size:g} Å)")
 
 
-def run_baseline(series: TiltSeries, config: BaselineSettings, callback=None) -> tuple[Atoms, np.ndarray, object]:
-    """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector).
-    ``callback(iteration, volume, residual_norm)``: called after every SIRT iteration (progress)."""
+def baseline_images(series: TiltSeries, config: BaselineSettings, details: dict | None = None) -> np.ndarray:
+    """The background-subtracted projections (data units) the volume is reconstructed from. Counted
+    data: background per projection from the counts (`counts_background`), optionally denoised
+    (``config.denoise``); other data: the data model's background. ``details`` (a dict) receives what
+    was found: whether the data are counts, the gain, the mean background, the denoising time."""
+    import time
+
+    from engine.measure.alignment import counts_background, counts_gain_or_none
     from engine.measure.datamodel import estimate_data_model
+
+    details = {} if details is None else details
+    gain = counts_gain_or_none(series.projections)
+    details.update(counted=gain is not None, gain=gain, denoise=config.denoise)
+    if gain is None:
+        if config.denoise != "none":
+            raise InputError(series.source or "tilt series", f"--denoise {config.denoise} needs counted data (whole "
+                             "counts, or counts times one constant); these are not")
+        data = estimate_data_model(series, blur=0.0)
+        details["background"] = data.background
+        return series.projections.astype(np.float64) - data.background
+    counts = np.round(series.projections.astype(np.float64) * gain)
+    background = counts_background(counts)
+    details["background"] = float(background.mean()) / gain
+    if config.denoise == "bm3d":
+        from engine.classical.denoise import denoise_counts_bm3d
+
+        t0 = time.perf_counter()
+        counts = denoise_counts_bm3d(counts)
+        details["denoise_seconds"] = time.perf_counter() - t0
+    return (counts - background[:, None, None]) / gain
+
+
+def run_baseline(series: TiltSeries, config: BaselineSettings, details: dict | None = None,
+                 callback=None) -> tuple[Atoms, np.ndarray, object]:
+    """Reconstruct a volume and trace atoms in it. Returns (atoms, volume (nx, ny, nz), projector);
+    ``details`` as in `baseline_images`; ``callback(iteration, volume, residual_norm)``: called after
+    every SIRT iteration (progress)."""
     from engine.kernels.volume import VoxelProjector
 
-    data = estimate_data_model(series, blur=0.0)
-    images = series.projections.astype(np.float64) - data.background
+    images = baseline_images(series, config, details)
     voxel = config.voxel or series.pixel_size
-    h, w = series.shape
-    nx, ny = int((w - 1) * series.pixel_size // voxel) + 1, int((h - 1) * series.pixel_size // voxel) + 1
+    nx, ny = volume_grid(series, voxel)
     origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
     projector = VoxelProjector(series.n_tilts, series.shape, series.pixel_size, (nx, ny, nx), origin, voxel)
     projector.set_geometry(series.get_geometry())

@@ -261,6 +261,7 @@ RING_Z = 2.0              # one-sided z of a ring's summed signal that joins it 
                           # noise only costs noise, a ring of signal left out moves the centre of mass)
 MARGIN_RINGS = 2          # rings without significant signal added beyond the last one with it
 SIGNIFICANCE = 1e-3       # false-alarm probability of the test "the series has shifts"
+EDGE_PX = 3               # width of the image edge strips tested for specimen crossing the edge (the data model's frame)
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -367,7 +368,8 @@ def counts_background(counts: np.ndarray, sigma: float = SUPPORT_SMOOTHING, roun
     wherever a twentieth of the image is empty) and iterates to the fixed point; while the support
     fills the image (a background too low makes every ring look like signal) the background is
     raised by one standard error of the smoothed image instead. When the support still leaves fewer
-    than 4πσ² pixels, the outer 3-pixel frame's mean. The projections share one (pooled) background
+    than 4πσ² pixels, the mean of the emptiest edge strip (EDGE_PX wide: top, bottom, left or right)
+    over the series. The projections share one (pooled) background
     unless theirs differ significantly (χ² against their Poisson errors at SIGNIFICANCE), as they do
     when the beam current drifts. Pixels must be whole counts."""
     counts = np.asarray(counts, np.float64)
@@ -392,10 +394,9 @@ def counts_background(counts: np.ndarray, sigma: float = SUPPORT_SMOOTHING, roun
         background = updated
         if converged:
             break
-    if filled:  # the particle fills the image: the outer frame's mean
-        frame = np.ones(counts.shape[1:], bool)
-        frame[3:-3, 3:-3] = False
-        return counts[:, frame].mean(axis=1)
+    if filled:  # the specimen fills the image: the emptiest edge strip's mean over the series
+        strips = (counts[:, :EDGE_PX], counts[:, -EDGE_PX:], counts[:, :, :EDGE_PX], counts[:, :, -EDGE_PX:])
+        return np.full(n, min(float(strip.mean()) for strip in strips))
     # One background for the whole series unless the projections' differ significantly: each is the sum
     # of two half means, each of Poisson variance (b/2)/pixels.
     from scipy import stats
@@ -450,6 +451,15 @@ def _weighted_gauge_fit(values: np.ndarray, errors: np.ndarray, design: np.ndarr
     return values - design @ coefficients, np.sum(q**2, axis=1)
 
 
+def _edge_signal(images: np.ndarray, variance: np.ndarray, axis: int) -> np.ndarray:
+    """z-score (n,) of the summed signal in the outer EDGE_PX lines of every image at both ends of
+    ``axis`` (2: the left and right columns, 1: the top and bottom rows) against its noise."""
+    index = np.r_[0:EDGE_PX, images.shape[axis] - EDGE_PX:images.shape[axis]]
+    signal = np.take(images, index, axis=axis).sum(axis=(1, 2))
+    noise = np.sqrt(np.maximum(np.take(variance, index, axis=axis).sum(axis=(1, 2)), 1e-300))
+    return signal / noise
+
+
 def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, variance: np.ndarray,
                      axis_angle: float) -> tuple[Alignment, dict]:
     """Shifts (Å, translation gauge removed) for a tilt axis at ``axis_angle``, each with its standard
@@ -458,7 +468,9 @@ def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, variance
     series must be A cos θ + B sin θ for a rigid specimen (A, B are the specimen's own offset). The
     shifts are tested against their errors (χ²) and shrunk towards zero by empirical Bayes, so noise
     does not pose as misalignment: the shifts returned are zero unless the χ² test rejects "no
-    shifts" at SIGNIFICANCE, and then the posterior means (`_shrink`)."""
+    shifts" at SIGNIFICANCE, and then the posterior means (`_shrink`). Projections without
+    significant signal, or whose specimen crosses the image edge, are left out; when too few are
+    left the evidence says why ("untestable") and the shifts are zero."""
     from scipy import ndimage, stats
 
     n, h, w = images.shape
@@ -488,30 +500,49 @@ def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, variance
     # Across the axis: the centre of mass in the support, a ratio whose linearised variance is
     # Σ (u − ū)² var / S².
     # A projection whose signal in the support is not significant (the ratio's linearisation needs
-    # S well above its noise) says nothing: its shifts get an infinite error.
-    informative = (total > SUPPORT_Z * np.sqrt(masked_variance.sum(axis=(1, 2)))) & (along_error > 0)
-    if informative.sum() < 4:
-        raise InputError("tilt series", "too few projections have signal above the noise to pre-align the series")
-    safe_total = np.where(informative, total, 1.0)
-    track = np.where(informative, (masked * u).sum(axis=(1, 2)) / safe_total, 0.0)
+    # S well above its noise) says nothing: its shifts get an infinite error. Nor does one whose image
+    # edge is not empty (signal in the outer EDGE_PX columns significantly off zero: specimen crossing
+    # the edge, material moving into view as it tilts, or a background that is off there, any of which
+    # moves the centre of mass and changes the common line) or, for the shift along the axis, whose
+    # top or bottom rows are not. A component that fewer than half the projections can measure is not
+    # tested at all: the series is not an isolated specimen in an empty field.
+    z_edge = float(stats.norm.isf(SIGNIFICANCE / 2))
+    sides = np.abs(_edge_signal(images, variance, axis=2)) > z_edge
+    ends = np.abs(_edge_signal(images, variance, axis=1)) > z_edge
+    has_signal = total > SUPPORT_Z * np.sqrt(masked_variance.sum(axis=(1, 2)))
+    across_ok = has_signal & ~sides
+    along_ok = has_signal & ~sides & ~ends & (along_error > 0)
+    across_ok &= across_ok.sum() >= n / 2
+    along_ok &= along_ok.sum() >= n / 2
+    safe_total = np.where(has_signal, total, 1.0)
+    track = np.where(across_ok, (masked * u).sum(axis=(1, 2)) / safe_total, 0.0)
     track_error = np.sqrt(np.sum(masked_variance * (u[None] - track[:, None, None]) ** 2, axis=(1, 2))) / safe_total
-    track_error = np.where(informative, track_error, np.inf)
-    along, along_error = np.where(informative, along, 0.0), np.where(informative, along_error, np.inf)
+    track_error = np.where(across_ok, track_error, np.inf)
+    along, along_error = np.where(along_ok, along, 0.0), np.where(along_ok, along_error, np.inf)
+    dof = max(int(across_ok.sum()) - 2, 0) + max(int(along_ok.sum()) - 1, 0)
+    alignment = Alignment.identity(n)
+    alignment.axis_angle = float(axis_angle)
+    evidence = {"raw_shifts_A": np.zeros((n, 2)), "shift_errors_px": np.stack([track_error, along_error], axis=1),
+                "chi2": 0.0, "dof": dof, "p_value": 1.0, "significant": False, "spread_px": (0.0, 0.0),
+                "edge_crossings": int(np.sum(sides | ends)), "untestable": None}
+    if dof < 3:
+        crossing = int(np.sum(sides | ends))
+        evidence["untestable"] = (f"the image edge is not empty (specimen crossing it, or the background off "
+                                  f"there) in {crossing} of {n} projections" if crossing >= n / 2 else
+                                  "too few projections have signal above the noise")
+        return alignment, evidence
 
     rad = np.deg2rad(np.asarray(angles_deg, np.float64))
     across, across_leverage = _weighted_gauge_fit(track, track_error, np.stack([np.cos(rad), np.sin(rad)], axis=1))
     along, along_leverage = _weighted_gauge_fit(along, along_error, np.ones((n, 1)))
-    across, along = np.where(informative, across, 0.0), np.where(informative, along, 0.0)
-    chi2 = float(np.sum((across[informative] / track_error[informative]) ** 2)
-                 + np.sum((along[informative] / along_error[informative]) ** 2))
-    dof = 2 * int(informative.sum()) - 3
+    across, along = np.where(across_ok, across, 0.0), np.where(along_ok, along, 0.0)
+    chi2 = float(np.sum((across[across_ok] / track_error[across_ok]) ** 2)
+                 + np.sum((along[along_ok] / along_error[along_ok]) ** 2))
     p_value = float(stats.chi2.sf(chi2, dof))
     across_shrunk, across_tau = _shrink(across, track_error, across_leverage)
     along_shrunk, along_tau = _shrink(along, along_error, along_leverage)
 
     across_unit, along_unit = np.array([np.cos(phi), np.sin(phi)]), np.array([-np.sin(phi), np.cos(phi)])
-    alignment = Alignment.identity(n)
-    alignment.axis_angle = float(axis_angle)
     rotations = alignment.geometry(angles_deg).rotations
 
     def gauge_free(across_px, along_px):
@@ -521,10 +552,8 @@ def _prealign_shifts(images: np.ndarray, angles_deg, pixel_size: float, variance
     significant = bool(p_value < SIGNIFICANCE)
     if significant:
         alignment.shifts = gauge_free(across_shrunk, along_shrunk)
-    evidence = {"raw_shifts_A": gauge_free(across, along),
-                "shift_errors_px": np.stack([track_error, along_error], axis=1),
-                "chi2": chi2, "dof": dof, "p_value": p_value, "significant": significant,
-                "spread_px": (across_tau, along_tau)}
+    evidence.update({"raw_shifts_A": gauge_free(across, along), "chi2": chi2, "p_value": p_value,
+                     "significant": significant, "spread_px": (across_tau, along_tau)})
     return alignment, evidence
 
 
@@ -577,10 +606,16 @@ def misalignment_summary(alignment: Alignment, pixel_size: float, evidence: dict
     if evidence is not None:
         raw = evidence["raw_shifts_A"] / pixel_size
         errors = evidence["shift_errors_px"]
-        informative = np.all(np.isfinite(errors), axis=1)
-        summary.update({"raw_shift_rms_px": float(np.sqrt(np.mean(np.sum(raw[informative] ** 2, axis=1)))),
-                        "shift_error_px": float(np.sqrt(np.mean(np.sum(errors[informative] ** 2, axis=1)))),
-                        "projections_without_signal": int(np.sum(~informative)),
+        finite = np.isfinite(errors)
+
+        def rms(values):
+            return float(np.sqrt(np.mean(values**2))) if values.size else None
+
+        parts = [rms(raw[finite[:, i], i]) for i in (0, 1)], [rms(errors[finite[:, i], i]) for i in (0, 1)]
+        raw_rms, error_rms = (None if None in p else float(np.hypot(*p)) for p in parts)
+        summary.update({"raw_shift_rms_px": raw_rms, "shift_error_px": error_rms,
+                        "projections_not_used": int(np.sum(~finite.all(axis=1))),
+                        "edge_crossings": evidence["edge_crossings"], "untestable": evidence["untestable"],
                         "chi2": evidence["chi2"], "dof": evidence["dof"], "p_value": evidence["p_value"],
                         "shifts_significant": evidence["significant"]})
     return summary
