@@ -95,6 +95,7 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     actual = init_backend(arch, verbose=progress)
     t0 = time.perf_counter()
     if progress:
+        print(f"[atomsplat] noise model: {noise.kind} ({noise.reason})", file=sys.stderr)
         print(f"[atomsplat] preparing the fit of {series.n_tilts} projections of {series.shape[0]} x "
               f"{series.shape[1]} px (data model, seeds)", file=sys.stderr)
     fit = create_fit(series, checked, out_dir, progress=progress, noise=noise)
