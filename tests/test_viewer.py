@@ -255,3 +255,19 @@ def test_live_window_keeps_its_drawing_within_budget(tmp_path, monkeypatch):
     assert not live._within_budget()
     clock[0] = 106.0  # 5.5 s of fitting: 0.5 s is within 10 %
     assert live._within_budget()
+
+
+def test_atoms_alone_get_the_whole_frame(arch):
+    """Saved atoms with no projections and no fit history: the 3D view fills the frame instead of
+    sharing it with empty 'no projections' and 'no fit history' panels."""
+    from engine.io.atoms import Atoms
+    from viewer.frame import FULL_VIEW_BOX, VIEW_BG, VIEW_BOX, Snapshot, ViewSettings, compose_frame, view_box
+
+    atoms = Atoms(np.array(["Au", "Au"]), np.array([[0.0, 0.0, 0.0], [2.9, 0.0, 0.0]]))
+    alone = Snapshot(atoms=atoms, label="atoms.xyz")
+    assert view_box(alone) == FULL_VIEW_BOX
+    assert view_box(Snapshot(atoms=atoms, history={"iteration": [10], "loss": [1.0], "atoms": [2]})) == VIEW_BOX
+    frame = compose_frame(alone, ViewSettings())
+    y, x, h, w = FULL_VIEW_BOX
+    for row in (y + 10, y + h // 2, y + h - 60):  # where the strip, loss and count panels used to be
+        assert tuple(frame[row, x + w - 20]) == VIEW_BG

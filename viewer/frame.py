@@ -6,7 +6,8 @@ comes in a `Snapshot` (read from a running fit or from saved files, see `viewer.
 in `ViewSettings` (camera, colour mode, truth overlay).
 
 Layout (pixels, FRAME_SHAPE = 720 x 1280): a status bar across the top, the 3D view on the left,
-and on the right, top to bottom, the projection strip, the loss curve and the atom count.
+and on the right, top to bottom, the projection strip, the loss curve and the atom count. Saved
+atoms without projections or a fit history get the whole frame for the 3D view.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FRAME_SHAPE = (720, 1280)
 STATUS_H = 32
 GAP = 8
 VIEW_BOX = (STATUS_H + GAP, GAP, 672, 672)  # y, x, height, width
+FULL_VIEW_BOX = (STATUS_H + GAP, GAP, FRAME_SHAPE[0] - STATUS_H - 2 * GAP, FRAME_SHAPE[1] - 2 * GAP)
 RIGHT_X = VIEW_BOX[1] + VIEW_BOX[3] + GAP + 4
 RIGHT_W = FRAME_SHAPE[1] - RIGHT_X - GAP
 PANEL = 184  # px, each projection image is resampled to fit a PANEL x PANEL square
@@ -269,11 +271,23 @@ def status_line(snapshot: Snapshot) -> str:
     return "   ".join(parts).upper()
 
 
+def view_box(snapshot: Snapshot | None) -> tuple:
+    """Where the 3D view goes (y, x, height, width): the whole frame below the status bar when there
+    is nothing else to show (saved atoms without projections or a fit history), else VIEW_BOX."""
+    if snapshot is not None and snapshot.measured is None and not (snapshot.history or {}).get("iteration"):
+        return FULL_VIEW_BOX
+    return VIEW_BOX
+
+
 def compose_frame(snapshot: Snapshot, settings: ViewSettings) -> np.ndarray:
     """The full frame (FRAME_SHAPE + (3,)) uint8 RGB."""
     frame = np.full(FRAME_SHAPE + (3,), PAGE, np.uint8)
     frame[:STATUS_H] = STATUS_BG
     _paste(frame, _text(status_line(snapshot), TEXT_LIGHT, STATUS_BG), (STATUS_H - TEXT_H) // 2, GAP)
+    if view_box(snapshot) == FULL_VIEW_BOX:
+        y, x, h, w = FULL_VIEW_BOX
+        frame[y:y + h, x:x + w] = render_view(snapshot, settings, (h, w))
+        return frame
     for (y, x, h, w), image in (
             (VIEW_BOX, render_view(snapshot, settings)),
             (STRIP_BOX, projection_strip(snapshot)),

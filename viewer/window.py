@@ -24,7 +24,7 @@ from engine.core.errors import InputError
 from engine.core.files import write_atomically
 
 from .cli import DEFAULT_EVERY
-from .frame import COLOUR_MODES, DEFAULT_ANGLES, FRAME_SHAPE, VIEW_BOX, ViewSettings, compose_frame
+from .frame import COLOUR_MODES, DEFAULT_ANGLES, FRAME_SHAPE, ViewSettings, compose_frame, view_box
 from .sources import fit_snapshot, nearest_zero_tilt
 
 LIVE_BUDGET = 0.1
@@ -396,7 +396,7 @@ class LiveViewer(_FitWatcher):
         h, w = FRAME_SHAPE
         x, y = window.get_cursor_pos()
         cursor = ((1.0 - y) * h, x * (w + CONTROLS_W))  # frame pixels (row, col)
-        y0, x0, vh, vw = VIEW_BOX
+        y0, x0, vh, vw = view_box(self.cached[1] if self.cached else None)
         inside = y0 <= cursor[0] < y0 + vh and x0 <= cursor[1] < x0 + vw
         if inside and self.cursor is not None:
             d_row, d_col = cursor[0] - self.cursor[0], cursor[1] - self.cursor[1]
