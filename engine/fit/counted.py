@@ -76,6 +76,7 @@ class CountedFit:
         self.selection = EvidenceSelection(gain_kernel, math.pi * half_w ** 2 * 2 * half_h, self.in_support,
                                            self.d_min, max(bond, self.d_min))
         self.amplitude, self.shape_width = 0.0, START_WIDTH
+        self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
         self.iteration, self.reason = 0, None
         self.history = {"iteration": [], "loss": [], "atoms": []}
@@ -129,7 +130,7 @@ class CountedFit:
         if self.model.count == 0:
             return
         self._upload(self.positions())  # fresh Adam moments for this refinement
-        shared = SharedParameters([math.log(self.shape_width)])
+        self.shared_width.reset([math.log(self.shape_width)])
         pixels = self.height * self.width
         for t in range(steps):
             factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps)) if decay else 1.0
@@ -137,9 +138,9 @@ class CountedFit:
             self.projector.forward(self.model.cloud)
             self.target.residual(self.n, 1.0)
             self.projector.backward(self.model.cloud, alignment=False)
-            width_grad = float(self.model.cloud.gradients()["sigma"].sum()) * self.shape_width  # d/dlog s
+            width_grad = float(self.model.cloud.grad_sigma.to_numpy()[:self.model.count].sum()) * self.shape_width  # d/dlog s
             self.model.adam_step(lr_position * factor, 0.0, 0.0)
-            self.shape_width = math.exp(shared.step([width_grad], [WIDTH_RATE * factor])[0])
+            self.shape_width = math.exp(self.shared_width.step([width_grad], [WIDTH_RATE * factor])[0])
             # EM: with g = dL/dλ = 1 − y/λ, Σ_p y/λ = N_p − Σ_p g and Σ_p I y/λ = Σ_p I − Σ_p g I.
             sums = self.target.intensity_gradients()
             rendered = float(sums["rendered"].sum())

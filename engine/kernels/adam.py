@@ -30,12 +30,18 @@ class SharedParameters:
     device; ``values`` is their host copy after each step."""
 
     def __init__(self, values):
-        self.values = np.asarray(values, np.float64).copy()
-        n = len(self.values)
+        n = len(values)
         self.params = ti.field(ti.f32, n)
         self.m = ti.field(ti.f32, n)
         self.v = ti.field(ti.f32, n)
+        self.reset(values)
+
+    def reset(self, values) -> None:
+        """Start again from ``values`` with fresh moments (no new fields, so no new compile)."""
+        self.values = np.asarray(values, np.float64).copy()
         self.params.from_numpy(self.values.astype(np.float32))
+        self.m.fill(0.0)
+        self.v.fill(0.0)
         self.steps = 0
 
     @ti.kernel
