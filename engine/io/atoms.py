@@ -38,6 +38,7 @@ KNOWN_COLUMNS = {
     "b_factor": "Debye-Waller B, Å^2",
     "species_prob": "probability of the assigned species",
     "pos_uncertainty": "1-sigma position uncertainty, Å",
+    "inside": "1: seen by every projection (the always-visible window), 0: in the margin of an extended specimen",
 }
 """Per-atom columns with an agreed meaning; any other float column is allowed too."""
 
