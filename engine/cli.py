@@ -1,4 +1,4 @@
-"""The `atomsplat` command line: simulate, info, reconstruct, baseline, evaluate, run and view.
+"""The `atomsplat` command line: simulate, info, reconstruct, validate, baseline, evaluate, run and view.
 
 Every bad input ends in one line `atomsplat: error: FILE: problem` (or `--option: problem`) and exit
 status 2, never a traceback, and everything is checked before any work, so a refused command leaves
@@ -32,12 +32,13 @@ def _add_arch(parser):
                         help="Taichi backend; auto tries cuda, then vulkan (with a GPU only), then cpu (default: auto)")
 
 
-def _add_fit_options(parser):
+def _add_fit_options(parser, resume: bool = True):
     from engine.fit.settings import FIT_SCHEMA
 
     FIT_SCHEMA.add_arguments(parser.add_argument_group("fit settings (also [reconstruct] keys of a scene)"))
-    parser.add_argument("--resume", metavar="DIR", default=None,
-                        help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
+    if resume:
+        parser.add_argument("--resume", metavar="DIR", default=None,
+                            help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier fit in the output folder (its outputs are removed first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -346,6 +347,26 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from engine.io.tiltseries import read_tilt_series, series_arguments
+    from engine.scene import load_scene
+    from engine.validation import format_summary, validate
+
+    if not (np.isfinite(args.radius) and args.radius > 0):
+        raise InputError("--radius", f"must be a positive number of Å, got {args.radius}")
+    base, truth = {}, args.truth
+    if args.scene:
+        scene = load_scene(args.scene)
+        base, truth = scene.reconstruct, truth or scene.truth_file
+    settings = _settings(args, base)
+    series = read_tilt_series(args.data, **series_arguments(args))
+    out_dir = Path(os.path.normpath(Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_validate")))
+    result = validate(series, settings, out_dir=out_dir, arch=args.arch, overwrite=args.overwrite, truth=truth,
+                      radius=args.radius, progress=not args.quiet)
+    print(json.dumps(result.summary, indent=2) if args.json else format_summary(result.summary))
+    return 0
+
+
 def cmd_baseline(args) -> int:
     import dataclasses
     import time
@@ -542,6 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(p)
     add_view_options(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("validate", help="half-set validation: fit the even and the odd projections apart and "
+                                        "measure how well the atoms reproduce (precision without a truth)")
+    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt), .tif (with .tlt) or .mat")
+    p.add_argument("--scene", help="take [reconstruct] settings (and the truth) from a scene file")
+    p.add_argument("--out", help="output folder: even/ and odd/ fits, validation.json, reproducibility.csv "
+                                 "(default: out/<data name>_validate)")
+    add_series_arguments(p)
+    p.add_argument("--truth", help="ground-truth atoms to score each half against as well (never shown to the fits)")
+    p.add_argument("--radius", type=float, default=1.0, help="matching radius in Å (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_fit_options(p, resume=False)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("evaluate", help="score predicted atoms against the truth (optimal one-to-one matching)")
     p.add_argument("pred", help="predicted atoms (.xyz/.pdb)")
