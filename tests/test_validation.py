@@ -73,7 +73,8 @@ def test_validate_command_on_a_small_particle(tmp_path):
     write_atoms(particle, tmp_path / "truth.xyz")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "engine.cli", "validate", "small.npz", "--out", "v", "--truth",
-                             "truth.xyz", "--species", "Au", "--iters", "200", "--arch", "cpu", "--quiet", "--json"],
+                             "truth.xyz", "--species", "Au", "--iters", "200", "--thermal-refits", "0", "--arch", "cpu", "--quiet",
+                             "--json"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
