@@ -82,6 +82,7 @@ def inputs(tmp_path_factory):
     save_series(d / "huge.npz", huge, angles)
     save_series(d / "cplx.npz", images + 1j, angles)
     save_series(d / "one.npz", images[:1], [0.0])
+    save_series(d / "three.npz", images[:3], [-30.0, 0.0, 30.0])
     save_series(d / "noang.npz", images)
     save_series(d / "odd.npz", images, np.linspace(330, 470, 5))
     (d / "text.npz").write_text("these are my notes\n" * 10)
@@ -246,6 +247,11 @@ CASES = [
     ("mat-key-on-npz", ["baseline", "small.npz", "--mat-key", "raw"], ["--mat-key", "small.npz"]),
     ("mat-bad-layout", ["reconstruct", "two.mat", "--mat-key", "raw", "--layout", "xyz"], ["--layout", "'xyz'"]),
     ("mat-no-pixel", ["info", "nopixel.mat"], ["nopixel.mat", "--pixel"]),
+    # half-set validation
+    ("validate-radius-negative", ["validate", "small.npz", "--radius", "-1"], ["--radius"]),
+    ("validate-halves-too-small", ["validate", "three.npz"], ["three.npz", "odd half", "1 projection"]),
+    ("validate-bad-setting", ["validate", "small.npz", "--batch", "-3"], ["--batch"]),
+    ("validate-truth-invalid", ["validate", "small.npz", "--truth", "short.xyz"], ["short.xyz", "count line"]),
 ]
 
 
