@@ -445,3 +445,17 @@ def test_summarize_full_coverage_and_dual_axis():
         assert dual.validate() == []
     info = summarize(dual)
     assert info["single_axis"] is False and info["missing_wedge_deg"] is None
+
+
+def test_scene_reads_a_mat_series_by_key_and_layout(tmp_path):
+    """A scene's [data] takes mat_key, layout and angles naming a variable of the .mat."""
+    from engine.scene import load_scene
+
+    written = make_series()
+    save_mat(tmp_path / "tomo.mat", "v5", a=written.projections, b=written.projections, theta=written.angles,
+             pixel_size=np.float64(0.3))
+    scene_file = tmp_path / "s.toml"
+    scene_file.write_text('[data]\nfile = "tomo.mat"\nmat_key = "b"\nlayout = "kyx"\nangles = "theta"\n')
+    scene = load_scene(scene_file)
+    read = read_tilt_series(scene.data_file, angles_file=scene.angles_file, mat_key=scene.mat_key, layout=scene.layout)
+    assert_same_images(read, written)
