@@ -5,7 +5,8 @@ core (errors, files, elements, geometry, backend, settings) → io (tilt series,
 kernels (projector, voxel projector, loss, atom model, Adam, neighbour grid) → physics (profile,
 forward model, simulator, structures, chemistry) → measure (data model, alignment) → fit (seeding,
 strategy, trainer, calibration, reconstruction); classical (SIRT/FBP baseline) and evaluate
-(metrics) stand beside the fit. The Python API is `engine.api`, re-exported here.
+(metrics) stand beside the fit. The Python API is `engine.api` and
+`engine.validation` (half-set validation), re-exported here.
 
 Units throughout: lengths in Å, angles in degrees (radians only inside kernels), image values in
 the data's own units (projected potential, V·Å, for simulated data).
@@ -17,10 +18,14 @@ import os
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "False")
 
 __version__ = "0.1.0"
-__all__ = ["load_series", "reconstruct", "simulate", "score", "ReconstructionResult"]
+__all__ = ["load_series", "reconstruct", "simulate", "score", "validate", "ReconstructionResult", "ValidationResult"]
 
 
 def __getattr__(name):  # the API on first use: importing a stage alone does not start Taichi's import
+    if name in ("validate", "ValidationResult"):
+        from engine import validation
+
+        return getattr(validation, name)
     if name in __all__:
         from engine import api
 

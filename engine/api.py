@@ -43,10 +43,12 @@ class ReconstructionResult:
         return self.atoms.to_ase()
 
 
-def load_series(path, pixel_size: float | None = None, angles_file=None) -> TiltSeries:
-    """A tilt series from .npz, MRC/ST (angles from a .tlt/.rawtlt beside it) or TIFF; ``pixel_size``
-    (Å) for files that carry none."""
-    return read_tilt_series(path, pixel_size=pixel_size, angles_file=angles_file)
+def load_series(path, pixel_size: float | None = None, angles_file=None, mat_key: str | None = None,
+                layout: str | None = None) -> TiltSeries:
+    """A tilt series from .npz, MRC/ST (angles from a .tlt/.rawtlt beside it), TIFF or MATLAB .mat;
+    ``pixel_size`` (Å) for files that carry none; ``mat_key``, ``layout`` and ``angles_file`` (a file,
+    or a .mat variable) as `engine.io.tiltseries.read_tilt_series`."""
+    return read_tilt_series(path, pixel_size=pixel_size, angles_file=angles_file, mat_key=mat_key, layout=layout)
 
 
 def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str = "auto", resume: bool = False,

@@ -1,4 +1,4 @@
-"""The `atomsplat` command line: simulate, info, reconstruct, baseline, evaluate, run and view.
+"""The `atomsplat` command line: simulate, info, reconstruct, validate, baseline, evaluate, run and view.
 
 Every bad input ends in one line `atomsplat: error: FILE: problem` (or `--option: problem`) and exit
 status 2, never a traceback, and everything is checked before any work, so a refused command leaves
@@ -32,21 +32,17 @@ def _add_arch(parser):
                         help="Taichi backend; auto tries cuda, then vulkan (with a GPU only), then cpu (default: auto)")
 
 
-def _add_fit_options(parser):
+def _add_fit_options(parser, resume: bool = True):
     from engine.fit.settings import FIT_SCHEMA
 
     FIT_SCHEMA.add_arguments(parser.add_argument_group("fit settings (also [reconstruct] keys of a scene)"))
-    parser.add_argument("--resume", metavar="DIR", default=None,
-                        help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
+    if resume:
+        parser.add_argument("--resume", metavar="DIR", default=None,
+                            help="continue the interrupted fit whose checkpoint is in DIR (writes there)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier fit in the output folder (its outputs are removed first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_arch(parser)
-
-
-def _add_angles(parser):
-    parser.add_argument("--angles", metavar="FILE", default=None,
-                        help="tilt angles in degrees, one per line (IMOD .tlt); replaces those of the series file")
 
 
 def _simulation_inputs(structure_path, build, tilts, pixel_size, shape, blur, noise, peak_counts, b_factor, seed,
@@ -168,9 +164,9 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from engine.io.tiltseries import read_tilt_series, summarize
+    from engine.io.tiltseries import read_tilt_series, series_arguments, summarize
 
-    series = read_tilt_series(args.file, pixel_size=args.pixel, angles_file=args.angles, finite=False)
+    series = read_tilt_series(args.file, finite=False, **series_arguments(args))
     summary = summarize(series)
     usable = summary["nan_count"] == 0 and np.isfinite(series.projections).all()
     summary["alignment_check"] = _alignment_check(series) if usable else None
@@ -332,7 +328,7 @@ def _read_truth(path):
 
 def cmd_reconstruct(args) -> int:
     from engine.scene import load_scene
-    from engine.io.tiltseries import read_tilt_series, require_tomography
+    from engine.io.tiltseries import read_tilt_series, require_tomography, series_arguments
 
     base, truth, viewer_table = {}, args.truth, {}
     if args.scene:
@@ -341,13 +337,33 @@ def cmd_reconstruct(args) -> int:
         truth = truth or scene.truth_file
     out_dir, meta = _fit_folder(args, Path("out") / Path(args.data).stem)
     settings = _settings(args, base, meta)
-    series = require_tomography(read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles))
+    series = require_tomography(read_tilt_series(args.data, **series_arguments(args)))
     _check_resume(out_dir, meta, series, settings)
     truth_atoms = _read_truth(truth)
     from viewer.cli import fit_observer
 
     observer = fit_observer(args, viewer_table, args.scene, out_dir, truth_atoms, args.resume is not None)
     _reconstruct(series, settings, out_dir, args, truth_atoms, observer)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from engine.io.tiltseries import read_tilt_series, series_arguments
+    from engine.scene import load_scene
+    from engine.validation import format_summary, validate
+
+    if not (np.isfinite(args.radius) and args.radius > 0):
+        raise InputError("--radius", f"must be a positive number of Å, got {args.radius}")
+    base, truth = {}, args.truth
+    if args.scene:
+        scene = load_scene(args.scene)
+        base, truth = scene.reconstruct, truth or scene.truth_file
+    settings = _settings(args, base)
+    series = read_tilt_series(args.data, **series_arguments(args))
+    out_dir = Path(os.path.normpath(Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_validate")))
+    result = validate(series, settings, out_dir=out_dir, arch=args.arch, overwrite=args.overwrite, truth=truth,
+                      radius=args.radius, progress=not args.quiet)
+    print(json.dumps(result.summary, indent=2) if args.json else format_summary(result.summary))
     return 0
 
 
@@ -360,14 +376,14 @@ def cmd_baseline(args) -> int:
     from engine.core.files import make_folder, writable_folder, write_atomically
     from engine.fit.outputs import clear_outputs
     from engine.io.atoms import write_atoms
-    from engine.io.tiltseries import read_tilt_series, require_tomography
+    from engine.io.tiltseries import read_tilt_series, require_tomography, series_arguments
 
     settings = baseline_settings(BASELINE_SCHEMA.from_args(args))
     if settings.denoise == "bm3d":
         from engine.classical.denoise import require_bm3d
 
         require_bm3d()  # fail before any work
-    series = require_tomography(read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles))
+    series = require_tomography(read_tilt_series(args.data, **series_arguments(args)))
     out_dir = Path(os.path.normpath(Path(args.out) if args.out else Path("out") / (Path(args.data).stem + "_baseline")))
     writable_folder(out_dir)
     found = [name for name in BASELINE_OUTPUTS if (out_dir / name).exists()]
@@ -443,7 +459,8 @@ def cmd_run(args) -> int:
     truth, series, simulation, misalignment = scene.truth_file, None, None, None
     keep = (scene.data_file, scene.truth_file)
     if scene.simulate is None:
-        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size, angles_file=scene.angles_file)
+        series = read_tilt_series(scene.data_file, pixel_size=scene.pixel_size, angles_file=scene.angles_file,
+                                  mat_key=scene.mat_key, layout=scene.layout)
     elif args.resume is not None:  # the interrupted run's own simulated series and truth
         series, truth = read_tilt_series(out_dir / "series.npz"), out_dir / "truth.xyz"
     else:
@@ -506,6 +523,7 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.io.tiltseries import add_series_arguments
     from viewer.cli import add_view_options, add_view_parser
 
     parser = argparse.ArgumentParser(prog="atomsplat", description="Direct 3D atom fitting for atomic electron "
@@ -537,23 +555,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("info", help="summarize a tilt series file")
-    p.add_argument("file", help=".npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
-    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
-    _add_angles(p)
+    p.add_argument("file", help=".npz, .mrc/.st (with .tlt), .tif (with .tlt) or .mat")
+    add_series_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("reconstruct", help="fit atoms to a tilt series")
-    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
+    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt), .tif (with .tlt) or .mat")
     p.add_argument("--scene", help="take [reconstruct] settings (and the truth) from a scene file")
     p.add_argument("--out", help="output folder (default: out/<data name>)")
-    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
-    _add_angles(p)
+    add_series_arguments(p)
     p.add_argument("--truth", help="ground-truth atoms to score against after the fit (checked before it, "
                                    "never shown to it)")
     _add_fit_options(p)
     add_view_options(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("validate", help="half-set validation: fit the even and the odd projections apart and "
+                                        "measure how well the atoms reproduce (precision without a truth)")
+    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt), .tif (with .tlt) or .mat")
+    p.add_argument("--scene", help="take [reconstruct] settings (and the truth) from a scene file")
+    p.add_argument("--out", help="output folder: even/ and odd/ fits, validation.json, reproducibility.csv "
+                                 "(default: out/<data name>_validate)")
+    add_series_arguments(p)
+    p.add_argument("--truth", help="ground-truth atoms to score each half against as well (never shown to the fits)")
+    p.add_argument("--radius", type=float, default=1.0, help="matching radius in Å (default 1.0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_fit_options(p, resume=False)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("evaluate", help="score predicted atoms against the truth (optimal one-to-one matching)")
     p.add_argument("pred", help="predicted atoms (.xyz/.pdb)")
@@ -566,13 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("baseline", help="classical pipeline: SIRT (or FBP) volume, then atom tracing")
-    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt) or .tif (with .tlt)")
+    p.add_argument("data", help="tilt series: .npz, .mrc/.st (with .tlt), .tif (with .tlt) or .mat")
     p.add_argument("--out", help="output folder (default: out/<data name>_baseline)")
     from engine.classical.baseline import BASELINE_SCHEMA
 
     BASELINE_SCHEMA.add_arguments(p.add_argument_group("baseline settings"))
-    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the file has none")
-    _add_angles(p)
+    add_series_arguments(p)
     p.add_argument("--truth", help="ground-truth atoms to score against afterwards")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier result in the output folder (its outputs are removed first)")

@@ -4,7 +4,10 @@
     file = "series.npz"          # paths are relative to the scene file
     truth = "truth.xyz"          # optional ground truth, used only for evaluation
     pixel_size = 0.3             # Å, for MRC/TIFF stacks without one in the header
-    angles = "series.tlt"        # optional: tilt angles, one per line (else from the file or STEM.tlt)
+    angles = "series.tlt"        # optional: tilt angles, one per line (else from the file or STEM.tlt);
+                                 # for a .mat file also the name of a variable in it
+    mat_key = "projections"      # optional, .mat: the variable holding the projections
+    layout = "xyk"               # optional: the stored axis order (see `atomsplat reconstruct --layout`)
 
     [data.simulate]              # ... or a structure simulated on the fly
     build = { kind = "cuboctahedron", element = "Au", shells = 3 }   # or structure = "atoms.xyz"
@@ -44,7 +47,8 @@ from engine.core.errors import InputError
 SIMULATE_KEYS = {"build": dict, "structure": str, "tilts": str, "pixel_size": (int, float),
                  "shape": list, "blur": (int, float), "noise": (int, float), "peak_counts": (int, float),
                  "b_factor": (int, float), "seed": int, "misalign": list}
-DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "angles": str, "simulate": dict}
+DATA_KEYS = {"file": str, "truth": str, "pixel_size": (int, float), "angles": str, "mat_key": str, "layout": str,
+             "simulate": dict}
 SECTIONS = {"data": DATA_KEYS, "reconstruct": None, "output": {"dir": str}, "viewer": {"view": bool, "every": int}}
 
 
@@ -56,7 +60,9 @@ class Scene:
     data_file: Path | None = None
     truth_file: Path | None = None
     pixel_size: float | None = None
-    angles_file: Path | None = None
+    angles_file: Path | str | None = None
+    mat_key: str | None = None
+    layout: str | None = None
     simulate: dict | None = None
     reconstruct: dict = field(default_factory=dict)
     output_dir: Path | None = None
@@ -105,8 +111,11 @@ def load_scene(path) -> Scene:
     if "file" in data:
         scene.data_file = resolve(data["file"])
         scene.pixel_size = data.get("pixel_size")
+        scene.mat_key, scene.layout = data.get("mat_key"), data.get("layout")
         if "angles" in data:
             scene.angles_file = resolve(data["angles"])
+            if scene.data_file.suffix.lower() == ".mat" and not scene.angles_file.exists():
+                scene.angles_file = data["angles"]  # a variable of the .mat
     else:
         simulate = dict(data["simulate"])
         _check(simulate, SIMULATE_KEYS, "data.simulate.", path)
@@ -115,8 +124,9 @@ def load_scene(path) -> Scene:
         for key in ("tilts", "pixel_size"):
             if key not in simulate:
                 raise InputError(path, f"[data.simulate] needs '{key}'")
-        if "angles" in data:
-            raise InputError(path, "'data.angles' goes with 'data.file'; a simulation takes 'tilts'")
+        for key in ("angles", "mat_key", "layout"):
+            if key in data:
+                raise InputError(path, f"'data.{key}' goes with 'data.file'; a simulation takes 'tilts'")
         if "shape" in simulate:
             from engine.physics.simulate import check_image_shape
 

@@ -82,9 +82,15 @@ def inputs(tmp_path_factory):
     save_series(d / "huge.npz", huge, angles)
     save_series(d / "cplx.npz", images + 1j, angles)
     save_series(d / "one.npz", images[:1], [0.0])
+    save_series(d / "three.npz", images[:3], [-30.0, 0.0, 30.0])
     save_series(d / "noang.npz", images)
     save_series(d / "odd.npz", images, np.linspace(330, 470, 5))
     (d / "text.npz").write_text("these are my notes\n" * 10)
+    from scipy.io import savemat
+
+    stack = np.transpose(images, (2, 1, 0))  # MATLAB's x by y by projection
+    savemat(d / "two.mat", {"raw": stack, "aligned": stack, "angles": angles, "pixel_size": 0.3})
+    savemat(d / "nopixel.mat", {"aligned": stack, "angles": angles})
     (d / "atoms.xyz").write_text("3\n\nAu 0 0 0\nAu 2.9 0 0\nAu 0 2.9 0\n")
     (d / "short.xyz").write_text("2\n\nAu 0 0 0\nAu 2.9 0 0\nAu 0 2.9 0\n")  # the count line says 2
     (d / "afile.txt").write_text("not a folder\n")
@@ -235,6 +241,17 @@ CASES = [
     ("no-angles", ["info", "noang.npz"], ["noang.npz", "--angles FILE"]),
     ("angles-file-missing", ["reconstruct", "noang.npz", "--angles", "nothing.tlt"], ["nothing.tlt", "not found"]),
     ("nan-pixels", ["reconstruct", "nan.npz"], ["nan.npz", "NaN"]),
+    # MATLAB files: what is ambiguous or missing names the option that settles it
+    ("mat-two-stacks", ["info", "two.mat"], ["two.mat", "2 3D numeric arrays", "--mat-key"]),
+    ("mat-key-missing", ["reconstruct", "two.mat", "--mat-key", "tomo"], ["--mat-key", "'tomo'", "raw"]),
+    ("mat-key-on-npz", ["baseline", "small.npz", "--mat-key", "raw"], ["--mat-key", "small.npz"]),
+    ("mat-bad-layout", ["reconstruct", "two.mat", "--mat-key", "raw", "--layout", "xyz"], ["--layout", "'xyz'"]),
+    ("mat-no-pixel", ["info", "nopixel.mat"], ["nopixel.mat", "--pixel"]),
+    # half-set validation
+    ("validate-radius-negative", ["validate", "small.npz", "--radius", "-1"], ["--radius"]),
+    ("validate-halves-too-small", ["validate", "three.npz"], ["three.npz", "odd half", "1 projection"]),
+    ("validate-bad-setting", ["validate", "small.npz", "--batch", "-3"], ["--batch"]),
+    ("validate-truth-invalid", ["validate", "small.npz", "--truth", "short.xyz"], ["short.xyz", "count line"]),
 ]
 
 

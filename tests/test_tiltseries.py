@@ -147,6 +147,71 @@ def test_angles_file_argument_overrides(tmp_path):
     np.testing.assert_array_equal(read_tilt_series(out, angles_file=angles).angles, [-1.5, 0.25, 2.0])
 
 
+def save_mat_v73(path, **arrays) -> Path:
+    """A MATLAB v7.3 file as MATLAB writes it: HDF5 behind a 512-byte header, each array column-major
+    (so HDF5 sees its axes reversed) and tagged with its MATLAB class."""
+    import h5py
+
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            f[name] = value.T
+            f[name].attrs["MATLAB_class"] = np.bytes_("single" if value.dtype == np.float32 else "double")
+    with open(path, "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file, written by the atomsplat tests".ljust(116, b" "))
+    return path
+
+
+def save_mat(path, version, **arrays) -> Path:
+    if version == "v7.3":
+        return save_mat_v73(path, **arrays)
+    from scipy.io import savemat
+
+    savemat(path, arrays)  # v5, what MATLAB writes with -v7 short of compression
+    return path
+
+
+@pytest.mark.parametrize("version", ["v5", "v7.3"])
+def test_mat_round_trip_finds_array_angles_and_pixel(tmp_path, version):
+    written = make_series()
+    stack = np.transpose(written.projections, (2, 1, 0))  # MATLAB's x by y by projection
+    path = save_mat(tmp_path / "series.mat", version, tomo=stack, tilt_angles=written.angles[None, :],
+                    pixel_size=np.float64(0.3), notes=np.zeros((2, 2)))
+    read = read_tilt_series(path)
+    assert_same_images(read, written)
+    assert read.source == str(path)
+    # the same array stored projection-first, named explicitly, angles from a .tlt instead
+    path = save_mat(tmp_path / "kyx.mat", version, a=written.projections, b=written.projections[:, ::-1])
+    tlt = write_angles(tmp_path / "angles.tlt", written.angles)
+    read = read_tilt_series(path, pixel_size=0.3, angles_file=tlt, mat_key="a", layout="kyx")
+    assert_same_images(read, written)
+
+
+@pytest.mark.parametrize("version", ["v5", "v7.3"])
+def test_mat_ambiguities_name_the_option(tmp_path, version):
+    written = make_series()
+    stack = np.transpose(written.projections, (2, 1, 0))
+    two = save_mat(tmp_path / "two.mat", version, raw=stack, aligned=stack, angles=written.angles)
+    with raises_input_error(two, "2 3D numeric arrays", "--mat-key", "raw (8x6x5)", "aligned"):
+        read_tilt_series(two, pixel_size=0.3)
+    read = read_tilt_series(two, pixel_size=0.3, mat_key="aligned")
+    np.testing.assert_array_equal(read.angles, written.angles)
+    with raises_input_error("--mat-key", "no variable 'tomo'", "raw"):
+        read_tilt_series(two, pixel_size=0.3, mat_key="tomo")
+    vectors = save_mat(tmp_path / "vectors.mat", version, stack=stack, angles=written.angles, dose=np.ones(5))
+    with raises_input_error(vectors, "2 vectors of 5 values", "--angles KEY", "dose"):
+        read_tilt_series(vectors, pixel_size=0.3)
+    np.testing.assert_array_equal(read_tilt_series(vectors, pixel_size=0.3, angles_file="angles").angles,
+                                  written.angles)
+    bare = save_mat(tmp_path / "bare.mat", version, stack=stack)
+    with raises_input_error(bare, "no tilt angles", "--angles KEY"):
+        read_tilt_series(bare, pixel_size=0.3)
+    with raises_input_error(bare, "no pixel size", "--pixel"):
+        read_tilt_series(bare, angles_file=write_angles(tmp_path / "a.tlt", written.angles))
+    with raises_input_error("--layout", "xxk", "each of k"):
+        read_tilt_series(vectors, pixel_size=0.3, layout="xxk")
+
+
 def test_read_dev_dataset():
     path = DATA / "dev_au_cubo_small.npz"
     if not path.is_file():
@@ -380,3 +445,17 @@ def test_summarize_full_coverage_and_dual_axis():
         assert dual.validate() == []
     info = summarize(dual)
     assert info["single_axis"] is False and info["missing_wedge_deg"] is None
+
+
+def test_scene_reads_a_mat_series_by_key_and_layout(tmp_path):
+    """A scene's [data] takes mat_key, layout and angles naming a variable of the .mat."""
+    from engine.scene import load_scene
+
+    written = make_series()
+    save_mat(tmp_path / "tomo.mat", "v5", a=written.projections, b=written.projections, theta=written.angles,
+             pixel_size=np.float64(0.3))
+    scene_file = tmp_path / "s.toml"
+    scene_file.write_text('[data]\nfile = "tomo.mat"\nmat_key = "b"\nlayout = "kyx"\nangles = "theta"\n')
+    scene = load_scene(scene_file)
+    read = read_tilt_series(scene.data_file, angles_file=scene.angles_file, mat_key=scene.mat_key, layout=scene.layout)
+    assert_same_images(read, written)

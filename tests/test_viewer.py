@@ -271,3 +271,41 @@ def test_atoms_alone_get_the_whole_frame(arch):
     y, x, h, w = FULL_VIEW_BOX
     for row in (y + 10, y + h // 2, y + h - 60):  # where the strip, loss and count panels used to be
         assert tuple(frame[row, x + w - 20]) == VIEW_BG
+
+
+@pytest.mark.parametrize("screen", [(1400, 900), (1920, 1080), (1280, 720), (1366, 768), (3840, 2160)])
+def test_live_window_fits_the_screen_with_the_controls_beside_the_frame(screen):
+    """The window lies inside the screen (less its margin for borders and task bars), the controls
+    have a column of their own beside the frame (no overlap), the frame keeps its aspect ratio and
+    is never enlarged, and the image handed to GGUI stretches onto the window by the frame's scale."""
+    from viewer.window import CONTROLS_W, SCREEN_MARGIN, window_layout
+
+    layout = window_layout(screen)
+    (width, height), (left, top) = layout.size, layout.position
+    assert left >= 0 and top >= 0 and left + width <= screen[0] and top + height <= screen[1]
+    assert width <= screen[0] - SCREEN_MARGIN[0] and height <= screen[1] - SCREEN_MARGIN[1]
+
+    def inside(box):
+        x, y, w, h = box
+        return 0 <= x and 0 <= y and x + w <= width and y + h <= height and w > 0 and h > 0
+
+    frame, controls = layout.frame, layout.controls
+    assert inside(frame) and inside(controls)
+    overlap_w = min(frame[0] + frame[2], controls[0] + controls[2]) - max(frame[0], controls[0])
+    overlap_h = min(frame[1] + frame[3], controls[1] + controls[3]) - max(frame[1], controls[1])
+    assert overlap_w <= 0 or overlap_h <= 0
+    assert controls[2] == CONTROLS_W and controls[3] == height  # the controls keep their full width
+    assert layout.scale <= 1.0 and abs(frame[2] / frame[3] - FRAME_SHAPE[1] / FRAME_SHAPE[0]) < 0.01
+    rows, columns = layout.image_shape
+    assert rows == FRAME_SHAPE[0] and abs(columns * layout.scale - width) <= 1
+    if screen[0] >= FRAME_SHAPE[1] + CONTROLS_W + SCREEN_MARGIN[0] and screen[1] >= FRAME_SHAPE[0] + SCREEN_MARGIN[1]:
+        assert layout.scale == 1.0 and layout.size == (FRAME_SHAPE[1] + CONTROLS_W, FRAME_SHAPE[0])
+
+
+def test_screen_size_falls_back_without_an_x_display(monkeypatch):
+    from viewer.window import FALLBACK_SCREEN, screen_size
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    assert screen_size() == FALLBACK_SCREEN
+    monkeypatch.setenv("DISPLAY", ":987")  # no X server behind it
+    assert screen_size() == FALLBACK_SCREEN

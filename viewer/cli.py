@@ -76,9 +76,9 @@ def add_view_parser(sub, add_arch) -> None:
     p.add_argument("--data", metavar="SERIES", help="the tilt series the atoms were fitted to: shows measured, "
                                                     "predicted and residual projections")
     p.add_argument("--truth", help="true atoms: shows matched, missed and spurious atoms")
-    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å when the series file has none")
-    p.add_argument("--angles", metavar="FILE", default=None,
-                   help="tilt angles of --data in degrees, one per line (IMOD .tlt)")
+    from engine.io.tiltseries import add_series_arguments
+
+    add_series_arguments(p, "--data")
     p.add_argument("--alignment", metavar="JSON", default=None,
                    help="refined alignment to predict the projections with (default: alignment.json beside the "
                         "atoms, when the fit wrote one)")
@@ -105,7 +105,7 @@ def cmd_view(args) -> int:
     from engine.core.errors import InputError
     from engine.core.files import writable_file, writable_folder
     from engine.io.atoms import read_atoms
-    from engine.io.tiltseries import read_tilt_series
+    from engine.io.tiltseries import read_tilt_series, series_arguments
 
     from .frame import ViewSettings
     from .window import display_available
@@ -115,9 +115,10 @@ def cmd_view(args) -> int:
                                      f"{args.camera[0]:g} {args.camera[1]:g}")
     atoms = read_atoms(args.atoms)
     truth = read_atoms(args.truth) if args.truth else None
-    series = read_tilt_series(args.data, pixel_size=args.pixel, angles_file=args.angles) if args.data else None
-    if args.angles and not args.data:
-        raise InputError("--angles", "goes with --data (the series whose angles it gives)")
+    for option in ("angles", "mat_key", "layout", "pixel"):
+        if getattr(args, option) is not None and not args.data:
+            raise InputError("--" + option.replace("_", "-"), "goes with --data (the series it describes)")
+    series = read_tilt_series(args.data, **series_arguments(args)) if args.data else None
     if args.tilt is not None and (series is None or not 0 <= args.tilt < series.n_tilts):
         raise InputError("--tilt", "needs --data" if series is None else
                          f"no projection {args.tilt} in a series of {series.n_tilts} (0-based)")

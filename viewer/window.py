@@ -13,6 +13,7 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -217,6 +218,75 @@ class HeadlessRecorder(_FitWatcher):
 
 
 CONTROLS_W = 320  # px right of the frame in the live window, for the controls
+SCREEN_MARGIN = (40, 100)
+"""Screen px (across, down) the live window leaves free for its border, title bar and task bars."""
+FALLBACK_SCREEN = (1366, 768)
+"""Screen size (px) assumed when no X display answers (e.g. Wayland without XWayland): the smallest
+common laptop screen, so the window fits on most screens."""
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """The live window on a screen, in window pixels (x right, y down): the frame, shown at `scale`
+    (at most 1: a frame pixel never becomes larger than a screen pixel), and right of it the
+    controls in a column of their own. Rectangles are (x, y, width, height)."""
+
+    size: tuple  # (width, height) of the window, px
+    position: tuple  # its top-left corner on the screen, px
+    scale: float
+    frame: tuple
+    controls: tuple
+
+    @property
+    def image_shape(self) -> tuple:
+        """(rows, columns) of the image handed to GGUI, in frame pixels: the frame, then the controls'
+        column at the frame's scale. GGUI stretches it onto the window."""
+        return FRAME_SHAPE[0], FRAME_SHAPE[1] + round(self.controls[2] / self.scale)
+
+
+def window_layout(screen, frame_shape=FRAME_SHAPE, controls_width: int = CONTROLS_W,
+                  margin=SCREEN_MARGIN) -> WindowLayout:
+    """Fit the window to a ``screen`` (width, height) px: the frame scaled down (never up) so that
+    it and the controls' column fit within the screen less ``margin``; the window centred across
+    and placed below the top margin."""
+    usable_w, usable_h = screen[0] - margin[0], screen[1] - margin[1]
+    frame_h, frame_w = frame_shape
+    # below a quarter the frame is unreadable: a screen that small gets a window larger than it
+    scale = max(0.25, min(1.0, (usable_w - controls_width) / frame_w, usable_h / frame_h))
+    shown_w, shown_h = int(frame_w * scale), int(frame_h * scale)
+    size = (shown_w + controls_width, shown_h)
+    position = (max(0, (screen[0] - size[0]) // 2), max(0, min(margin[1] // 2, screen[1] - size[1])))
+    return WindowLayout(size, position, scale, (0, 0, shown_w, shown_h), (shown_w, 0, controls_width, shown_h))
+
+
+def screen_size() -> tuple:
+    """The X screen's size (width, height) px, read with libX11 through ctypes (GGUI does not say
+    it); FALLBACK_SCREEN when there is no X display or no libX11."""
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("X11")
+    if not os.environ.get("DISPLAY") or library is None:
+        return FALLBACK_SCREEN
+    try:
+        x11 = ctypes.CDLL(library)
+    except OSError:
+        return FALLBACK_SCREEN
+    x11.XOpenDisplay.argtypes, x11.XOpenDisplay.restype = [ctypes.c_char_p], ctypes.c_void_p
+    x11.XDefaultScreen.argtypes = [ctypes.c_void_p]
+    x11.XDisplayWidth.argtypes = x11.XDisplayHeight.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    display = x11.XOpenDisplay(None)
+    if not display:
+        return FALLBACK_SCREEN
+    try:
+        screen = x11.XDefaultScreen(display)
+        size = (int(x11.XDisplayWidth(display, screen)), int(x11.XDisplayHeight(display, screen)))
+    finally:
+        x11.XCloseDisplay(display)
+    return size if min(size) > 0 else FALLBACK_SCREEN
+
+
 KEY_HELP = ("Mouse in the 3D view: left drag orbits,", "right drag pans, middle or shift+left",
             "drag zooms. Keys: space pause, n step,", "c colour, t truth, left/right tilt,",
             "b beam view, r reset, +/- zoom, p shot.")
@@ -232,6 +302,7 @@ class LiveViewer(_FitWatcher):
         super().__init__(every, settings)
         self.out_dir = Path(out_dir)
         self.window = None
+        self.layout = None  # WindowLayout, once the window is open
         self.paused = False
         self.step = False
         self.cursor = None  # last cursor position, frame pixels (row, col)
@@ -279,16 +350,16 @@ class LiveViewer(_FitWatcher):
     def show_result(self, result, tilt: int) -> None:
         """Show a `viewer.sources.SavedResult`, starting at projection ``tilt``, until the window is closed."""
         self.tilt = tilt
-        rotations = result.geometry.rotations if result.series is not None else None
+        rotations = result.model.geometry.rotations if result.series is not None else None
         self._run(result.snapshot, rotations, fitting=False)
 
     # ------------------------------------------------------------------ window
     def _open(self) -> None:
-        h, w = FRAME_SHAPE
-        self.window = ti.ui.Window("atomsplat", (w + CONTROLS_W, h), vsync=False)
+        self.layout = window_layout(screen_size())
+        self.window = ti.ui.Window("atomsplat", self.layout.size, vsync=False, pos=self.layout.position)
         self.canvas = self.window.get_canvas()
         self.gui = self.window.get_gui()
-        self.rgba = np.full((h, w + CONTROLS_W, 4), 48, np.uint8)  # the frame, then the controls' backdrop
+        self.rgba = np.full(self.layout.image_shape + (4,), 48, np.uint8)  # the frame, then the controls' backdrop
         self.rgba[..., 3] = 255
 
     def _run(self, source, rotations, fitting: bool) -> None:
@@ -332,9 +403,10 @@ class LiveViewer(_FitWatcher):
 
     def _controls(self, n_tilts: int, rotations, fitting: bool) -> bool:
         """The control panel; returns whether the view changed."""
-        h, w = FRAME_SHAPE
+        window_w, window_h = self.layout.size
+        x, y, w, h = self.layout.controls
         settings, before = self.settings, (self.settings.colour_mode, self.settings.show_truth, self.tilt)
-        with self.gui.sub_window("Controls", w / (w + CONTROLS_W), 0.0, CONTROLS_W / (w + CONTROLS_W), 1.0) as g:
+        with self.gui.sub_window("Controls", x / window_w, y / window_h, w / window_w, h / window_h) as g:
             if fitting:
                 if g.button("Resume" if self.paused else "Pause"):
                     self.paused = not self.paused
@@ -393,9 +465,9 @@ class LiveViewer(_FitWatcher):
                 self.shot = True
             else:
                 changed = False
-        h, w = FRAME_SHAPE
         x, y = window.get_cursor_pos()
-        cursor = ((1.0 - y) * h, x * (w + CONTROLS_W))  # frame pixels (row, col)
+        rows, columns = self.layout.image_shape
+        cursor = ((1.0 - y) * rows, x * columns)  # frame pixels (row, col)
         y0, x0, vh, vw = view_box(self.cached[1] if self.cached else None)
         inside = y0 <= cursor[0] < y0 + vh and x0 <= cursor[1] < x0 + vw
         if inside and self.cursor is not None:

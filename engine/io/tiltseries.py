@@ -7,10 +7,15 @@ Formats:
 - MRC stacks ``.mrc``, ``.st``, ``.mrcs`` (pixel size from the header) and multi-page TIFF ``.tif``,
   ``.tiff``, both with IMOD-style angle files beside them (``STEM.tlt`` or ``STEM.rawtlt``: one angle
   in degrees per line).
+- MATLAB ``.mat`` files as AET groups publish them: v5/v7 through scipy.io, v7.3 (HDF5) through
+  h5py. The projections are the only 3D numeric array (or the one named by `mat_key`), the angles
+  the only other numeric vector with one value per projection (or the variable or file named by
+  `angles_file`), the pixel size a scalar named ``pixel_size`` or ``pixelsize`` (else `pixel_size`).
 
-Image layout follows GEOMETRY.md: ``P[k, row, col]``, col ↔ x', row ↔ y'. MRC and TIFF arrays are
-taken as stored (section, row, column), with no flips. Every bad input raises InputError naming
-the file and what is wrong with it.
+Image layout follows GEOMETRY.md: ``P[k, row, col]``, col ↔ x', row ↔ y' (layout ``kyx``). Arrays are
+taken as stored, with no flips, in the axis order `layout` names: ``kyx`` by default, ``xyk``
+(MATLAB's x-by-y-by-projection) for .mat files. Every bad input raises InputError naming the file
+or option and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from engine.core.geometry import TiltGeometry
 MRC_SUFFIXES = (".mrc", ".st", ".mrcs")
 TIFF_SUFFIXES = (".tif", ".tiff")
 ANGLE_SUFFIXES = (".tlt", ".rawtlt")
+MAT_SUFFIX = ".mat"
+LAYOUT = "kyx"
+"""The internal axis order of the projection stack: projection, row (y'), column (x')."""
+DEFAULT_LAYOUTS = {MAT_SUFFIX: "xyk"}
+"""Stored axis order by format where it is not `LAYOUT`: MATLAB arrays are x by y by projection."""
+MAT_PIXEL_NAMES = ("pixel_size", "pixelsize")
 GEOMETRY_KEYS = ("rotations", "shifts", "tilt_axes")
 
 
@@ -230,8 +241,9 @@ def _angle_order_issues(angles: np.ndarray) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, finite: bool = True) -> TiltSeries:
-    """Read and validate a tilt series from .npz, MRC (.mrc, .st, .mrcs) or TIFF (.tif, .tiff).
+def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, finite: bool = True,
+                     mat_key: str | None = None, layout: str | None = None) -> TiltSeries:
+    """Read and validate a tilt series from .npz, MRC (.mrc, .st, .mrcs), TIFF (.tif, .tiff) or MATLAB (.mat).
 
     Parameters
     ----------
@@ -239,13 +251,19 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, fi
         The tilt-series file.
     pixel_size : float, optional
         Pixel size [Å]. Overrides the value stored in the file (with a warning if they differ);
-        required for TIFF and for .npz or MRC files that store none.
+        required for TIFF and for files that store none.
     angles_file : str or os.PathLike, optional
-        Text file with one tilt angle [degrees] per line (IMOD .tlt). Overrides the angles stored in
-        the file. Without it, angles come from the .npz, else from ``STEM.tlt`` or ``STEM.rawtlt``
-        beside `path` (`--angles FILE` on the command line).
+        Text file with one tilt angle [degrees] per line (IMOD .tlt), or a .mat file holding one
+        vector; for a .mat series also the name of a variable in it. Overrides the angles stored in
+        the file. Without it, angles come from the .npz or the .mat, else from ``STEM.tlt`` or
+        ``STEM.rawtlt`` beside `path` (`--angles FILE|KEY` on the command line).
     finite : bool
         Refuse NaN and inf pixels (default); False reads them (for a summary).
+    mat_key : str, optional
+        The variable of a .mat file that holds the projections (default: its only 3D numeric array).
+    layout : str, optional
+        Axis order of the stored array, a permutation of ``k`` (projection), ``y`` (row, along the
+        tilt axis) and ``x`` (column): default ``kyx`` (GEOMETRY.md), ``xyk`` for .mat.
 
     Returns
     -------
@@ -255,7 +273,7 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, fi
     Raises
     ------
     InputError
-        Naming the file, for a missing, unreadable, truncated or inconsistent input.
+        Naming the file or option, for a missing, unreadable, truncated, ambiguous or inconsistent input.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -263,10 +281,18 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, fi
     if reader is None:
         raise InputError(path, f"unknown tilt-series format {suffix or '(no extension)'!r}; "
                                f"supported: {', '.join(_READERS)}")
+    if mat_key is not None and suffix != MAT_SUFFIX:
+        raise InputError("--mat-key", f"names a variable of a .mat series; {path.name} is not a .mat file")
+    layout = check_layout(layout if layout is not None else DEFAULT_LAYOUTS.get(suffix, LAYOUT))
     if not path.is_file():
         raise InputError(path, "file not found" if not path.exists() else "not a regular file")
 
-    fields = reader(path)
+    if suffix == MAT_SUFFIX:
+        fields = _read_mat(path, mat_key, angles_file, layout)
+        angles_file = None if fields["angles"] is not None else angles_file
+    else:
+        fields = reader(path)
+        fields["projections"] = to_internal_layout(fields["projections"], layout, path)
     stored_pixel = fields.pop("pixel_size")
     if pixel_size is not None and stored_pixel is not None and not np.isclose(pixel_size, stored_pixel):
         warnings.warn(f"{path}: using the given pixel size {pixel_size} Å instead of {stored_pixel} Å "
@@ -280,6 +306,24 @@ def read_tilt_series(path, pixel_size: float | None = None, angles_file=None, fi
                         source=str(path))
     series.validate(finite=finite)
     return series
+
+
+def check_layout(layout) -> str:
+    """A stored axis order: each of k (projection), y (row) and x (column) once; InputError naming --layout."""
+    if not isinstance(layout, str) or sorted(layout.lower()) != sorted(LAYOUT):
+        raise InputError("--layout", f"{layout!r} must name each of k (projection), y (row, along the tilt axis) "
+                                     "and x (column) once, e.g. xyk (MATLAB's x by y by projection) or kyx "
+                                     "(projection, row, column: the .npz order)")
+    return layout.lower()
+
+
+def to_internal_layout(array: np.ndarray, layout: str, path) -> np.ndarray:
+    """The stored 3D ``array`` with axes in the order ``layout`` as ``P[k, row, col]`` .
+    Arrays that are not 3D are returned as they are (validation reports them)."""
+    array = np.asarray(array)
+    if layout == LAYOUT or array.ndim != 3:
+        return array
+    return np.ascontiguousarray(np.transpose(array, [layout.index(axis) for axis in LAYOUT]))
 
 
 @contextmanager
@@ -350,7 +394,106 @@ def _read_tiff(path: Path) -> dict:
     return dict(projections=projections, angles=None, pixel_size=None)
 
 
-_READERS = {".npz": _read_npz, **{s: _read_mrc for s in MRC_SUFFIXES}, **{s: _read_tiff for s in TIFF_SUFFIXES}}
+class _MatFile:
+    """The numeric variables of a MATLAB file, listed without loading them: v7.3 (HDF5) through h5py,
+    older versions through scipy.io. Shapes and arrays in MATLAB's own axis order."""
+
+    def __init__(self, path: Path):
+        import h5py
+        from scipy import io as sio
+
+        self.path = path
+        self.hdf5 = h5py.is_hdf5(path)
+        with _reading(path, "a MATLAB v7.3 (HDF5) file" if self.hdf5 else "a MATLAB .mat file"):
+            if self.hdf5:
+                with h5py.File(path, "r") as f:
+                    # HDF5 keeps MATLAB's column-major arrays with the axes reversed
+                    listing = [(name, tuple(reversed(item.shape)), _hdf5_numeric(item))
+                               for name, item in f.items() if isinstance(item, h5py.Dataset)]
+            else:
+                listing = [(name, tuple(shape), kind not in ("char", "cell", "struct", "object", "sparse",
+                                                              "function_handle", "opaque"))
+                           for name, shape, kind in sio.whosmat(str(path))]
+        self.shapes = {name: shape for name, shape, _ in listing}
+        self.numeric = {name: shape for name, shape, numeric in listing if numeric and int(np.prod(shape)) > 0}
+
+    def describe(self) -> str:
+        """The variables and their shapes, for error messages."""
+        return ", ".join(f"{name} ({'x'.join(map(str, shape))})" for name, shape in self.shapes.items()) or "none"
+
+    def load(self, name: str) -> np.ndarray:
+        import h5py
+        from scipy import io as sio
+
+        with _reading(self.path, "a MATLAB .mat file"):
+            if self.hdf5:
+                with h5py.File(self.path, "r") as f:
+                    array = f[name][()]
+                if array.dtype.names is not None and set(array.dtype.names) == {"real", "imag"}:
+                    array = array["real"] + 1j * array["imag"]  # MATLAB v7.3 complex numbers
+                return np.asarray(array).T
+            return np.asarray(sio.loadmat(str(self.path), variable_names=[name])[name])
+
+
+def _hdf5_numeric(dataset) -> bool:
+    """Whether an HDF5 dataset is a MATLAB numeric array (not text, logical-empty or a reference)."""
+    kind = dataset.attrs.get("MATLAB_class", b"")
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind in ("char", "cell", "struct", "function_handle") or "MATLAB_empty" in dataset.attrs:
+        return False
+    names = dataset.dtype.names
+    return dataset.dtype.kind in "iufb" or (names is not None and set(names) == {"real", "imag"})
+
+
+def _vector_length(shape: tuple) -> int | None:
+    """The length of an array with at most one axis longer than 1 (MATLAB's 1 x n or n x 1), else None."""
+    long_axes = [n for n in shape if n != 1]
+    return (long_axes[0] if long_axes else 1) if len(long_axes) <= 1 else None
+
+
+def _read_mat(path: Path, array_key: str | None, angles_option, layout: str) -> dict:
+    """Projections, angles (None when neither stored unambiguously nor named as a variable) and pixel
+    size (None without a scalar named in MAT_PIXEL_NAMES) of a MATLAB file."""
+    mat = _MatFile(path)
+    if array_key is not None:
+        if array_key not in mat.shapes:
+            raise InputError("--mat-key", f"{path} has no variable {array_key!r} (variables: {mat.describe()})")
+        if len(mat.numeric.get(array_key, ())) != 3:
+            raise InputError("--mat-key", f"{array_key!r} in {path} is not a 3D numeric array "
+                                          f"(shape {'x'.join(map(str, mat.shapes[array_key]))})")
+    else:
+        stacks = [name for name, shape in mat.numeric.items() if len(shape) == 3]
+        if len(stacks) != 1:
+            raise InputError(path, f"{'no' if not stacks else len(stacks)} 3D numeric arrays to take as the "
+                                   f"projections (variables: {mat.describe()}); name one with --mat-key")
+        array_key = stacks[0]
+    n_tilts = mat.shapes[array_key][layout.index("k")]
+
+    angles_key = None
+    if angles_option is not None:
+        if str(angles_option) in mat.shapes:
+            angles_key = str(angles_option)
+            if _vector_length(mat.numeric.get(angles_key, ())) is None:
+                raise InputError("--angles", f"{angles_key!r} in {path} is not a numeric vector (shape "
+                                             f"{'x'.join(map(str, mat.shapes[angles_key]))}); expected one tilt "
+                                             "angle in degrees per projection")
+    else:
+        vectors = [name for name, shape in mat.numeric.items()
+                   if name != array_key and n_tilts > 1 and _vector_length(shape) == n_tilts]
+        if len(vectors) > 1:
+            raise InputError(path, f"{len(vectors)} vectors of {n_tilts} values could be the tilt angles "
+                                   f"({', '.join(vectors)}); name one with --angles KEY")
+        angles_key = vectors[0] if vectors else None
+    pixel_keys = [name for name, shape in mat.numeric.items()
+                  if name.lower() in MAT_PIXEL_NAMES and int(np.prod(shape)) == 1]
+    pixel = _number(mat.load(pixel_keys[0]), pixel_keys[0], path) if pixel_keys else None
+    return dict(projections=to_internal_layout(mat.load(array_key), layout, path), pixel_size=pixel,
+                angles=None if angles_key is None else mat.load(angles_key).reshape(-1),
+                description=f"{path.name}: {array_key}" + (f", angles {angles_key}" if angles_key else ""))
+
+
+_READERS = {".npz": _read_npz, **{s: _read_mrc for s in MRC_SUFFIXES}, **{s: _read_tiff for s in TIFF_SUFFIXES},
+            MAT_SUFFIX: _read_mat}
 
 
 def _find_angle_file(path: Path) -> Path:
@@ -361,14 +504,23 @@ def _find_angle_file(path: Path) -> Path:
             return candidate
     raise InputError(path, f"no tilt angles: none stored in the file and neither "
                            f"{' nor '.join(c.name for c in candidates)} exists beside it; "
-                           "pass --angles FILE (one angle in degrees per line)")
+                           "pass --angles FILE (one angle in degrees per line)"
+                           + (" or --angles KEY (a variable of the .mat)" if path.suffix.lower() == MAT_SUFFIX else ""))
 
 
 def _read_angle_file(path) -> np.ndarray:
-    """Tilt angles [degrees] from an IMOD-style text file, one per line; blank lines are skipped."""
+    """Tilt angles [degrees] from an IMOD-style text file, one per line (blank lines are skipped), or
+    from a .mat file's only numeric vector."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "angle file not found" if not path.exists() else "the angle file is not a regular file")
+    if path.suffix.lower() == MAT_SUFFIX:
+        mat = _MatFile(path)
+        vectors = [name for name, shape in mat.numeric.items() if (_vector_length(shape) or 0) > 1]
+        if len(vectors) != 1:
+            raise InputError(path, f"{'no' if not vectors else len(vectors)} numeric vectors to take as the tilt "
+                                   f"angles (variables: {mat.describe()}); expected exactly one")
+        return mat.load(vectors[0]).reshape(-1).astype(np.float64)
     try:
         text = path.read_text()
     except OSError as err:
@@ -386,6 +538,27 @@ def _read_angle_file(path) -> np.ndarray:
     if not angles:
         raise InputError(path, "the angle file holds no angles (expected one angle in degrees per line)")
     return np.asarray(angles, dtype=np.float64)
+
+
+def add_series_arguments(parser, what: str = "the series") -> None:
+    """The options of every command that reads a tilt series (`series_arguments` gives them back as
+    `read_tilt_series` keywords)."""
+    parser.add_argument("--pixel", type=float, default=None, help=f"pixel size of {what} in Å when the file has none")
+    parser.add_argument("--angles", metavar="FILE|KEY", default=None,
+                        help=f"tilt angles of {what} in degrees: a text file, one per line (IMOD .tlt), or a "
+                             ".mat file holding one vector; for a .mat series also the name of a variable in it. "
+                             "Replaces the angles stored in the series file")
+    parser.add_argument("--mat-key", metavar="KEY", default=None,
+                        help="the variable of a .mat series holding the projections (default: its only 3D array)")
+    parser.add_argument("--layout", metavar="ORDER", default=None,
+                        help="axis order of the stored projection array, a permutation of k (projection), y (row, "
+                             "along the tilt axis) and x (column): default kyx, xyk (MATLAB's x by y by "
+                             "projection) for .mat")
+
+
+def series_arguments(args) -> dict:
+    """The `read_tilt_series` keywords of the options `add_series_arguments` added."""
+    return dict(pixel_size=args.pixel, angles_file=args.angles, mat_key=args.mat_key, layout=args.layout)
 
 
 # ---------------------------------------------------------------------------------------------- writing
