@@ -91,7 +91,12 @@ class FitProblem:
         """Predicted projections ``indices`` (normalised units): the atoms rendered in the current
         geometry, with each projection's intensity scale and offset."""
         indices = np.asarray(indices).reshape(-1)
-        images = self.projector.render(self.model.cloud, indices)
+        # Through the training fields: a step renders its batch afresh, so nothing in them outlives a
+        # step, and `render`'s fields of its own would mean compiling the forward kernel again.
+        unique, inverse = np.unique(indices, return_inverse=True)
+        self.projector.set_batch(unique)
+        self.projector.forward(self.model.cloud)
+        images = self.projector.images_numpy()[unique][inverse.reshape(-1)]
         if self.refiner is not None:
             a = self.refiner.alignment
             images = images * a.intensity_scale[indices, None, None] + a.intensity_offset[indices, None, None]
@@ -99,3 +104,12 @@ class FitProblem:
 
     def loss_value(self) -> float:
         return self.target.loss_value(self.projector.batch_size)
+
+    def series_loss(self) -> float:
+        """The loss of the whole series in nats (per-pixel loss × pixels) at the atoms of the last
+        forward pass; a mini-batch fit renders every projection for it first."""
+        if self.projector.batch_size < self.n_tilts:
+            self.projector.set_batch(np.arange(self.n_tilts))
+            self.projector.forward(self.model.cloud)
+        t = self.target
+        return self.loss_value() * t.n_proj * t.height * t.width
