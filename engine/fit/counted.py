@@ -9,8 +9,9 @@ counts per pixel). Expected counts:
    at its peaks (one per d_min); A from the signal counts shared among them, then EM of A and B_k.
 2. Refinement: Adam (`engine.kernels.adam`) on positions and log s, EM updates of A and B_k.
 3. Cycles of refine → remove → refine → add by the evidence rule (`engine.fit.evidence`) until no
-   atom comes or goes, then the pair-merge test, a final refinement with a decaying rate, a last
-   removal and merge.
+   atom comes or goes, then the pair-merge test, a final refinement with learning rates stepped down
+   on plateaus, a last removal and merge. Every refinement stops when converged
+   (`engine.fit.convergence`); its step count is only a cap.
 """
 
 from __future__ import annotations
