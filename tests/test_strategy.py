@@ -102,3 +102,21 @@ def test_closest_first_matching_is_the_greedy_walk():
                 walk.add((a, b))
         i, j = closest_first_matching(pos, pairs)
         assert set(zip(i.tolist(), j.tolist())) == walk and len(i) == len(walk)
+
+
+def test_suppress_close_is_the_greedy_walk_brightest_first():
+    from scipy.spatial import cKDTree
+
+    from engine.kernels.volume import suppress_close
+
+    rng = np.random.default_rng(2)
+    for n in (1, 40, 500):
+        pos = rng.uniform(0, n ** (1 / 3) * 1.5, (n, 3))
+        values = np.sort(rng.uniform(size=n))[::-1]
+        keep = np.ones(n, bool)
+        for i, j in sorted(cKDTree(pos).query_pairs(1.5)):
+            if keep[i]:
+                keep[j] = False
+        kept, kept_values = suppress_close(pos, values, 1.5)
+        np.testing.assert_array_equal(kept, pos[keep])
+        np.testing.assert_array_equal(kept_values, values[keep])
