@@ -93,15 +93,24 @@ def bench_torch(problem, px, repeats, device="cpu", chunk=8):
     def step():
         pos.grad = amp.grad = sig.grad = None
         for k0 in range(0, rot.shape[0], chunk):
-            uv = torch.einsum("kij,nj->kni", rot[k0:k0 + chunk], pos) + shift[k0:k0 + chunk, None, :]
-            s2 = sig**2 + BLUR**2
-            ex = torch.exp(-(coords - uv[..., 0, None]) ** 2 / (2 * s2[:, None]))  # (k, n, W)
-            ey = torch.exp(-(coords - uv[..., 1, None]) ** 2 / (2 * s2[:, None]))  # (k, n, H)
-            weight = amp / (2 * math.pi * s2)
-            image = torch.bmm((weight[:, None] * ey).transpose(1, 2), ex)  # (k, H, W)
+            image = torch_projections(pos, amp, sig, rot[k0:k0 + chunk], shift[k0:k0 + chunk], coords, BLUR)
             (image * grad[k0:k0 + chunk]).sum().backward()
 
     return median_ms(step, sync, repeats)
+
+
+def torch_projections(pos, amp, sig, rot, shift, coords, blur):
+    """Projections (k, H, W) of Gaussians (pos (N, 3) Å, amp, sig Å: torch tensors) for the k
+    projections with in-plane rotation rows ``rot`` (k, 2, 3) and shifts (k, 2) Å, at pixel centres
+    ``coords`` (Å, square images), blurred by ``blur`` Å: separable, a batched matrix product."""
+    import torch
+
+    uv = torch.einsum("kij,nj->kni", rot, pos) + shift[:, None, :]
+    s2 = sig**2 + blur**2
+    ex = torch.exp(-(coords - uv[..., 0, None]) ** 2 / (2 * s2[:, None]))  # (k, n, W)
+    ey = torch.exp(-(coords - uv[..., 1, None]) ** 2 / (2 * s2[:, None]))  # (k, n, H)
+    weight = amp / (2 * math.pi * s2)
+    return torch.bmm((weight[:, None] * ey).transpose(1, 2), ex)
 
 
 def main():

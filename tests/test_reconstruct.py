@@ -94,12 +94,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     straight_fit = Reconstruction(series, settings, tmp_path / "a", progress=False)
     straight = straight_fit.run()
 
+    # Interrupt about half way, between two convergence checks (every 10 steps).
+    cut = 10 * (straight_fit.iteration // 20) + 6
     interrupted = Reconstruction(series, settings, tmp_path / "b", progress=False)
     step = interrupted.problem.step
 
     def step_then_interrupt(*args, **kwargs):
         step(*args, **kwargs)
-        if interrupted.iteration == 136:  # the trainer counts this step once it returns
+        if interrupted.iteration == cut:  # the trainer counts this step once it returns
             os.kill(os.getpid(), signal.SIGINT)
 
     interrupted.problem.step = step_then_interrupt
@@ -114,8 +116,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
             Reconstruction(series, other_settings, tmp_path / "b", progress=False).resume(tmp_path / "b" / "checkpoint.npz")
     resumed = Reconstruction(series, settings, tmp_path / "b", progress=False)
     resumed.resume(tmp_path / "b" / "checkpoint.npz")
-    assert resumed.iteration == 137
+    assert resumed.iteration == cut + 1
     atoms = resumed.run()
+    assert resumed.iteration == straight_fit.iteration
+    assert resumed.trainer.stop_reason == straight_fit.trainer.stop_reason
     assert np.array_equal(atoms.positions, straight.positions)
     assert np.array_equal(atoms.columns["amplitude"], straight.columns["amplitude"])
     if refine_alignment:

@@ -6,7 +6,7 @@ import pytest
 
 from engine.fit.problem import with_moments
 from engine.fit.settings import fit_settings
-from engine.fit.strategy import DensityControl
+from engine.fit.strategy import DensityControl, closest_first_matching
 
 
 class Volumes:
@@ -98,6 +98,40 @@ def test_spawn_only_at_strong_peaks_away_from_atoms():
     assert not spawned["m"].any() and spawned["age"][0] == 0
 
 
-def test_rounds_are_due_every_densify_every_until_densify_until():
-    s = strategy(densify_every=10, densify_until=0.5)
-    assert [i for i in range(100) if s.counting(i, 100) and i > 0 and i % 10 == 0] == [10, 20, 30, 40]
+def test_closest_first_matching_is_the_greedy_walk():
+    """The array passes take exactly the pairs the closest-first walk over all pairs takes."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(5)
+    for n in (2, 30, 400):
+        pos = rng.uniform(0, n ** (1 / 3) * 1.2, (n, 3))
+        pos[n // 2:] = np.round(pos[n // 2:], 1)  # ties in distance
+        pairs = cKDTree(pos).query_pairs(1.5, output_type="ndarray")
+        if not len(pairs):
+            continue
+        d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
+        free, walk = np.ones(n, bool), set()
+        for a, b in pairs[np.lexsort((pairs[:, 1], pairs[:, 0], d))]:
+            if free[a] and free[b]:
+                free[a] = free[b] = False
+                walk.add((a, b))
+        i, j = closest_first_matching(pos, pairs)
+        assert set(zip(i.tolist(), j.tolist())) == walk and len(i) == len(walk)
+
+
+def test_suppress_close_is_the_greedy_walk_brightest_first():
+    from scipy.spatial import cKDTree
+
+    from engine.kernels.volume import suppress_close
+
+    rng = np.random.default_rng(2)
+    for n in (1, 40, 500):
+        pos = rng.uniform(0, n ** (1 / 3) * 1.5, (n, 3))
+        values = np.sort(rng.uniform(size=n))[::-1]
+        keep = np.ones(n, bool)
+        for i, j in sorted(cKDTree(pos).query_pairs(1.5)):
+            if keep[i]:
+                keep[j] = False
+        kept, kept_values = suppress_close(pos, values, 1.5)
+        np.testing.assert_array_equal(kept, pos[keep])
+        np.testing.assert_array_equal(kept_values, values[keep])

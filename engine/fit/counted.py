@@ -9,8 +9,9 @@ counts per pixel). Expected counts:
    at its peaks (one per d_min); A from the signal counts shared among them, then EM of A and B_k.
 2. Refinement: Adam (`engine.kernels.adam`) on positions and log s, EM updates of A and B_k.
 3. Cycles of refine → remove → refine → add by the evidence rule (`engine.fit.evidence`) until no
-   atom comes or goes, then the pair-merge test, a final refinement with a decaying rate, a last
-   removal and merge.
+   atom comes or goes, then the pair-merge test, a final refinement with learning rates stepped down
+   on plateaus, a last removal and merge. Every refinement stops when converged
+   (`engine.fit.convergence`); its step count is only a cap.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.fit.convergence import CAPPED, CHECK_EVERY, CONVERGED, Convergence
 from engine.fit.evidence import EvidenceSelection
 from engine.fit.seeding import mlem_with_background, visible_everywhere
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
@@ -41,9 +43,10 @@ SEED_EM_ITERATIONS = 12   # enough to separate atoms from the background; more s
 START_WIDTH = 0.6         # Å: a light atom with a typical blur; the fit moves it
 WIDTH_RATE = 0.005        # Adam rate of the shared log width: its gradient sums over all atoms, and a
                           # faster width lets pairs of atoms fuse into one double atom
-CYCLE_STEPS = 60          # refinement steps before each removal pass
+CYCLE_STEPS = 60          # at most this many refinement steps before each removal pass
 MAX_CYCLES = 15
-FINAL_STEPS = 200
+FINAL_STEPS = 200         # at most, in the final refinement
+FINAL_RATE = 0.05         # its lowest learning rate, as a fraction of its first
 
 
 class CountedFit:
@@ -78,7 +81,7 @@ class CountedFit:
         self.amplitude, self.shape_width = 0.0, START_WIDTH
         self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
-        self.iteration, self.reason = 0, None
+        self.iteration, self.reason, self.stop = 0, None, None
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
         self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
@@ -125,15 +128,18 @@ class CountedFit:
             self.background *= ratio.mean(axis=(1, 2))
 
     def refine(self, steps: int, lr_position: float, decay: bool = False, observer=None) -> None:
-        """``steps`` steps: Adam on positions and the shared log width, EM of amplitude and backgrounds,
-        the Poisson residual and its sums on the device (the loss kernel with λ = I_k + B_k)."""
+        """Until converged (`engine.fit.convergence`), at most ``steps`` steps: Adam on positions and the
+        shared log width, EM of amplitude and backgrounds, the Poisson residual and its sums on the
+        device (the loss kernel with λ = I_k + B_k). With ``decay`` the rates step down on plateaus to
+        ``FINAL_RATE`` of the first; without, the refinement ends at its first plateau."""
         if self.model.count == 0:
             return
         self._upload(self.positions())  # fresh Adam moments for this refinement
         self.shared_width.reset([math.log(self.shape_width)])
         pixels = self.height * self.width
-        for t in range(steps):
-            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t / steps)) if decay else 1.0
+        convergence = Convergence(FINAL_RATE if decay else 1.0)
+        for _ in range(steps):
+            factor = convergence.factor
             self.target.set_intensity(np.ones(self.n), self.background)
             self.projector.forward(self.model.cloud)
             self.target.residual(self.n, 1.0)
@@ -149,17 +155,22 @@ class CountedFit:
             self.background *= 1.0 - sums["offset"] / pixels
             self.model.set_shape(self.amplitude * self.pixel_size ** 2, self.shape_width)
             self.iteration += 1
-            if self.iteration % 10 == 0:
-                self._record()
+            if self.iteration % CHECK_EVERY == 0:
+                loss = self._record() * pixels * self.n  # nats, the whole series
+                if convergence.settled(loss, self.model.largest_step()) and not convergence.step_down():
+                    break
         if observer is not None:
             observer(self)
 
-    def _record(self) -> None:
+    def _record(self) -> float:
+        """Append the loss (per pixel, at the current atoms) to the history and return it."""
         self.target.set_intensity(np.ones(self.n), self.background)
         self.projector.forward(self.model.cloud)
+        loss = self.target.loss_value(self.n) if self.model.count else None
         self.history["iteration"].append(self.iteration)
-        self.history["loss"].append(self.target.loss_value(self.n) if self.model.count else None)
+        self.history["loss"].append(loss)
         self.history["atoms"].append(self.model.count)
+        return loss
 
     # ------------------------------------------------------------------ the schedule
     def seed(self) -> np.ndarray:
@@ -195,7 +206,10 @@ class CountedFit:
             bar.update(1)
             bar.set_postfix(atoms=self.model.count, removed=int(drop.sum()), added=len(added), refresh=False)
             if not drop.any() and not len(added):
+                self.stop = CONVERGED
                 break
+        else:
+            self.stop = f"{CAPPED}: {MAX_CYCLES} evidence cycles"
         bar.close()
         self._merge()
         self.refine(FINAL_STEPS, 0.5 * self.settings.lr_position, decay=True, observer=observer)
@@ -247,5 +261,6 @@ class CountedFit:
     def report_extra(self) -> dict:
         return {"model": "tied", "noise_model": {"kind": "poisson", "gain": self.gain, "reason": self.noise_reason},
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
-                "background_counts": self.background.tolist(), "empty_reason": self.reason}
+                "background_counts": self.background.tolist(), "empty_reason": self.reason,
+                "stopped": {"reason": self.stop, "iteration": self.iteration}}
 

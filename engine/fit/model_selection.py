@@ -1,5 +1,5 @@
 """Is a refined alignment worth its parameters? After a fit with alignment refinement, the same atoms
-are refitted in the nominal geometry for a quarter of the run, and the two fits' likelihoods are
+are refitted in the nominal geometry (until converged, at most a quarter of the step cap), and the two fits' likelihoods are
 compared: refinement adds 4 parameters per projection (two shifts, a tilt-angle offset, an
 intensity scale) and the tilt-axis angle, less the 4 gauge directions (a 3D translation and a
 common tilt offset) that move atoms instead of images. Under an aligned series twice the
@@ -19,23 +19,29 @@ import numpy as np
 
 from engine.fit.problem import FitProblem, with_moments
 from engine.fit.seeding import residual_dispersion
-from engine.fit.trainer import choose_batch, learning_rates
+from engine.fit.convergence import CHECK_EVERY, Convergence
+from engine.fit.trainer import LEARNING_RATES, choose_batch
 
 ALIGNMENT_SIGNIFICANCE = 1e-3
 GAUGE_DIRECTIONS = 4
 
 
-def nominal_refit(fit, steps: int) -> FitProblem:
-    """The refined fit's atoms refitted for ``steps`` Adam steps in the series' nominal geometry (no
-    density control: the comparison is of geometries, with the same atoms)."""
+def nominal_refit(fit, cap: int) -> FitProblem:
+    """The refined fit's atoms refitted in the series' nominal geometry until converged
+    (`engine.fit.convergence`), at most ``cap`` steps; no density control: the comparison is of
+    geometries, with the same atoms."""
     s, series = fit.settings, fit.series
     problem = FitProblem(fit.normalised, series.get_geometry(), series.pixel_size, fit.data, fit.loss, fit.gain,
                          fit.profile, fit.d_min, s.repulsion)
     problem.upload(with_moments({k: v for k, v in fit.problem.state().items() if k in ("pos", "amp", "sigma")}))
     rng = np.random.default_rng(s.seed)
-    for i in range(steps):
-        problem.step(learning_rates(s, i, steps), choose_batch(rng, problem.n_tilts, s.batch), align=False,
-                     fit_offsets=fit.loss != "poisson", fix_gauge=False)
+    convergence = Convergence(s.lr_final)
+    for step in range(1, cap + 1):
+        problem.step(convergence.learning_rates(s, LEARNING_RATES), choose_batch(rng, problem.n_tilts, s.batch),
+                     align=False, fit_offsets=fit.loss != "poisson", fix_gauge=False)
+        if step % CHECK_EVERY == 0 and convergence.settled(problem.series_loss(), problem.model.largest_step()):
+            if not convergence.step_down():
+                break
     return problem
 
 
@@ -46,11 +52,10 @@ def select_alignment(fit) -> tuple[dict, FitProblem | None]:
     from scipy import stats
 
     n = fit.series.n_tilts
-    steps = max(fit.settings.iters // 4, 1)
+    steps = max(fit.settings.iters // 4, CHECK_EVERY)
     nominal = nominal_refit(fit, steps)
-    pixels = fit.normalised.size
-    loss_refined, loss_nominal = fit.problem.full_loss(), nominal.full_loss()
-    gain = (loss_nominal - loss_refined) * pixels  # log-likelihood gain of the refined alignment
+    loss_refined, loss_nominal = fit.problem.series_loss(fresh=True), nominal.series_loss(fresh=True)
+    gain = loss_nominal - loss_refined  # nats: the log-likelihood gain of the refined alignment
     if fit.loss == "poisson":
         statistic, dispersion, area = 2 * gain, None, None
     else:
@@ -62,8 +67,8 @@ def select_alignment(fit) -> tuple[dict, FitProblem | None]:
     p_value = float(stats.chi2.sf(statistic, dof))
     kept = p_value < ALIGNMENT_SIGNIFICANCE
     record = {"kept": kept, "statistic": float(statistic), "dof": dof, "p_value": p_value,
-              "significance": ALIGNMENT_SIGNIFICANCE, "nominal_refit_steps": steps,
-              "loss_refined": loss_refined, "loss_nominal": loss_nominal,
+              "significance": ALIGNMENT_SIGNIFICANCE, "nominal_refit_cap": steps,
+              "loss_refined_nats": loss_refined, "loss_nominal_nats": loss_nominal,
               "residual_variance": dispersion, "correlation_area_px": area,
               "verdict": ("the refined alignment explains the data better than its parameters can by chance: kept"
                           if kept else "the refined alignment does not fit significantly better than the nominal "

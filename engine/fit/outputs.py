@@ -48,7 +48,9 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
             raise InputError(out_dir, f"has no {CHECKPOINT} to resume from")
         meta = read_checkpoint_meta(out_dir / CHECKPOINT)
         iters = meta["settings"].get("iters")
-        if (out_dir / "atoms.xyz").exists() and iters is not None and meta["iteration"] >= iters:
+        finished = (meta.get("schedule") or {}).get("stop") in ("converged", "reached the iteration cap") or (
+            iters is not None and meta["iteration"] >= iters)
+        if (out_dir / "atoms.xyz").exists() and finished:
             raise InputError(out_dir, f"holds a finished fit ({meta['iteration']} iterations, atoms.xyz); nothing "
                                       f"to resume (to fit again, give it as the output folder with --overwrite)")
         writable_folder(out_dir)

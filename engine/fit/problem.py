@@ -93,7 +93,12 @@ class FitProblem:
         """Predicted projections ``indices`` (normalised units): the atoms rendered in the current
         geometry, with each projection's intensity scale and offset."""
         indices = np.asarray(indices).reshape(-1)
-        images = self.projector.render(self.model.cloud, indices)
+        # Through the training fields: a step renders its batch afresh, so nothing in them outlives a
+        # step, and `render`'s fields of its own would mean compiling the forward kernel again.
+        unique, inverse = np.unique(indices, return_inverse=True)
+        self.projector.set_batch(unique)
+        self.projector.forward(self.model.cloud)
+        images = self.projector.images_numpy()[unique][inverse.reshape(-1)]
         if self.refiner is not None:
             images = images * self.refiner.alignment.intensity_scale[indices, None, None]
         return images + self.target.offsets()[indices, None, None]
@@ -106,13 +111,15 @@ class FitProblem:
         if "offsets" in state:
             self.target.intensity_offset.from_numpy(np.asarray(state["offsets"], self.target.np_dtype))
 
-    def full_loss(self) -> float:
-        """The loss per pixel over every projection for the atoms as they stand."""
-        every = np.arange(self.n_tilts)
-        if self.projector.batch_size != self.n_tilts:
-            self.projector.set_batch(every)
-        self.projector.forward(self.model.cloud)
-        return self.target.loss_value(self.n_tilts)
-
     def loss_value(self) -> float:
         return self.target.loss_value(self.projector.batch_size)
+
+    def series_loss(self, fresh: bool = False) -> float:
+        """The loss of the whole series in nats (per-pixel loss × pixels) at the atoms of the last
+        forward pass (``fresh``: at the atoms as they stand); a mini-batch fit renders every
+        projection for it first."""
+        if fresh or self.projector.batch_size < self.n_tilts:
+            self.projector.set_batch(np.arange(self.n_tilts))
+            self.projector.forward(self.model.cloud)
+        t = self.target
+        return self.loss_value() * t.n_proj * t.height * t.width

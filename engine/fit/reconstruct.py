@@ -132,7 +132,9 @@ class Reconstruction:
     def report_extra(self) -> dict:
         return {"model": "per-atom", "noise_model": {"kind": self.noise.kind, "gain": self.gain,
                                                      "reason": self.noise.reason},
-                "extended": self.extended, "alignment_selection": self.alignment_selection}
+                "extended": self.extended, "alignment_selection": self.alignment_selection,
+                "stopped": {"reason": self.trainer.stop_reason, "iteration": self.iteration,
+                            "density_rounds": self.trainer.schedule["rounds"]}}
 
     # ------------------------------------------------------------------ running
     def resume(self, checkpoint) -> None:
@@ -156,6 +158,9 @@ class Reconstruction:
             self.start_from(self.seeds())
         self.trainer.run(None if observer is None else lambda: observer(self))
         if self.refiner is not None:
+            if self.trainer.progress:
+                print("[atomsplat] testing the refined alignment against the nominal geometry (a refit of the "
+                      "same atoms)", file=sys.stderr)
             self.alignment_selection, nominal = select_alignment(self)
             if nominal is not None:
                 self.problem = nominal
@@ -164,12 +169,12 @@ class Reconstruction:
         s = self.settings
         if s.species and s.thermal_refits > 0:
             if self.trainer.progress:
-                print(f"[atomsplat] calibrating B-factors ({s.thermal_refits} steps per refit)", file=sys.stderr)
+                print(f"[atomsplat] calibrating B-factors (at most {s.thermal_refits} steps per refit)", file=sys.stderr)
             t0 = time.perf_counter()
             state = self.problem.state()
             species = self._species(state["amp"] * self.data.scale, state["sigma"])[0]
-            self.b_factors = calibrate_b_factors(state, species, self.series, self.geometry, self.data, self.loss,
-                                                 self.gain, self.profile, self.d_min, s)
+            self.b_factors = calibrate_b_factors(self.problem, state, species, self.series, self.normalised,
+                                                 self.data, s)
             self.thermal_seconds = time.perf_counter() - t0
         if observer is not None:
             observer(self)

@@ -25,7 +25,7 @@ def _finish(s) -> None:
 
 
 FIT_SCHEMA = Schema("FitSettings", [
-    Setting("iters", int, 800, "optimisation steps", check=positive),
+    Setting("iters", int, 800, "most optimisation steps: the fit stops earlier when converged", check=positive),
     Setting("batch", int, None, "projections per step (not set: all)", check=positive),
     Setting("seed", int, 0, "random seed (mini-batches, splits)", check=non_negative),
     Setting("species", list, [], "expected elements, e.g. Pt,Ni: sets d_min, labels atoms, estimates B-factors",
@@ -58,11 +58,11 @@ FIT_SCHEMA = Schema("FitSettings", [
     Setting("lr_angle", float, 0.01, "Adam learning rate of tilt-angle offsets and the axis angle",
             "degrees per step", check=positive),
     Setting("lr_intensity", float, 0.002, "Adam learning rate of log intensity scales", check=positive),
-    Setting("lr_final", float, 0.02, "final learning rates as a fraction of the first (cosine decay)",
+    Setting("lr_final", float, 0.02, "lowest learning rates as a fraction of the first (stepped down ×0.1 whenever the fit settles)",
             check=fraction),
-    Setting("align_start", float, 0.1, "fraction of the run before the alignment moves", check=fraction),
-    Setting("densify_every", int, 100, "steps between density-control rounds", check=positive),
-    Setting("densify_until", float, 0.6, "fraction of the run with atom-count changes; the rest only refines",
+    Setting("align_start", float, 0.1, "the alignment moves once the atom count is final, at the latest after this fraction of --iters", check=fraction),
+    Setting("densify_every", int, 100, "most steps between density-control rounds (a round comes sooner when the fit settles)", check=positive),
+    Setting("densify_until", float, 0.6, "no atom-count changes after this fraction of --iters (counting ends sooner, at a round that changes nothing)",
             check=fraction),
     Setting("cull_fraction", float, 0.3, "cull atoms fainter than this fraction of the median amplitude",
             check=non_negative),
@@ -73,7 +73,7 @@ FIT_SCHEMA = Schema("FitSettings", [
             "(0: off)", check=non_negative),
     Setting("voxel", float, 0.5, "back-projection grid for seeding and spawning", "Å", check=positive),
     Setting("checkpoint_every", int, 200, "steps between checkpoints", check=positive),
-    Setting("thermal_refits", int, 150, "steps of each B-factor calibration refit (0: no B-factors)",
+    Setting("thermal_refits", int, 150, "most steps of each B-factor calibration refit, which stops when converged (0: no B-factors)",
             check=non_negative),
 ], finish=_finish)
 

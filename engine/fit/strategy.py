@@ -1,13 +1,13 @@
 """Density control: the strategy that changes the number of atoms during a fit, kept apart from the
-training loop (as gsplat's `Strategy`). Before each step the trainer calls `step_pre`; every
-``densify_every`` steps during the first ``densify_until`` of the run it runs one round:
+training loop (as gsplat's `Strategy`). The trainer decides when a round is due (`engine.fit.trainer`:
+when the fit has settled, until a round changes nothing); `round` runs one:
 
 1. cull atoms fainter than ``cull_fraction`` of the median amplitude (of the atoms every view sees),
    whose amplitude does not stand out of the residual (`SeedVolumes.significant`), or outside the support;
 2. merge pairs closer than d_min, closest first, into their amplitude-weighted mean;
 3. split atoms wider than ``split_width`` × the median width into two halves 1.2 σ apart;
 4. spawn atoms at peaks of the back-projected residual (above ``spawn_fraction`` of a typical
-   atom's back-projection) that have no atom within d_min; not in the last round, which only removes.
+   atom's back-projection) that have no atom within d_min; not in a round that only removes.
 
 Host neighbour queries use scipy's k-d tree.
 """
@@ -20,6 +20,32 @@ from scipy.spatial import cKDTree
 from engine.fit.problem import with_moments
 
 
+def closest_first_matching(pos: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (i < j, rows of ``pairs``) that merging closest pair first takes, each atom in at most
+    one: the same as walking the pairs by distance (ties by i, then j) and taking every pair whose two
+    atoms are both still free, but in O(P log P) array passes instead of a Python loop. A pair that is
+    the first in that order among all free pairs touching either of its atoms is taken in the walk
+    too (nothing before it can claim its atoms), so taking all such pairs at once, freeing the rest
+    and repeating gives the walk's result."""
+    d = np.linalg.norm(pos[pairs[:, 0]] - pos[pairs[:, 1]], axis=1)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], d))
+    i, j = pairs[order, 0], pairs[order, 1]
+    rank = np.arange(len(order))
+    taken_i, taken_j = [], []
+    while len(rank):
+        first = np.full(len(pos), len(order))
+        np.minimum.at(first, i, rank)
+        np.minimum.at(first, j, rank)
+        take = (first[i] == rank) & (first[j] == rank)
+        taken_i.append(i[take])
+        taken_j.append(j[take])
+        busy = np.zeros(len(pos), bool)
+        busy[i[take]] = busy[j[take]] = True
+        free = ~(busy[i] | busy[j])
+        i, j, rank = i[free], j[free], rank[free]
+    return np.concatenate(taken_i), np.concatenate(taken_j)
+
+
 class DensityControl:
     """settings: the fit's settings (cull_fraction, split_width, spawn_fraction, densify_every,
     densify_until); volumes: the `SeedVolumes`; rng: the fit's NumPy generator (split directions)."""
@@ -27,22 +53,16 @@ class DensityControl:
     def __init__(self, settings, volumes, d_min: float, rng: np.random.Generator, blur: float = 0.0):
         self.settings, self.volumes, self.d_min, self.rng, self.blur = settings, volumes, d_min, rng, blur
 
-    def counting(self, iteration: int, total: int) -> bool:
-        """Whether step ``iteration`` of ``total`` still belongs to the phase that changes the count."""
-        return iteration < int(self.settings.densify_until * total)
-
-    def step_pre(self, problem, iteration: int, total: int) -> dict | None:
-        """Before step ``iteration``: a round when one is due; returns its changes, else None."""
-        if not (self.counting(iteration, total) and iteration > 0 and iteration % self.settings.densify_every == 0):
-            return None
+    def round(self, problem, spawn: bool = True) -> dict:
+        """One round on ``problem``'s atoms; returns how many were culled, merged, split and spawned.
+        Without ``spawn`` it only removes (the last round: an atom spawned then would never be tested)."""
         if problem.refiner is not None:  # the volumes follow the refined geometry
             self.volumes.set_geometry(problem.geometry)
         state = problem.state()
         significant = self.volumes.significant(state, problem.predicted(np.arange(problem.n_tilts)), self.blur)
         state, changes = self.cull_merge_split(state, significant)
         problem.upload(state)  # the residual that guides spawning is that of the atoms kept so far
-        if not self.counting(iteration + self.settings.densify_every, total):
-            # The last round only removes: an atom spawned now would never be tested again.
+        if not spawn:
             changes["spawned"] = 0
             return changes
         spawned = self.spawn(state, problem.predicted(np.arange(problem.n_tilts)))
@@ -66,18 +86,19 @@ class DensityControl:
 
         pairs = cKDTree(state["pos"]).query_pairs(self.d_min, output_type="ndarray") if len(state["pos"]) else []
         if len(pairs):
-            d = np.linalg.norm(state["pos"][pairs[:, 0]] - state["pos"][pairs[:, 1]], axis=1)
+            i, j = closest_first_matching(state["pos"], pairs)
+            a = state["amp"]
+            w_i, w_j = a[i] / (a[i] + a[j]), a[j] / (a[i] + a[j])
+            state["pos"][i] = w_i[:, None] * state["pos"][i] + w_j[:, None] * state["pos"][j]
+            state["sigma"][i] = w_i * state["sigma"][i] + w_j * state["sigma"][j]
+            state["amp"][i] = a[i] + a[j]
+            state["m"][i], state["v"][i], state["age"][i] = 0, 0, 0
             alive = np.ones(len(state["pos"]), bool)
-            for i, j in pairs[np.lexsort((pairs[:, 1], pairs[:, 0], d))]:
-                if alive[i] and alive[j]:
-                    w = state["amp"][[i, j]] / state["amp"][[i, j]].sum()
-                    state["pos"][i] = w @ state["pos"][[i, j]]
-                    state["sigma"][i] = w @ state["sigma"][[i, j]]
-                    state["amp"][i] = state["amp"][[i, j]].sum()
-                    state["m"][i], state["v"][i], state["age"][i] = 0, 0, 0
-                    alive[j] = False
-            changes["merged"] = int((~alive).sum())
+            alive[j] = False
+            changes["merged"] = len(j)
             state = {k: v[alive] for k, v in state.items()}
+        else:
+            changes["merged"] = 0
 
         wide = state["sigma"] > s.split_width * np.median(state["sigma"])
         changes["split"] = int(wide.sum())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import signal
 import sys
 import threading
@@ -24,17 +23,11 @@ import numpy as np
 
 from engine.core.errors import InputError
 from engine.core.files import write_atomically
+from engine.fit.convergence import CAPPED, CHECK_EVERY, CONVERGED, INTERRUPTED, Convergence
 
 CHECKPOINT = "checkpoint.npz"
 GAUGE_EVERY = 10  # steps between moving the alignment's gauge directions onto the atoms
 LEARNING_RATES = ("lr_position", "lr_amplitude", "lr_width", "lr_shift", "lr_angle", "lr_intensity")
-
-
-def learning_rates(settings, iteration: int, steps: int) -> dict:
-    """Every learning rate (the settings' lr_*) at ``iteration`` of ``steps``: cosine decay from the
-    set value to ``lr_final`` of it."""
-    factor = settings.lr_final + (1 - settings.lr_final) * 0.5 * (1 + math.cos(math.pi * iteration / steps))
-    return {name: getattr(settings, name) * factor for name in LEARNING_RATES}
 
 
 def data_fingerprint(series) -> dict:
@@ -133,7 +126,15 @@ def deferred_interrupt():
 
 
 class Trainer:
-    """Runs ``settings.iters`` steps of a `FitProblem` with a `DensityControl` strategy.
+    """Steps a `FitProblem` with a `DensityControl` strategy until it converges
+    (`engine.fit.convergence`), at most ``settings.iters`` steps.
+
+    The schedule reads off the fit, not the step count: density-control rounds come when the fit has
+    settled at the first learning rate (or ``densify_every`` steps after the last round, and only
+    during the first ``densify_until`` of the cap); once a round changes nothing, the count is final
+    and each further settling lowers the learning rates, until the lowest rates settle too. When the
+    alignment is refined it starts once the count is final (at the latest at ``align_start`` of the
+    cap), and the rates step down only after it has run.
 
     out_dir : where checkpoints go.   rng : the fit's generator (mini-batches; shared with the strategy).
     fingerprint : a callable giving the data's `data_fingerprint` (called once, at the first checkpoint).
@@ -147,40 +148,96 @@ class Trainer:
         self.iteration = 0
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"densify": 0.0, "refine": 0.0}
+        self.convergence = Convergence(settings.lr_final)
+        # The schedule's own state (all of it goes into checkpoints).
+        self.schedule = {"counting": True, "last_round": 0, "round_due": False, "align_from": None,
+                         "stop": None, "rounds": 0}
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the fit stopped: `CONVERGED`, `CAPPED`, `INTERRUPTED`, or None while it runs."""
+        return self.schedule["stop"]
+
+    def _align_from(self) -> int:
+        """The first step that moves the alignment (the cap when it is not refined)."""
+        s = self.settings
+        if self.problem.refiner is None:
+            return s.iters
+        start = int(s.align_start * s.iters)
+        return start if self.schedule["align_from"] is None else min(start, self.schedule["align_from"])
+
+    def _check(self) -> None:
+        """Every CHECK_EVERY steps: the loss history, and the schedule's decisions (see the class)."""
+        problem, sched, s = self.problem, self.schedule, self.settings
+        loss = problem.series_loss()
+        pixels = problem.target.n_proj * problem.target.height * problem.target.width
+        self.history["iteration"].append(self.iteration)
+        self.history["loss"].append(loss / pixels)
+        self.history["atoms"].append(problem.model.count)
+        if not self.convergence.settled(loss, problem.model.largest_step()):
+            return
+        if sched["counting"]:
+            sched["round_due"] = True
+        elif problem.refiner is not None and self.iteration < self._align_from():
+            sched["align_from"] = self.iteration  # the count is final: the alignment may move now
+            self.convergence.restart()
+        elif not self.convergence.step_down():
+            sched["stop"] = CONVERGED
+
+    def _round(self) -> None:
+        """A density-control round when one is due; a round that changes nothing ends counting (every
+        atom spawned before it has then been tested once more)."""
+        s, sched = self.settings, self.schedule
+        if sched["counting"] and self.iteration >= int(s.densify_until * s.iters):
+            # Counting ends by the cap: a last round that only removes (no atom left untested).
+            self.strategy.round(self.problem, spawn=False)
+            sched.update(counting=False, last_round=self.iteration, rounds=sched["rounds"] + 1)
+            self.convergence.restart()
+        if not sched["counting"]:
+            return
+        if not (sched["round_due"] or self.iteration - sched["last_round"] >= s.densify_every):
+            return
+        changes = self.strategy.round(self.problem)
+        sched.update(round_due=False, last_round=self.iteration, rounds=sched["rounds"] + 1)
+        if any(changes.values()):
+            self.convergence.restart()
+        else:
+            sched["counting"] = False
 
     def run(self, observer=None) -> None:
-        """Step to ``settings.iters``, calling ``observer()`` after every step."""
+        """Step until converged or ``settings.iters``, calling ``observer()`` after every step."""
         from tqdm import tqdm
 
-        s, problem = self.settings, self.problem
-        align_begin = int(s.align_start * s.iters) if problem.refiner is not None else s.iters
+        s, problem, sched = self.settings, self.problem, self.schedule
         bar = tqdm(total=s.iters, initial=self.iteration, disable=not self.progress, unit="it", file=sys.stderr,
                    dynamic_ncols=True)
         with deferred_interrupt() as interrupted:
-            while self.iteration < s.iters:
+            while self.iteration < s.iters and sched["stop"] is None:
                 if interrupted():
                     bar.close()
+                    sched["stop"] = INTERRUPTED
                     self.save_checkpoint()  # the last completed step
+                    sched["stop"] = None
                     raise KeyboardInterrupt
                 t0 = time.perf_counter()
-                counting = self.strategy.counting(self.iteration, s.iters)
-                self.strategy.step_pre(problem, self.iteration, s.iters)
-                align = self.iteration >= align_begin
-                problem.step(learning_rates(s, self.iteration, s.iters), choose_batch(self.rng, problem.n_tilts, s.batch), align,
+                counting = sched["counting"]
+                self._round()
+                lr = self.convergence.learning_rates(s, LEARNING_RATES)
+                problem.step(lr, choose_batch(self.rng, problem.n_tilts, s.batch), self.iteration >= self._align_from(),
                              fit_offsets=problem.target.loss != "poisson", fix_gauge=self.iteration % GAUGE_EVERY == 0)
                 self.iteration += 1
+                if self.iteration % CHECK_EVERY == 0 or self.iteration == s.iters:
+                    self._check()
+                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4g}", atoms=problem.model.count,
+                                    lr=f"{self.convergence.factor:.2g}", refresh=False)
                 self.phase_seconds["densify" if counting else "refine"] += time.perf_counter() - t0
-                if self.iteration % 10 == 0 or self.iteration == s.iters:
-                    loss = problem.loss_value()
-                    self.history["iteration"].append(self.iteration)
-                    self.history["loss"].append(loss)
-                    self.history["atoms"].append(problem.model.count)
-                    bar.set_postfix(loss=f"{loss:.4g}", atoms=problem.model.count, refresh=False)
                 bar.update(1)
                 if self.iteration % s.checkpoint_every == 0:
                     self.save_checkpoint()
                 if observer is not None:
                     observer()
+        if sched["stop"] is None:
+            sched["stop"] = CAPPED
         bar.close()
         self.save_checkpoint()
 
@@ -198,7 +255,8 @@ class Trainer:
         payload.update({f"data_{k}": v for k, v in self.problem.data_state().items()})
         payload["meta"] = np.array(json.dumps({
             "iteration": self.iteration, "settings": asdict(self.settings), "history": self.history,
-            "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state, "data": self.fingerprint()}))
+            "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state, "data": self.fingerprint(),
+            "schedule": self.schedule, "convergence": self.convergence.state()}))
         path = self.out_dir / CHECKPOINT
         write_atomically(path, lambda tmp: np.savez(tmp, **payload))
         return path
@@ -220,6 +278,9 @@ class Trainer:
         self.history = meta["history"]
         self.phase_seconds = meta["phase_seconds"]
         self.rng.bit_generator.state = meta["rng"]
+        if "schedule" in meta:  # older checkpoints ran a fixed schedule: they continue with this one from its start
+            self.schedule = {**meta["schedule"], "stop": None}  # a checkpoint is of a fit still running
+            self.convergence.load_state(meta["convergence"])
         if self.problem.refiner is not None and alignment:
             self.problem.refiner.load_state(alignment)
             self.problem.apply_alignment()

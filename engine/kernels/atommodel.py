@@ -58,6 +58,7 @@ class AtomModel:
         self.m = ti.Vector.field(5, dtype, self.capacity)
         self.v = ti.Vector.field(5, dtype, self.capacity)
         self.age = ti.field(ti.i32, self.capacity)
+        self.moved = ti.field(dtype, self.capacity)  # Å each atom moved in the last Adam step
 
     @property
     def numpy_dtype(self):
@@ -132,7 +133,9 @@ class AtomModel:
             step, m, v = adam_direction(g, self.m[i], self.v[i], self.age[i], self.dtype)
             self.m[i] = m
             self.v[i] = v
-            self.pos[i] -= lr_pos * ti.Vector([step[0], step[1], step[2]])
+            move = lr_pos * ti.Vector([step[0], step[1], step[2]])
+            self.pos[i] -= move
+            self.moved[i] = move.norm()
             self.log_amp[i] -= lr_amp * step[3]
             self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], self.dtype(LOG_SIGMA_MIN)),
                                        self.dtype(LOG_SIGMA_MAX))
@@ -163,6 +166,10 @@ class AtomModel:
         """Move every atom rigidly, p → R p + t (Å), and scale every amplitude by exp(log_amp_shift)."""
         self._transform(self.cloud, self.count, ti.Matrix(np.asarray(rotation, np.float32)),
                         ti.Vector(np.asarray(translation, np.float32)), float(log_amp_shift))
+
+    def largest_step(self) -> float:
+        """The largest distance (Å) any atom moved in the last `adam_step` (0 without atoms)."""
+        return float(self.moved.to_numpy()[:self.count].max()) if self.count else 0.0
 
     def adam_step(self, lr_pos: float, lr_amp: float, lr_sigma: float, grad_scale: float = 1.0) -> None:
         """One Adam step from the gradients in ``cloud``, which then holds the updated atoms; learning

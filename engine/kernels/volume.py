@@ -215,9 +215,18 @@ def suppress_close(positions: np.ndarray, values: np.ndarray, distance: float) -
     one. Candidates must come brightest first."""
     from scipy.spatial import cKDTree
 
-    keep = np.ones(len(positions), bool)
-    # Pairs sorted by their first (brighter) member: a candidate's fate is settled before it suppresses.
-    for i, j in sorted(cKDTree(positions).query_pairs(distance)):
-        if keep[i]:
-            keep[j] = False
+    pairs = cKDTree(positions).query_pairs(distance, output_type="ndarray") if len(positions) else np.zeros((0, 2), int)
+    brighter, dimmer = pairs.min(axis=1), pairs.max(axis=1)
+    # The greedy walk, brightest first, in array passes instead of a Python loop over candidates: an
+    # undecided candidate none of whose brighter neighbours is kept or undecided is kept; one with a
+    # kept brighter neighbour is dropped. The brightest undecided one is always settled, so it ends.
+    UNDECIDED, KEPT, DROPPED = 0, 1, 2
+    status = np.zeros(len(positions), np.int8)
+    while (status == UNDECIDED).any():
+        blocked = np.zeros(len(positions), bool)
+        blocked[dimmer[status[brighter] != DROPPED]] = True
+        status[(status == UNDECIDED) & ~blocked] = KEPT
+        suppressed = dimmer[status[brighter] == KEPT]
+        status[suppressed[status[suppressed] == UNDECIDED]] = DROPPED
+    keep = status == KEPT
     return positions[keep], values[keep]
