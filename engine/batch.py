@@ -167,13 +167,11 @@ def finished_report(out_dir: Path, settings, series) -> dict | None:
     return report
 
 
-def fit_series(job: SeriesJob, arch: str = "auto", overwrite: bool = False, previous: dict | None = None,
-               threads: int | None = None) -> dict:
+def fit_series(job: SeriesJob, arch: str = "auto", overwrite: bool = False, previous: dict | None = None) -> dict:
     """Run one series (in a Dask worker, or here) and return its summary row; never raises for a bad
     series: its row says ``failed`` and why. ``previous``: the row of the state before (time series),
     whose atoms start this fit (a warm start; when that state failed, the atoms it would have started
-    from). ``threads``: the CPU backend's threads (set before
-    Taichi starts in this process)."""
+    from)."""
     from engine.api import load_series, reconstruct
     from engine.fit.settings import fit_settings
     from engine.fit.trainer import CHECKPOINT
@@ -182,8 +180,6 @@ def fit_series(job: SeriesJob, arch: str = "auto", overwrite: bool = False, prev
     row = {"name": job.name, "data": job.data, "out_dir": job.out_dir, "status": "failed", "n_atoms": None,
            "final_loss": None, "iterations": None, "f1": None, "rmsd_pm": None, "wall_seconds": None,
            "init": None, "error": None}
-    if threads is not None:
-        os.environ["ATOMSPLAT_THREADS"] = str(threads)
     try:
         settings = dict(job.settings)
         if previous is not None:  # the last state before that has atoms (none: a cold start)
@@ -226,9 +222,10 @@ def gpu_count() -> int:
 
 def local_cluster(workers: int | None = None, quiet: bool = True):
     """A local Dask cluster of worker processes (each a Nanny running one task at a time): ``workers``
-    of them sharing the cores, else one per GPU (each seeing its own GPU), else one with every core.
+    of them sharing the cores, else one per GPU, else one with every core (with GPUs, worker i sees
+    GPU i mod their number).
     Each worker's CPU backend gets cores // workers threads (ATOMSPLAT_THREADS). The workers ignore
-    Ctrl-C: the client stops them. Returns (cluster, threads per worker)."""
+    Ctrl-C: the client stops them."""
     from distributed import Nanny, Scheduler, SpecCluster
 
     from engine.core.backend import cpu_threads
@@ -239,20 +236,28 @@ def local_cluster(workers: int | None = None, quiet: bool = True):
     specs = {}
     for i in range(n):
         env = {"ATOMSPLAT_THREADS": str(threads), "OMP_NUM_THREADS": "1"}
-        if gpus and workers is None:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         specs[f"atomsplat-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "env": env,
                                                               "silence_logs": logging.ERROR if quiet else None}}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "dashboard": False}}
     # Children inherit an ignored SIGINT (across exec too): Ctrl-C then reaches only this process.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    # Workers stopped in the middle of a task leave their queues' semaphores to multiprocessing's
+    # resource tracker (started now, with this environment), which removes them and says so: not news.
+    warnings_before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings_before, "ignore:resource_tracker:UserWarning"]))
     try:
         cluster = SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.ERROR if quiet else False,
                               name="atomsplat")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return cluster, threads
+        if warnings_before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = warnings_before
+    return cluster
 
 
 def _main_thread() -> bool:
@@ -283,6 +288,7 @@ def run_batch(sources, out_dir="out/batch", *, settings: dict | None = None, wor
     from engine.core.backend import ARCH_CHOICES
     from engine.core.files import make_folder, writable_folder
     from engine.core.settings import SettingError
+    from engine.fit.settings import fit_settings
 
     if arch not in ARCH_CHOICES:
         raise SettingError("arch", f"unknown backend {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
@@ -292,6 +298,7 @@ def run_batch(sources, out_dir="out/batch", *, settings: dict | None = None, wor
         raise InputError("--workers", "sizes a local cluster; an existing one (--scheduler) has its own workers")
     if not (isinstance(track_radius, (int, float)) and 0 < track_radius < float("inf")):
         raise InputError("--track-radius", f"must be a positive number of Å, got {track_radius!r}")
+    fit_settings(settings)  # the batch's own settings are checked before any work; a list entry's when it runs
     out_dir = Path(os.path.normpath(out_dir))
     writable_folder(out_dir)
     jobs = batch_jobs(sources, out_dir, settings)
@@ -304,9 +311,9 @@ def run_batch(sources, out_dir="out/batch", *, settings: dict | None = None, wor
         else:
             from distributed import Client
 
-            cluster, threads = (None, None) if scheduler is not None else local_cluster(workers)
+            cluster = None if scheduler is not None else local_cluster(workers)
             with Client(scheduler if scheduler is not None else cluster, set_as_default=False) as client:
-                _collect(_run_on_dask(client, jobs, arch, overwrite, time_series, threads), rows, progress)
+                _collect(_run_on_dask(client, jobs, arch, overwrite, time_series), rows, progress)
     except KeyboardInterrupt:
         _finish(out_dir, jobs, rows, time.perf_counter() - started, time_series, track_radius)
         done = sum(r["status"] in ("done", "skipped") for r in rows.values())
@@ -324,24 +331,27 @@ def _row_not_run(job: SeriesJob) -> dict:
     return {"name": job.name, "data": job.data, "out_dir": job.out_dir, "status": "not run"}
 
 
-def _run_on_dask(client, jobs, arch, overwrite, time_series, threads):
+def _run_on_dask(client, jobs, arch, overwrite, time_series):
     """One task per series, yielding (name, row) as they finish; in a time series each task takes
     the previous one's row (Dask passes the result along, so the states run in order)."""
     from distributed import as_completed
 
     futures, previous = {}, None
     for job in jobs:
-        future = client.submit(fit_series, job, arch, overwrite, previous, threads, key=f"atomsplat-{job.name}",
-                               pure=False)
+        future = client.submit(fit_series, job, arch, overwrite, previous, key=f"atomsplat-{job.name}", pure=False)
         futures[future] = job
         previous = future if time_series else None
-    for future in as_completed(list(futures), loop=client.loop):
-        job = futures[future]
-        try:
-            row = future.result()
-        except Exception as err:  # the task itself could not run (a worker lost, say)
-            row = {**_row_not_run(job), "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        yield job.name, row
+    try:
+        for future in as_completed(list(futures), loop=client.loop):
+            job = futures[future]
+            try:
+                row = future.result()
+            except Exception as err:  # the task itself could not run (a worker lost, say)
+                row = {**_row_not_run(job), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+            yield job.name, row
+    except KeyboardInterrupt:
+        client.cancel(list(futures), force=True)  # stop the tasks before the cluster goes
+        raise
 
 
 def _run_here(jobs, arch, overwrite, time_series):

@@ -14,8 +14,6 @@ import pytest
 
 from engine.io.atoms import Atoms
 
-pytest.importorskip("distributed")
-
 FIT = {"species": ["Au"], "iters": 60, "thermal_refits": 0}
 TILTS = "-60:60:10"
 
@@ -37,6 +35,7 @@ def cuboctahedron(shells: int, euler) -> np.ndarray:
 
 @pytest.mark.slow
 def test_two_workers_match_separate_fits_bad_series_reported_rerun_does_nothing(tmp_path):
+    pytest.importorskip("distributed")
     from engine.api import load_series, reconstruct
     from engine.batch import SeriesJob, fit_series, run_batch
 

@@ -35,7 +35,8 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
 
     resume    : the folder must hold an unfinished fit's checkpoint; returns its bookkeeping (iteration,
                 settings, data fingerprint: `engine.fit.trainer.read_checkpoint_meta`). A finished fit
-                (atoms.xyz written after its last iteration) is refused: there is nothing to resume.
+                (report.json, the last output, written after its last iteration) is refused: there
+                is nothing to resume; one stopped while writing its outputs resumes to write them.
     otherwise : the folder must be writable, and one holding a fit (`EARLIER_FIT`) needs ``overwrite``.
     Raises InputError naming the folder."""
     from engine.fit.trainer import CHECKPOINT, read_checkpoint_meta
@@ -48,7 +49,7 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
             raise InputError(out_dir, f"has no {CHECKPOINT} to resume from")
         meta = read_checkpoint_meta(out_dir / CHECKPOINT)
         iters = meta["settings"].get("iters")
-        if (out_dir / "atoms.xyz").exists() and iters is not None and meta["iteration"] >= iters:
+        if (out_dir / "report.json").exists() and iters is not None and meta["iteration"] >= iters:
             raise InputError(out_dir, f"holds a finished fit ({meta['iteration']} iterations, atoms.xyz); nothing "
                                       f"to resume (to fit again, give it as the output folder with --overwrite)")
         writable_folder(out_dir)
