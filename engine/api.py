@@ -88,8 +88,8 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     require_tomography(series)
     noise = choose_noise_model(series, requested_noise(checked), checked.gain)  # refuses data the model cannot take
     truth_atoms = truth if truth is None or isinstance(truth, Atoms) else read_atoms(truth)
-    if checked.init is not None and len(read_atoms(checked.init)) == 0:  # read now: a bad file stops before any work
-        raise InputError(checked.init, "holds no atoms to start the fit from")
+    if checked.init is not None:
+        read_atoms(checked.init)  # a missing, unreadable or empty file stops before any work
     if meta is not None:
         check_checkpoint(Path(out_dir) / CHECKPOINT, meta, data_fingerprint(series), asdict(checked))
     out_dir = make_folder(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="atomsplat-"))

@@ -189,3 +189,15 @@ def test_batch_command_refuses_bad_input_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"atomsplat: error: {tmp_path / 'none*.npz'}: matches no file"]
     assert not out.exists()
+
+
+def test_warm_start_file_is_checked_before_any_work(tmp_path):
+    from engine.api import reconstruct, simulate
+    from engine.core.errors import InputError
+
+    series = simulate(Atoms(["Au"], [[0.0, 0.0, 0.0]]), "-60:60:30", 0.3, shape=(24, 24), arch="cpu")
+    (tmp_path / "empty.xyz").write_text("0\n\n")
+    for init, problem in ((tmp_path / "none.xyz", "none.xyz"), (tmp_path / "empty.xyz", "empty.xyz: empty structure")):
+        with pytest.raises(InputError, match=problem):
+            reconstruct(series, init=str(init), out_dir=tmp_path / "fit", arch="cpu", progress=False)
+        assert not (tmp_path / "fit").exists()

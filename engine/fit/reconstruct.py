@@ -151,6 +151,8 @@ class Reconstruction:
         """Seed or warm-start (unless resumed), train, calibrate B-factors; return the fitted atoms."""
         if not self.started:
             self.start_from(self.seeds())
+            if self.settings.init is not None:
+                self.strategy.round(self.problem)
         self.trainer.run(None if observer is None else lambda: observer(self))
         s = self.settings
         if s.species and s.thermal_refits > 0:

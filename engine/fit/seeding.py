@@ -87,9 +87,7 @@ def warm_start(path, images: np.ndarray, pixel_size: float, scale: float) -> dic
     them, else `initial_atoms`' equal share of the projected mass of ``images`` and σ 0.35 Å."""
     from engine.io.atoms import read_atoms
 
-    atoms = read_atoms(path)
-    if len(atoms) == 0:
-        raise InputError(path, "holds no atoms to start the fit from")
+    atoms = read_atoms(path)  # refuses a file without atoms
     n = len(atoms)
     share = projected_mass(images, pixel_size) / n
     amp = atoms.columns["amplitude"] / scale if "amplitude" in atoms.columns else np.full(n, share)

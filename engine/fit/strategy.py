@@ -34,6 +34,11 @@ class DensityControl:
         """Before step ``iteration``: a round when one is due; returns its changes, else None."""
         if not (self.counting(iteration, total) and iteration > 0 and iteration % self.settings.densify_every == 0):
             return None
+        return self.round(problem)
+
+    def round(self, problem) -> dict:
+        """One round on ``problem``'s atoms (also before the first step of a warm start, whose atoms
+        come from a finished fit, so that the residual already shows what changed)."""
         if problem.refiner is not None:  # the volumes follow the refined geometry
             self.volumes.set_geometry(problem.geometry)
         state, changes = self.cull_merge_split(problem.state())
