@@ -57,7 +57,8 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     """Fit atoms to ``series`` (a `TiltSeries` or a file path).
 
     settings  : the fit's settings (`engine.fit.settings`) as a dict; keyword ``overrides`` on top,
-                e.g. ``reconstruct(series, species=["Pt", "Ni"], iters=400)``.
+                e.g. ``reconstruct(series, species=["Pt", "Ni"], iters=400)``; ``init="atoms.xyz"``
+                starts from those atoms instead of seeding (a warm start).
     out_dir   : where atoms.xyz, report.json, the figures and checkpoints go (default: a new
                 temporary folder). A folder holding an earlier fit needs ``resume`` (continue its
                 checkpoint: the same data, its settings unless given, the same where given) or
@@ -89,6 +90,8 @@ def reconstruct(series, settings: dict | None = None, *, out_dir=None, arch: str
     require_tomography(series)
     noise = choose_noise_model(series, requested_noise(checked), checked.gain)  # refuses data the model cannot take
     truth_atoms = truth if truth is None or isinstance(truth, Atoms) else read_atoms(truth)
+    if checked.init is not None:
+        read_atoms(checked.init)  # a missing, unreadable or empty file stops before any work
     if meta is not None:
         check_checkpoint(Path(out_dir) / CHECKPOINT, meta, data_fingerprint(series), asdict(checked))
     out_dir = make_folder(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="atomsplat-"))

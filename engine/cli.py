@@ -1,4 +1,4 @@
-"""The `atomsplat` command line: simulate, info, reconstruct, validate, baseline, evaluate, run and view.
+"""The `atomsplat` command line: simulate, info, reconstruct, validate, baseline, evaluate, run, batch and view.
 
 Every bad input ends in one line `atomsplat: error: FILE: problem` (or `--option: problem`) and exit
 status 2, never a traceback, and everything is checked before any work, so a refused command leaves
@@ -522,6 +522,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from engine.batch import SUMMARY_JSON, TRAJECTORY, run_batch, summary_table
+    from engine.fit.settings import FIT_SCHEMA
+
+    result = run_batch(args.series, args.out, settings=FIT_SCHEMA.from_args(args), workers=args.workers,
+                       scheduler=args.scheduler, time_series=args.time_series, arch=args.arch,
+                       overwrite=args.overwrite, track_radius=args.track_radius, progress=not args.quiet)
+    print(summary_table(result.rows), end="")
+    print(f"summary: {result.out_dir / SUMMARY_JSON}" + (f", trajectory: {result.out_dir / TRAJECTORY}"
+                                                         if result.trajectory is not None else ""))
+    failed = [row for row in result.rows if row["status"] == "failed"]
+    for row in failed:
+        print(f"atomsplat: error: series {row['name']}: {row.get('error')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.io.tiltseries import add_series_arguments
     from viewer.cli import add_view_options, add_view_parser
@@ -613,6 +629,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(p)
     add_view_options(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("batch", help="reconstruct many tilt series on Dask (a local cluster or --scheduler), "
+                                     "or the states of a time series (--time-series)")
+    p.add_argument("series", nargs="+", help="tilt series files, glob patterns, or TOML lists ([[series]] data = ...)")
+    p.add_argument("--out", default="out/batch", help="folder of the summary (batch.json, batch.md); each series "
+                                                      "writes to OUT/<name> (default out/batch)")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per GPU, "
+                                                             "else one with every core; 0: no Dask, one "
+                                                             "series after another in this process)")
+    p.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run on this existing Dask cluster (e.g. tcp://host:8786) instead of a local one")
+    p.add_argument("--time-series", action="store_true",
+                   help="the series are successive states of one specimen: warm starts, atoms tracked into "
+                        "OUT/trajectory.json")
+    p.add_argument("--track-radius", type=float, default=1.0,
+                   help="time series: largest step in Å an atom makes and keeps its identity (default 1.0)")
+    p.add_argument("--overwrite", action="store_true", help="fit every series again, replacing its earlier outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from engine.fit.settings import FIT_SCHEMA
+
+    FIT_SCHEMA.add_arguments(p.add_argument_group("fit settings for every series (on top of a TOML list's)"))
+    _add_arch(p)
+    p.set_defaults(func=cmd_batch)
 
     add_view_parser(sub, _add_arch)
     return parser

@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lower first; a package may import its own and any lower one. classical and evaluate stand beside
 # the fit; api and the command line sit on top.
-LAYERS = ["core", "io", "kernels", "physics", "measure", "classical", "evaluate", "fit", "api", "validation", "scene", "cli"]
+LAYERS = ["core", "io", "kernels", "physics", "measure", "classical", "evaluate", "fit", "api", "validation", "batch",
+          "scene", "cli"]
 PEERS = {"classical": {"fit", "evaluate"}, "evaluate": {"fit", "classical"}}
 
 

@@ -72,7 +72,8 @@ def add_view_parser(sub, add_arch) -> None:
     """The `view` command; ``add_arch`` adds the shared --arch option."""
     p = sub.add_parser("view", help="show saved atoms (and their projections) in the viewer, render a PNG, "
                                     "or export a sphere mesh")
-    p.add_argument("atoms", help="atoms: .xyz (extended XYZ) or .pdb")
+    p.add_argument("atoms", help="atoms: .xyz (extended XYZ) or .pdb; or a time series' trajectory.json "
+                                 "(its states, atoms coloured by displacement: ← → step, or one frame per state)")
     p.add_argument("--data", metavar="SERIES", help="the tilt series the atoms were fitted to: shows measured, "
                                                     "predicted and residual projections")
     p.add_argument("--truth", help="true atoms: shows matched, missed and spurious atoms")
@@ -87,8 +88,8 @@ def add_view_parser(sub, add_arch) -> None:
                    help="no window: render the frame to --out (default ATOMS_view.png beside the atoms)")
     p.add_argument("--mesh", metavar="OUT", help="export the atoms as spheres to OUT.glb or OUT.ply (alone: "
                                                  "nothing else is shown or written)")
-    p.add_argument("--colour", choices=["species", "amplitude"], default=None,
-                   help="atom colours (default: species when known, else amplitude)")
+    p.add_argument("--colour", choices=["species", "amplitude", "displacement"], default=None,
+                   help="atom colours (default: species when known, else amplitude; a trajectory: displacement)")
     p.add_argument("--tilt", type=int, default=None, help="projection shown, 0-based (default: nearest 0°)")
     p.add_argument("--camera", type=float, nargs=2, metavar=("AZIMUTH", "ELEVATION"), default=None,
                    help="view direction in degrees: turned about the tilt axis, then tipped (0 0: along the beam "
@@ -113,6 +114,8 @@ def cmd_view(args) -> int:
     if args.camera is not None and not all(math.isfinite(v) for v in args.camera):
         raise InputError("--camera", f"azimuth and elevation must be finite numbers of degrees, got "
                                      f"{args.camera[0]:g} {args.camera[1]:g}")
+    if args.atoms.lower().endswith(".json"):
+        return _view_states(args)
     atoms = read_atoms(args.atoms)
     truth = read_atoms(args.truth) if args.truth else None
     for option in ("angles", "mat_key", "layout", "pixel"):
@@ -178,4 +181,43 @@ def cmd_view(args) -> int:
         print(f"atomsplat: no display found; rendering {out} instead", file=sys.stderr)
     write_image(compose_frame(result.snapshot(tilt), settings), out)
     print(f"wrote {out}")
+    return 0
+
+
+def _view_states(args) -> int:
+    """The states of a time series (`atomsplat batch --time-series`'s trajectory.json), atoms coloured
+    by how far they moved since the state before: a window stepping through them (← →), or one
+    frame per state (OUT_stateK.png) without a display."""
+    from engine.core.backend import init_backend
+    from engine.core.errors import InputError
+    from engine.core.files import writable_file
+    from engine.evaluate.tracking import state_atoms
+
+    from .frame import Snapshot, ViewSettings, compose_frame
+    from .window import LiveViewer, display_available, write_image
+
+    for option in ("data", "truth", "mesh", "alignment", "tilt"):
+        if getattr(args, option) is not None:
+            raise InputError("--" + option, "does not go with a trajectory (its states' atoms are shown)")
+    states = state_atoms(args.atoms)
+    top = max((float(a.columns["displacement_pm"].max(initial=0.0)) for _, a in states), default=0.0)
+    snapshots = [Snapshot(atoms=atoms, label=f"STATE {k} {name}") for k, (name, atoms) in enumerate(states)]
+    settings = ViewSettings(colour_mode=args.colour or "displacement", colour_max=max(top, 1.0))
+    if args.camera is not None:
+        settings.camera.set_angles(*args.camera)
+    headless = bool(args.out or args.headless) or not display_available()
+    base = Path(args.out) if args.out else Path(args.atoms).with_name(Path(args.atoms).stem + "_view.png")
+    outs = [base.with_name(f"{base.stem}_state{k}{base.suffix}") for k in range(len(states))]
+    if headless:
+        if base.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(base, f"give a file ending in {', '.join(IMAGE_SUFFIXES)}")
+        for out in outs:
+            writable_file(out, args.overwrite)
+    init_backend(args.arch, verbose=True)
+    if not headless:
+        LiveViewer(Path(args.atoms).parent, settings=settings).show_states(snapshots)
+        return 0
+    for snapshot, out in zip(snapshots, outs):
+        write_image(compose_frame(snapshot, settings), out)
+        print(f"wrote {out}")
     return 0

@@ -90,11 +90,13 @@ def default_camera() -> OrbitCamera:
 
 @dataclass
 class ViewSettings:
-    """How a frame is drawn: camera, colour mode ('species' or 'amplitude'), truth overlay (atoms
-    matched within ``match_radius`` Å, missed and spurious in `palette.TRUTH_COLOURS`)."""
+    """How a frame is drawn: camera, colour mode ('species', 'amplitude', or 'displacement': the
+    atoms' ``displacement_pm`` column over 0..``colour_max`` pm, a time series' states), truth
+    overlay (atoms matched within ``match_radius`` Å, missed and spurious in `palette.TRUTH_COLOURS`)."""
 
     camera: OrbitCamera = field(default_factory=default_camera)
     colour_mode: str = "species"
+    colour_max: float | None = None
     truth: Atoms | None = None
     show_truth: bool = False
     match_radius: float = 1.0
@@ -112,7 +114,7 @@ class ViewSettings:
 
 def atom_appearance(atoms: Atoms, settings: ViewSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """Spheres to draw and their legend: centres (N, 3) Å, radii (N,) Å, colours (N, 3), and legend
-    rows [(label, RGB 0..1)] or, for amplitudes, [("AMPLITUDE", (lo, hi))]."""
+    rows [(label, RGB 0..1)] or, for a colour map, [(label, (lo, hi))]."""
     radii = atom_radii(atoms.species, atoms.columns.get("width"))
     if settings.show_truth and settings.truth is not None:
         from engine.evaluate.metrics import match_atoms
@@ -134,6 +136,10 @@ def atom_appearance(atoms: Atoms, settings: ViewSettings) -> tuple[np.ndarray, n
     if settings.colour_mode == "amplitude" and "amplitude" in atoms.columns:
         lo, hi = amplitude_range(atoms.columns["amplitude"])
         return atoms.positions, radii, amplitude_colours(atoms.columns["amplitude"], lo, hi), [("AMPLITUDE", (lo, hi))]
+    if settings.colour_mode == "displacement" and "displacement_pm" in atoms.columns:
+        moved = atoms.columns["displacement_pm"]
+        hi = settings.colour_max or max(float(moved.max(initial=0.0)), 1.0)
+        return atoms.positions, radii, amplitude_colours(moved, 0.0, hi), [("DISPLACEMENT PM", (0.0, hi))]
     names = sorted(set(atoms.species.tolist()))
     legend = [("UNKNOWN" if s == UNKNOWN_SPECIES else s, element_colour(s)) for s in names]
     return atoms.positions, radii, species_colours(atoms.species), legend
@@ -172,16 +178,16 @@ def render_view(snapshot: Snapshot, settings: ViewSettings, shape=VIEW_BOX[2:]) 
 
 
 def _legend(image, rows, bottom: int, left: int) -> None:
-    """Swatch + label rows stacked upwards from ``bottom``; an ("AMPLITUDE", (lo, hi)) row is a
-    colour bar with its ends."""
+    """Swatch + label rows stacked upwards from ``bottom``; a (label, (lo, hi)) row is a colour bar
+    with its ends."""
     y = bottom
     for label, colour in reversed(rows):
         y -= TEXT_H + 4
-        if label == "AMPLITUDE":
+        if len(colour) == 2:  # a colour bar: (lo, hi)
             lo, hi = colour
             bar = np.rint(amplitude_colours(np.linspace(lo, hi, 120), lo, hi) * 255).astype(np.uint8)
             _paste(image, np.repeat(bar[None], TEXT_H, axis=0), y, left)
-            _paste(image, _text(f"AMPLITUDE {lo:.3g} TO {hi:.3g}".upper(), TEXT_LIGHT, VIEW_BG), y, left + 128)
+            _paste(image, _text(f"{label} {lo:.3g} TO {hi:.3g}".upper(), TEXT_LIGHT, VIEW_BG), y, left + 128)
         else:
             image[y:y + 12, left:left + 12] = np.rint(np.asarray(colour) * 255)
             _paste(image, _text(label, TEXT_LIGHT, VIEW_BG), y, left + 18)

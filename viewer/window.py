@@ -347,6 +347,11 @@ class LiveViewer(_FitWatcher):
         self._run(lambda tilt: fit_snapshot(rec, tilt, self.rate, "DONE"), rec.geometry.rotations, fitting=False)
 
     # ------------------------------------------------------------------ saved results
+    def show_states(self, snapshots: list) -> None:
+        """Step through the states of a time series (one `Snapshot` each) with ← → until closed."""
+        self.tilt = 0
+        self._run(lambda k: snapshots[k], np.tile(np.eye(3), (len(snapshots), 1, 1)), fitting=False)
+
     def show_result(self, result, tilt: int) -> None:
         """Show a `viewer.sources.SavedResult`, starting at projection ``tilt``, until the window is closed."""
         self.tilt = tilt

@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.fit.convergence import CAPPED, CHECK_EVERY, CONVERGED, Convergence
 from engine.fit.evidence import EvidenceSelection
-from engine.fit.seeding import mlem_with_background, visible_everywhere
+from engine.fit.seeding import mlem_with_background, visible_everywhere, warm_start
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
@@ -174,9 +174,16 @@ class CountedFit:
 
     # ------------------------------------------------------------------ the schedule
     def seed(self) -> np.ndarray:
-        volume, self.background = mlem_with_background(self.counts, self.volumes, self.support, SEED_EM_ITERATIONS)
-        pos, values = local_maxima(volume, self.volumes, self.d_min, 0.0, self.support)
-        pos, _ = suppress_close(pos, values, self.d_min)
+        """Atom positions to start from: the ``init`` file's (a warm start; the backgrounds start at
+        half the mean counts and EM moves them), else the peaks of the ML-EM volume."""
+        if self.settings.init is not None:
+            pos = warm_start(self.settings.init, self.counts, self.pixel_size, 1.0)["pos"]
+            pos = pos[self.in_support(pos)]
+            self.background = 0.5 * self.counts.mean(axis=(1, 2))
+        else:
+            volume, self.background = mlem_with_background(self.counts, self.volumes, self.support, SEED_EM_ITERATIONS)
+            pos, values = local_maxima(volume, self.volumes, self.d_min, 0.0, self.support)
+            pos, _ = suppress_close(pos, values, self.d_min)
         signal = float(np.mean(self.counts.sum(axis=(1, 2)) - self.background * self.height * self.width))
         self.amplitude = max(signal, 1e-6) / max(len(pos), 1)
         return pos

@@ -35,7 +35,8 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
 
     resume    : the folder must hold an unfinished fit's checkpoint; returns its bookkeeping (iteration,
                 settings, data fingerprint: `engine.fit.trainer.read_checkpoint_meta`). A finished fit
-                (atoms.xyz written after its last iteration) is refused: there is nothing to resume.
+                (report.json, the last output, written after its last iteration) is refused: there
+                is nothing to resume; one stopped while writing its outputs resumes to write them.
     otherwise : the folder must be writable, and one holding a fit (`EARLIER_FIT`) needs ``overwrite``.
     Raises InputError naming the folder."""
     from engine.fit.trainer import CHECKPOINT, read_checkpoint_meta
@@ -50,7 +51,7 @@ def check_output_folder(out_dir, resume: bool = False, overwrite: bool = False) 
         iters = meta["settings"].get("iters")
         finished = (meta.get("schedule") or {}).get("stop") in ("converged", "reached the iteration cap") or (
             iters is not None and meta["iteration"] >= iters)
-        if (out_dir / "atoms.xyz").exists() and finished:
+        if (out_dir / "report.json").exists() and finished:  # report.json is a fit's last output
             raise InputError(out_dir, f"holds a finished fit ({meta['iteration']} iterations, atoms.xyz); nothing "
                                       f"to resume (to fit again, give it as the output folder with --overwrite)")
         writable_folder(out_dir)

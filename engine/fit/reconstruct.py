@@ -24,7 +24,7 @@ from engine.fit.alignment import AlignmentRefiner
 from engine.fit.model_selection import select_alignment
 from engine.fit.calibration import calibrate_b_factors
 from engine.fit.problem import FitProblem, with_moments
-from engine.fit.seeding import SeedVolumes, extended_margin, initial_atoms
+from engine.fit.seeding import SeedVolumes, extended_margin, initial_atoms, warm_start
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
 from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
@@ -149,13 +149,18 @@ class Reconstruction:
         self.started = True
 
     def seeds(self) -> dict:
-        """The atoms seeding would start from (`engine.fit.seeding.initial_atoms`)."""
+        """The atoms the fit starts from: those of the ``init`` file (a warm start), else the peaks of
+        the back-projection (`engine.fit.seeding.initial_atoms`)."""
+        if self.settings.init is not None:
+            return warm_start(self.settings.init, self.screened, self.series.pixel_size, self.data.scale)
         return initial_atoms(self.strategy.volumes, self.source)
 
     def run(self, observer=None) -> Atoms:
-        """Seed (unless resumed), train, calibrate B-factors; return the fitted atoms."""
+        """Seed or warm-start (unless resumed), train, calibrate B-factors; return the fitted atoms."""
         if not self.started:
             self.start_from(self.seeds())
+            if self.settings.init is not None:
+                self.strategy.round(self.problem)
         self.trainer.run(None if observer is None else lambda: observer(self))
         if self.refiner is not None:
             if self.trainer.progress:

@@ -143,6 +143,11 @@ def significance_level(volume_A3: float, d_min: float) -> float:
     return float(stats.norm.isf(1.0 / trials))
 
 
+def projected_mass(images: np.ndarray, pixel_size: float) -> float:
+    """The mean projected mass of normalised ``images`` (normalised units · Å²): what the atoms share."""
+    return float(np.mean(images.sum(axis=(1, 2)))) * pixel_size ** 2
+
+
 def initial_atoms(volumes: SeedVolumes, source: str) -> dict:
     """Seeds at FBP peaks brighter than a third of the typical bright peak, one per d_min; each
     with an equal share of the mean projected mass (amplitude, normalised units · Å²) and σ 0.35 Å."""
@@ -152,9 +157,23 @@ def initial_atoms(volumes: SeedVolumes, source: str) -> dict:
     bright = np.median(values[: max(1, len(values) // 10)])
     keep = values > bright / 3.0
     positions = positions[keep]
-    total = float(np.mean(volumes.images.sum(axis=(1, 2)))) * volumes.pixel_size ** 2
+    total = projected_mass(volumes.images, volumes.pixel_size)
     return {"pos": positions, "amp": np.full(len(positions), total / len(positions)),
             "sigma": np.full(len(positions), 0.35)}
+
+
+def warm_start(path, images: np.ndarray, pixel_size: float, scale: float) -> dict:
+    """The atoms of the file at ``path`` (a warm start) as a fit's state: positions (Å); the file's
+    amplitudes (data units · Å²) divided by the data ``scale`` and its widths σ (Å) where it has
+    them, else `initial_atoms`' equal share of the projected mass of ``images`` and σ 0.35 Å."""
+    from engine.io.atoms import read_atoms
+
+    atoms = read_atoms(path)  # refuses a file without atoms
+    n = len(atoms)
+    share = projected_mass(images, pixel_size) / n
+    amp = atoms.columns["amplitude"] / scale if "amplitude" in atoms.columns else np.full(n, share)
+    sigma = atoms.columns.get("width", np.full(n, 0.35))
+    return {"pos": atoms.positions, "amp": amp, "sigma": sigma}
 
 
 def visible_everywhere(projector, shape, pixel_size: float) -> np.ndarray:

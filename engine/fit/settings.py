@@ -28,6 +28,8 @@ FIT_SCHEMA = Schema("FitSettings", [
     Setting("iters", int, 800, "most optimisation steps: the fit stops earlier when converged", check=positive),
     Setting("batch", int, None, "projections per step (not set: all)", check=positive),
     Setting("seed", int, 0, "random seed (mini-batches, splits)", check=non_negative),
+    Setting("init", str, None, "start from these atoms (a file: .xyz, .pdb, ...) instead of seeding, e.g. the "
+            "previous state of a time series (a warm start; density control still adds and removes atoms)"),
     Setting("species", list, [], "expected elements, e.g. Pt,Ni: sets d_min, labels atoms, estimates B-factors",
             parse=name_list),
     Setting("composition", dict, None, "expected fractions, e.g. Pt:0.6,Ni:0.4 (implies species)",

@@ -54,8 +54,10 @@ class DensityControl:
         self.settings, self.volumes, self.d_min, self.rng, self.blur = settings, volumes, d_min, rng, blur
 
     def round(self, problem, spawn: bool = True) -> dict:
-        """One round on ``problem``'s atoms; returns how many were culled, merged, split and spawned.
-        Without ``spawn`` it only removes (the last round: an atom spawned then would never be tested)."""
+        """One round on ``problem``'s atoms; returns how many were culled, merged, split and spawned
+        (also before the first step of a warm start, whose atoms come from a finished fit, so that the
+        residual already shows what changed). Without ``spawn`` it only removes (the last round: an
+        atom spawned then would never be tested)."""
         if problem.refiner is not None:  # the volumes follow the refined geometry
             self.volumes.set_geometry(problem.geometry)
         state = problem.state()
