@@ -111,6 +111,11 @@ class FitProblem:
         if "offsets" in state:
             self.target.intensity_offset.from_numpy(np.asarray(state["offsets"], self.target.np_dtype))
 
+    def projection_losses(self) -> np.ndarray:
+        """The loss of each projection in nats (its pixels' sum) at the atoms as they stand."""
+        self.series_loss(fresh=True)  # every projection, in order, through the loss kernel
+        return self.target.loss_per_projection.to_numpy()[: self.n_tilts].astype(np.float64)
+
     def loss_value(self) -> float:
         return self.target.loss_value(self.projector.batch_size)
 
