@@ -134,6 +134,23 @@ def test_joint_refinement_recovers_the_misalignment(arch, particle, tmp_path):
     assert read_alignment(tmp_path / "True" / "alignment.json").axis_angle == pytest.approx(estimate.axis_angle)
 
 
+@pytest.mark.slow
+def test_refinement_of_an_aligned_series_is_not_kept(arch, particle, tmp_path):
+    # Refinement fits the noise of an aligned series; its atoms then predict held-out images no
+    # better than the nominal fit's, so the nominal geometry and its fit stand.
+    if arch != "cpu":
+        pytest.skip("the end-to-end fit is checked on the CPU")
+    series = misaligned_series(particle, Alignment.identity(len(TILTS)))
+    settings = fit_settings(species=["Au"], noise="poisson", refine_alignment=True, iters=600, thermal_refits=0)
+    rec = Reconstruction(series, settings, tmp_path, progress=False)
+    metrics = evaluate_atoms(rec.run(), particle, radius=1.0)
+    assert not rec.alignment_selection["kept"], rec.alignment_selection
+    assert rec.refiner is None and metrics["f1"] == 1.0
+    write_outputs(rec, rec.atoms(), "cpu", 0.0)
+    assert not (tmp_path / "alignment.json").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["alignment_selection"]["kept"] is False
+
+
 def test_cli_simulates_misalignment_and_info_advises_refinement(arch, tmp_path, capsys):
     if arch != "cpu":
         pytest.skip("CLI checked on the CPU")
