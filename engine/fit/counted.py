@@ -71,7 +71,7 @@ class CountedFit:
         self.volumes.set_geometry(self.geometry)
         self.support = visible_everywhere(self.volumes, (self.height, self.width), self.pixel_size)
         half_w, half_h = (self.width - 1) / 2 * self.pixel_size, (self.height - 1) / 2 * self.pixel_size
-        gain_kernel = LikelihoodGain(self.geometry, (self.height, self.width), self.pixel_size)
+        gain_kernel = LikelihoodGain(self.projector)
         gain_kernel.set_counts(self.counts)
         self.selection = EvidenceSelection(gain_kernel, math.pi * half_w ** 2 * 2 * half_h, self.in_support,
                                            self.d_min, max(bond, self.d_min))
