@@ -15,6 +15,10 @@ but, in add mode, this one) and the data y_kp, with `with` = m (remove mode) or 
              Gaussian: Σ_kp (2 (y − with) c + c²) / 2v_k          (v_k the noise variance)
     Fisher   Σ_k T_kᵀ [Σ_p W ∇c ∇cᵀ] T_k,  W = 1/with (Poisson) or 1/v_k (Gaussian)
     score    Σ_k T_kᵀ [Σ_p W (y − with) ∇c]
+    spread   Σ_k s_k s_kᵀ, s_k = T_kᵀ [Σ_p W (y − with) ∇c] the score of projection k alone: the
+             middle of the Huber–White sandwich F⁻¹ (Σ_k s_k s_kᵀ) F⁻¹, the covariance of a fit
+             whose model may be wrong (projections as independent units); its expectation is F
+             when the model is right
 
 ∇c the in-plane derivatives (u, v per Å; log a and log σ when the shape is free), T_k maps them to
 the world frame (the first two rows of the rotation for the position). Parameters: the position
@@ -22,8 +26,9 @@ the world frame (the first two rows of the rotation for the position). Parameter
 
 The footprints are the projector's own (`TiltSeriesProjector._footprint`, the widest component's,
 with its truncation, geometry and blur) and the row profile is the projector's recurrence. One
-thread per atom walks all projections (no atomics: safe on every backend). The cost is about one
-forward projection of the atoms. The evidence rule of the counted fit (`engine.fit.evidence`) and
+thread per (atom, projection) pair writes that pair's gain and in-plane moments (no atomics: safe on
+every backend); the host maps them to the world frame and sums them. The cost is about one forward
+projection of the atoms. The evidence rule of the counted fit (`engine.fit.evidence`) and
 the per-atom uncertainties of every fit (`engine.fit.uncertainty`) both run this kernel.
 """
 
@@ -35,6 +40,7 @@ import taichi as ti
 from engine.kernels.atommodel import AtomProfile
 
 NOISE_MODELS = ("poisson", "gaussian")
+MOMENTS = 15  # per (atom, projection): Σ W ∇c ∇cᵀ (10), Σ W (y − with) ∇c (4), the gain
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
 
 
@@ -49,7 +55,7 @@ class LikelihoodGain:
     capacity   : atoms per launch (more are done in chunks)."""
 
     def __init__(self, projector, noise: str = "poisson", profile: AtomProfile = AtomProfile(),
-                 free_shape: bool = False, capacity: int = 4096):
+                 free_shape: bool = False, capacity: int = 512):
         if noise not in NOISE_MODELS:
             raise ValueError(f"unknown noise model {noise!r} (known: {', '.join(NOISE_MODELS)})")
         self.projector, self.noise, self.profile = projector, noise, profile
@@ -70,9 +76,7 @@ class LikelihoodGain:
         self.pos = ti.Vector.field(3, self.dtype, self.capacity)
         self.amp = ti.field(self.dtype, self.capacity)
         self.sigma = ti.field(self.dtype, self.capacity)
-        self.gain = ti.field(self.dtype, self.capacity)
-        self.fisher = ti.Matrix.field(self.n_params, self.n_params, self.dtype, self.capacity)
-        self.score = ti.Vector.field(self.n_params, self.dtype, self.capacity)
+        self.moments = ti.Vector.field(MOMENTS, self.dtype, (self.capacity, self.n_proj))
         self.set_factor(np.ones(self.n_proj))
         self.set_noise_variance(np.ones(self.n_proj))
 
@@ -95,97 +99,91 @@ class LikelihoodGain:
 
     @ti.kernel
     def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
+        """Per (atom, projection) pair: the gain, and the in-plane moments Σ_p W ∇c ∇cᵀ (10 distinct)
+        and Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ); `evaluate` maps them to
+        the world frame. One thread per pair, each writing its own slot."""
         weights = ti.static(self.weights)
         extras = ti.static(self.extras)
         K = ti.static(len(weights))
-        P = ti.static(self.n_params)
         ps = self.dtype(self.pixel_size)
-        for i in range(n):
+        for i, k in ti.ndrange(n, self.n_proj):
             p, a, sig = self.pos[i], self.amp[i], self.sigma[i]
             total = self.dtype(0.0)
-            fisher = ti.Matrix.zero(self.dtype, P, P)
-            score = ti.Vector.zero(self.dtype, P)
-            for k in range(self.n_proj):
-                widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
-                col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
-                # Per component: s² (px²), 1/2s², the walk's step, peak value per pixel.
-                s2 = ti.Vector([(sig * sig + self.dtype(extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-                                for j in ti.static(range(K))])
-                inv2s2 = 0.5 / s2
-                step = ti.exp(-2.0 * inv2s2)
-                peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
-                                  for j in ti.static(range(K))])
-                m = ti.Matrix.zero(self.dtype, 4, 4)
-                g = ti.Vector.zero(self.dtype, 4)
-                ex0 = ti.Vector.zero(self.dtype, K)
-                qx0 = ti.Vector.zero(self.dtype, K)
-                for j in ti.static(range(K)):
-                    e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
-                    ex0[j] = e0
-                    qx0[j] = q0
-                for r in range(r_lo, r_hi + 1):
-                    dy = r - row
-                    ey = ti.exp(-dy * dy * inv2s2)
-                    ex, qx = ex0, qx0
-                    for c in range(c_lo, c_hi + 1):
-                        dx = c - col
-                        atom = self.dtype(0.0)
-                        radial = self.dtype(0.0)  # Σ_j c_j / s_j²: ∂c/∂u = radial · dx
-                        widening = self.dtype(0.0)  # Σ_j c_j (d²/2s_j⁴ − 1/s_j²) = ∂c/∂(s² px²)
-                        for j in ti.static(range(K)):
-                            cj = peak[j] * ey[j] * proj._gaussian(dx, inv2s2[j], ex[j])
-                            ex[j] *= qx[j]
-                            qx[j] *= step[j]
-                            atom += cj
-                            radial += cj / s2[j]
-                            widening += cj * ((dx * dx + dy * dy) * inv2s2[j] - 1.0) / s2[j]
-                        lam = self.model[k, r, c]
-                        y = self.data[k, r, c]
-                        with_atom = lam + atom if add else lam
-                        residual = self.dtype(0.0)
-                        weight = self.dtype(0.0)
-                        if ti.static(self.noise == "poisson"):
-                            with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
-                            without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
-                            total -= with_atom - without
-                            if y > 0.0:
-                                total += y * ti.log(with_atom / without)
-                            weight = 1.0 / with_atom
-                            residual = (y - with_atom) * weight
-                        else:
-                            weight = self.inverse_variance[k]
-                            residual = (y - with_atom) * weight
-                            total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
-                        grad = ti.Vector([radial * dx / ps, radial * dy / ps, atom,
-                                          widening * 2.0 * sig * sig / (ps * ps)])
-                        if ti.static(P == 3):
-                            grad[2] = 0.0
-                            grad[3] = 0.0
-                        m += weight * grad.outer_product(grad)
-                        g += residual * grad
-                # T_k: in-plane (u, v, log a, log σ) → the parameters.
-                t = ti.Matrix.zero(self.dtype, P, 4)
-                for d in ti.static(range(3)):
-                    t[d, 0] = proj.rot[k][0, d]
-                    t[d, 1] = proj.rot[k][1, d]
-                if ti.static(P == 5):
-                    t[3, 2] = 1.0
-                    t[4, 3] = 1.0
-                fisher += t @ m @ t.transpose()
-                score += t @ g
-            self.gain[i] = total
-            self.fisher[i] = fisher
-            self.score[i] = score
+            widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
+            col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
+            # Per component: s² (px²), 1/2s², the walk's step, peak value per pixel.
+            s2 = ti.Vector([(sig * sig + self.dtype(extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
+                            for j in ti.static(range(K))])
+            inv2s2 = 0.5 / s2
+            step = ti.exp(-2.0 * inv2s2)
+            peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
+                              for j in ti.static(range(K))])
+            out = ti.Vector.zero(self.dtype, MOMENTS)
+            ex0 = ti.Vector.zero(self.dtype, K)
+            qx0 = ti.Vector.zero(self.dtype, K)
+            for j in ti.static(range(K)):
+                e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
+                ex0[j] = e0
+                qx0[j] = q0
+            for r in range(r_lo, r_hi + 1):
+                dy = r - row
+                ey = ti.exp(-dy * dy * inv2s2)
+                ex, qx = ex0, qx0
+                for c in range(c_lo, c_hi + 1):
+                    dx = c - col
+                    atom = self.dtype(0.0)
+                    radial = self.dtype(0.0)  # Σ_j c_j / s_j²: ∂c/∂u = radial · dx
+                    widening = self.dtype(0.0)  # Σ_j c_j (d²/2s_j⁴ − 1/s_j²) = ∂c/∂(s² in px²)
+                    for j in ti.static(range(K)):
+                        cj = peak[j] * ey[j] * proj._gaussian(dx, inv2s2[j], ex[j])
+                        ex[j] *= qx[j]
+                        qx[j] *= step[j]
+                        atom += cj
+                        radial += cj / s2[j]
+                        widening += cj * ((dx * dx + dy * dy) * inv2s2[j] - 1.0) / s2[j]
+                    lam = self.model[k, r, c]
+                    y = self.data[k, r, c]
+                    with_atom = lam + atom if add else lam
+                    weight = self.dtype(0.0)
+                    if ti.static(self.noise == "poisson"):
+                        with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
+                        without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
+                        total -= with_atom - without
+                        if y > 0.0:
+                            total += y * ti.log(with_atom / without)
+                        weight = 1.0 / with_atom
+                    else:
+                        weight = self.inverse_variance[k]
+                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
+                    g = ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+                    wg = weight * g
+                    out += ti.Vector([wg[0] * g[0], wg[0] * g[1], wg[0] * g[2], wg[0] * g[3], wg[1] * g[1],
+                                      wg[1] * g[2], wg[1] * g[3], wg[2] * g[2], wg[2] * g[3], wg[3] * g[3],
+                                      (y - with_atom) * wg[0], (y - with_atom) * wg[1],
+                                      (y - with_atom) * wg[2], (y - with_atom) * wg[3], 0.0])
+            out[MOMENTS - 1] = total
+            self.moments[i, k] = out
 
-    def evaluate(self, positions, amplitudes, widths, add: bool = False):
-        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
-        amplitudes (N,) image units · Å² and widths σ (N,) Å against the last `set_model` (which
-        holds them in remove mode, not in add mode). Parameters: x, y, z (Å) [, log a, log σ]."""
+    def _world_frame(self) -> np.ndarray:
+        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
+        projector's current geometry."""
+        rot = self.projector.rot.to_numpy().astype(np.float64)
+        t = np.zeros((self.n_proj, self.n_params, 4))
+        t[:, :3, :2] = rot[:, :2, :].transpose(0, 2, 1)
+        if self.free_shape:
+            t[:, 3, 2] = t[:, 4, 3] = 1.0
+        return t
+
+    def evaluate(self, positions, amplitudes, widths, add: bool = False, spread: bool = False):
+        """(gain (N,) nats, Fisher (N, P, P), score (N, P)[, spread (N, P, P)]) of atoms at
+        ``positions`` (N, 3) Å with amplitudes (N,) image units · Å² and widths σ (N,) Å against the
+        last `set_model` (which holds them in remove mode, not in add mode). Parameters: x, y, z (Å)
+        [, log a, log σ]."""
         positions = np.asarray(positions, np.float64).reshape(-1, 3)
         n = len(positions)
         amplitudes = np.broadcast_to(np.asarray(amplitudes, np.float64), (n,))
         widths = np.broadcast_to(np.asarray(widths, np.float64), (n,))
-        out = ([], [], [])
+        moments = np.zeros((n, self.n_proj, MOMENTS))
         for start in range(0, n, self.capacity):
             stop = min(start + self.capacity, n)
             pad = self.capacity - (stop - start)
@@ -193,14 +191,20 @@ class LikelihoodGain:
             self.amp.from_numpy(np.pad(amplitudes[start:stop], (0, pad)).astype(self.np_dtype))
             self.sigma.from_numpy(np.pad(widths[start:stop], (0, pad), constant_values=1.0).astype(self.np_dtype))
             self._run(self.projector, stop - start, 1 if add else 0)
-            for store, field in zip(out, (self.gain, self.fisher, self.score)):
-                store.append(field.to_numpy()[:stop - start].astype(np.float64))
-        if not out[0]:
-            p = self.n_params
-            return np.zeros(0), np.zeros((0, p, p)), np.zeros((0, p))
-        return tuple(np.concatenate(store) for store in out)
+            moments[start:stop] = self.moments.to_numpy()[:stop - start]
+        upper = np.triu_indices(4)
+        inplane = np.zeros((n, self.n_proj, 4, 4))
+        inplane[:, :, upper[0], upper[1]] = moments[..., :10]
+        inplane[:, :, upper[1], upper[0]] = moments[..., :10]
+        t = self._world_frame()
+        fisher = np.einsum("kpa,ikab,kqb->ipq", t, inplane, t)
+        per_projection = np.einsum("kpa,ika->ikp", t, moments[..., 10:14])
+        result = (moments[..., 14].sum(axis=1), fisher, per_projection.sum(axis=1))
+        if spread:
+            result += (np.einsum("ikp,ikq->ipq", per_projection, per_projection),)
+        return result
 
-    def run(self, positions, amplitude: float, width: float, add: bool):
+    def run(self, positions, amplitude: float, width: float, add: bool, spread: bool = False):
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
         the image in pixels), footprint width ``width`` Å, all atoms alike."""
-        return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add)
+        return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add, spread)
