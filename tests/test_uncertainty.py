@@ -84,3 +84,55 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
         without = np.delete(params, i, axis=0)
         reference = negative_log_likelihood(noise, background + render(without, profile, g), data) - nll(0.0)
         assert gain[i] == pytest.approx(reference, rel=tolerance)
+
+
+def tiny_structure():
+    from engine.io.atoms import Atoms
+
+    return Atoms(np.array(["Si", "Si", "Si"]), np.array([[0.0, 0.0, 0.0], [2.3, 0.4, -0.5], [-1.2, -1.9, 1.4]]))
+
+
+def test_bound_shrinks_as_one_over_root_dose(arch):
+    """Counted data: the Fisher information grows with the dose, so σ ∝ 1/√dose, atom by atom;
+    Gaussian noise: σ ∝ the noise σ."""
+    from engine.core.geometry import TiltGeometry
+    from engine.fit.plan import cramer_rao
+
+    g = TiltGeometry.from_tilt_angles(np.arange(-60.0, 61.0, 15.0))
+    structure = tiny_structure()
+    low, high = (cramer_rao(structure, g, (40, 40), 0.25, 0.35, counts_per_atom=dose, background=dose / 20)
+                 for dose in (10.0, 40.0))
+    assert np.all(np.isfinite(low["sigma_A"])) and low["rmsd_pm"] > 0
+    np.testing.assert_allclose(high["sigma_A"], low["sigma_A"] / 2, rtol=1e-3)
+    quiet, loud = (cramer_rao(structure, g, (40, 40), 0.25, 0.35, noise=n) for n in (0.01, 0.03))
+    np.testing.assert_allclose(loud["sigma_A"], 3 * quiet["sigma_A"], rtol=1e-3)
+    # The missing wedge (±60°) leaves z the least certain.
+    assert low["rmsd_axis_pm"]["z"] > low["rmsd_axis_pm"]["x"]
+
+
+@pytest.mark.slow
+def test_plan_command(tmp_path, capsys):
+    """`atomsplat plan` from flags and like a series: the table, the dose for a target, JSON; bad
+    input is one line."""
+    from engine.cli import main
+    from engine.io.atoms import write_atoms
+    from engine.io.tiltseries import write_tilt_series
+    from engine.physics.simulate import simulate_tilt_series
+
+    structure = tmp_path / "s.xyz"
+    write_atoms(tiny_structure(), structure)
+    args = ["plan", str(structure), "--tilts=-60:60:15", "--pixel", "0.25", "--shape", "40", "40", "--arch", "cpu"]
+    assert main(args + ["--counts-per-atom", "20", "--background", "1", "--target", "5pm", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "poisson" and len(result["sigma_A"]) == 3
+    needed = result["needed"]["counts_per_atom"]
+    assert needed == pytest.approx(20 * (result["rmsd_pm"] / 5) ** 2)
+    series = simulate_tilt_series(tiny_structure(), np.arange(-60.0, 61.0, 15.0), 0.25, (40, 40), blur_sigma=0.35,
+                                  noise=0.02, seed=1)
+    write_tilt_series(series, tmp_path / "series.npz")
+    assert main(["plan", str(structure), "--like", str(tmp_path / "series.npz"), "--arch", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "Gaussian noise" in out and "Cramer-Rao RMSD" in out
+    assert main(args) == 2  # no dose, no noise
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("atomsplat: error: --counts-per-atom")

@@ -37,6 +37,7 @@ import math
 import numpy as np
 import taichi as ti
 
+from engine.core.backend import session_cache
 from engine.kernels.atommodel import AtomProfile
 
 NOISE_MODELS = ("poisson", "gaussian")
@@ -208,3 +209,16 @@ class LikelihoodGain:
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
         the image in pixels), footprint width ``width`` Å, all atoms alike."""
         return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add, spread)
+
+
+def cached_likelihood_gain(projector, noise: str = "poisson", profile: AtomProfile = AtomProfile(),
+                           free_shape: bool = False) -> LikelihoodGain:
+    """A `LikelihoodGain` on ``projector`` (e.g. a `cached_projector`) for this noise model, profile
+    and parameter set, shared for the Taichi session: its kernel compiles once. Its model, data,
+    factors and variances belong to whoever set them last."""
+    key = ("likelihood gain", id(projector), noise, profile, bool(free_shape))
+    cache = session_cache()
+    if key not in cache or cache[key].projector is not projector:
+        cache[key] = LikelihoodGain(projector, noise, profile, free_shape)
+    return cache[key]
+
