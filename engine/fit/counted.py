@@ -228,9 +228,8 @@ class CountedFit:
                    "width": np.full(n, self.shape_width)}
         if n:  # the evidence pass that decides detection also gives the position covariance
             t0 = time.perf_counter()
-            gain, _, fisher, spread = self.selection.significance(self.expected(), pos, self.amplitude,
-                                                                  self.shape_width)
-            found = atom_columns(gain, fisher, spread, self.selection.volume)
+            gain, _, fisher = self.selection.significance(self.expected(), pos, self.amplitude, self.shape_width)
+            found = atom_columns(gain, fisher, self.selection.volume)
             columns.update({name: values[order] for name, values in found.items()})
             self.phase_seconds["uncertainty"] = time.perf_counter() - t0
         species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES

@@ -62,16 +62,16 @@ class EvidenceSelection:
         return occam_penalty(fisher, self.volume, n_atoms)
 
     def significance(self, expected: np.ndarray, pos: np.ndarray, amp: float, width: float):
-        """Each atom's log-likelihood gain and its penalty (nats) against the model ``expected``, its
-        position Fisher information (N, 3, 3) per Å² and its per-projection scores' spread (the same)."""
+        """Each atom's log-likelihood gain and its penalty (nats) against the model ``expected``, and
+        its position Fisher information (N, 3, 3) per Å²."""
         self.gain.set_model(expected)
-        gain, fisher, _, spread = self.gain.run(pos, amp, width, add=False, spread=True)
-        return gain, self.penalty(fisher, len(pos)), fisher, spread
+        gain, fisher, _ = self.gain.run(pos, amp, width, add=False)
+        return gain, self.penalty(fisher, len(pos)), fisher
 
     def remove(self, expected, pos, amp, width) -> np.ndarray:
         """Which atoms to drop: those below their penalty, outside the support, and the weaker of any
         two closer than d_min."""
-        gain, penalty, _, _ = self.significance(expected, pos, amp, width)
+        gain, penalty, _ = self.significance(expected, pos, amp, width)
         margin = gain - penalty
         drop = (margin < 0) | ~self.in_support(pos)
         for i, j in cKDTree(pos).query_pairs(self.d_min) if len(pos) else ():

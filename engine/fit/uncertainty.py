@@ -30,11 +30,9 @@ COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
 
 
-def position_covariance(fisher: np.ndarray, spread: np.ndarray | None = None) -> np.ndarray:
-    """(N, 3, 3) Å² covariance of each atom's position, marginal over the other parameters of its
-    block: F⁻¹ of its Fisher block (N, P, P), or with ``spread`` (the per-projection scores' Σ s sᵀ,
-    N × P × P) the sandwich F⁻¹ S F⁻¹, which stays right when the model is not (the fitted profile
-    is not the atoms' true one, the noise not exactly as modelled). Infinite where F is singular."""
+def position_covariance(fisher: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) Å² covariance of each atom's position: the inverse of its Fisher block (N, P, P),
+    marginal over the block's other parameters (amplitude, width); infinite where it is singular."""
     fisher = np.asarray(fisher, np.float64)
     out = np.full((len(fisher), 3, 3), np.inf)
     for i, block in enumerate(fisher):
@@ -42,17 +40,15 @@ def position_covariance(fisher: np.ndarray, spread: np.ndarray | None = None) ->
             inverse = np.linalg.inv(block)
         except np.linalg.LinAlgError:
             continue
-        if spread is not None:
-            inverse = inverse @ spread[i] @ inverse
         if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse)[:3] > 0):
             out[i] = inverse[:3, :3]
     return out
 
 
-def atom_columns(gain: np.ndarray, fisher: np.ndarray, spread: np.ndarray, volume: float) -> dict:
-    """The per-atom columns (`COLUMNS`) from each atom's gain (nats), Fisher block and score spread
-    (position first; `engine.kernels.evidence`), its prior volume ``volume`` Å³."""
-    covariance = position_covariance(fisher, spread)
+def atom_columns(gain: np.ndarray, fisher: np.ndarray, volume: float) -> dict:
+    """The per-atom columns (`COLUMNS`) from each atom's gain (nats) and Fisher block (position
+    first; `engine.kernels.evidence`), its prior volume ``volume`` Å³."""
+    covariance = position_covariance(fisher)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2],
             "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
@@ -110,5 +106,5 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:
         noise = {"kind": "gaussian", "from": "the fit's residual, per projection",
                  "sigma_data_units_median": float(np.sqrt(np.median(variance)) * data.scale),
                  "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise)}
-    gain, fisher, _, spread = kernel.evaluate(state["pos"], state["amp"], state["sigma"], spread=True)
-    return atom_columns(gain, fisher, spread, visible_volume(measured.shape[1:], fit.series.pixel_size)), noise
+    gain, fisher, _ = kernel.evaluate(state["pos"], state["amp"], state["sigma"])
+    return atom_columns(gain, fisher, visible_volume(measured.shape[1:], fit.series.pixel_size)), noise

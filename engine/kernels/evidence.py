@@ -15,10 +15,6 @@ but, in add mode, this one) and the data y_kp, with `with` = m (remove mode) or 
              Gaussian: Σ_kp (2 (y − with) c + c²) / 2v_k          (v_k the noise variance)
     Fisher   Σ_k T_kᵀ [Σ_p W ∇c ∇cᵀ] T_k,  W = 1/with (Poisson) or 1/v_k (Gaussian)
     score    Σ_k T_kᵀ [Σ_p W (y − with) ∇c]
-    spread   Σ_k s_k s_kᵀ, s_k = T_kᵀ [Σ_p W (y − with) ∇c] the score of projection k alone: the
-             middle of the Huber–White sandwich F⁻¹ (Σ_k s_k s_kᵀ) F⁻¹, the covariance of a fit
-             whose model may be wrong (projections as independent units); its expectation is F
-             when the model is right
 
 ∇c the in-plane derivatives (u, v per Å; log a and log σ when the shape is free), T_k maps them to
 the world frame (the first two rows of the rotation for the position). Parameters: the position
@@ -175,8 +171,8 @@ class LikelihoodGain:
             t[:, 3, 2] = t[:, 4, 3] = 1.0
         return t
 
-    def evaluate(self, positions, amplitudes, widths, add: bool = False, spread: bool = False):
-        """(gain (N,) nats, Fisher (N, P, P), score (N, P)[, spread (N, P, P)]) of atoms at
+    def evaluate(self, positions, amplitudes, widths, add: bool = False):
+        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at
         ``positions`` (N, 3) Å with amplitudes (N,) image units · Å² and widths σ (N,) Å against the
         last `set_model` (which holds them in remove mode, not in add mode). Parameters: x, y, z (Å)
         [, log a, log σ]."""
@@ -199,16 +195,12 @@ class LikelihoodGain:
         inplane[:, :, upper[1], upper[0]] = moments[..., :10]
         t = self._world_frame()
         fisher = np.einsum("kpa,ikab,kqb->ipq", t, inplane, t)
-        per_projection = np.einsum("kpa,ika->ikp", t, moments[..., 10:14])
-        result = (moments[..., 14].sum(axis=1), fisher, per_projection.sum(axis=1))
-        if spread:
-            result += (np.einsum("ikp,ikq->ipq", per_projection, per_projection),)
-        return result
+        return moments[..., 14].sum(axis=1), fisher, np.einsum("kpa,ika->ip", t, moments[..., 10:14])
 
-    def run(self, positions, amplitude: float, width: float, add: bool, spread: bool = False):
+    def run(self, positions, amplitude: float, width: float, add: bool):
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
         the image in pixels), footprint width ``width`` Å, all atoms alike."""
-        return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add, spread)
+        return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add)
 
 
 def cached_likelihood_gain(projector, noise: str = "poisson", profile: AtomProfile = AtomProfile(),
