@@ -64,26 +64,39 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
     kernel.set_model(data)
     kernel.set_factor(FACTOR)
     kernel.set_noise_variance(VARIANCE)
-    gain, fisher, score = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH))
+    pairs = np.array([[0, 1], [2, 1]])
+    gain, fisher, score, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)
     step = 1e-3
-    for i in range(len(ATOMS)):
-        def nll(delta):
-            moved = params.copy()
-            moved[i] += delta
-            return negative_log_likelihood(noise, background + render(moved, profile, g), data)
+    tolerance = 1e-4 if dtype == np.float64 else 2e-3
 
-        hessian = np.zeros((5, 5))
+    def nll(i, delta_i, j=None, delta_j=None):
+        moved = params.copy()
+        moved[i] += delta_i
+        if j is not None:
+            moved[j] += delta_j
+        return negative_log_likelihood(noise, background + render(moved, profile, g), data)
+
+    def hessian(i, j):
+        """The block ∂²(−log L)/∂θ_i ∂θ_j by central differences."""
+        out = np.zeros((5, 5))
         for a in range(5):
-            for b in range(a, 5):
+            for b in range(5):
                 ea, eb = step * np.eye(5)[a], step * np.eye(5)[b]
-                hessian[a, b] = hessian[b, a] = (nll(ea + eb) - nll(ea - eb) - nll(eb - ea) + nll(-ea - eb)) / (4 * step**2)
-        tolerance = 1e-4 if dtype == np.float64 else 2e-3
-        np.testing.assert_allclose(fisher[i], hessian, rtol=tolerance, atol=tolerance * np.abs(hessian).max())
-        np.testing.assert_allclose(score[i], 0.0, atol=1e-3 * np.sqrt(np.diag(hessian)).max())
+                out[a, b] = (nll(i, ea, j, eb) - nll(i, ea, j, -eb) - nll(i, -ea, j, eb) + nll(i, -ea, j, -eb)) / (4 * step**2)
+        return out
+
+    for i in range(len(ATOMS)):
+        own = hessian(i, i)
+        np.testing.assert_allclose(fisher[i], own, rtol=tolerance, atol=tolerance * np.abs(own).max())
+        np.testing.assert_allclose(score[i], 0.0, atol=1e-3 * np.sqrt(np.diag(own)).max())
         # The gain of keeping atom i against removing it, exactly.
         without = np.delete(params, i, axis=0)
-        reference = negative_log_likelihood(noise, background + render(without, profile, g), data) - nll(0.0)
+        reference = negative_log_likelihood(noise, background + render(without, profile, g), data) - nll(i, 0.0)
         assert gain[i] == pytest.approx(reference, rel=tolerance)
+    for (i, j), block in zip(pairs, cross):  # the coupling of overlapping atoms
+        reference = hessian(i, j)
+        assert np.abs(reference).max() > 0.01 * np.abs(fisher[i]).max()  # they do overlap
+        np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * np.abs(fisher[i]).max())
 
 
 def tiny_structure():

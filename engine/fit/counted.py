@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.fit.evidence import EvidenceSelection, visible_volume
 from engine.fit.seeding import mlem_with_background, visible_everywhere
-from engine.fit.uncertainty import atom_columns, summary
+from engine.fit.uncertainty import COUPLING_PER_D_MIN, atom_columns, summary
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
@@ -228,8 +228,9 @@ class CountedFit:
                    "width": np.full(n, self.shape_width)}
         if n:  # the evidence pass that decides detection also gives the position covariance
             t0 = time.perf_counter()
-            gain, _, fisher = self.selection.significance(self.expected(), pos, self.amplitude, self.shape_width)
-            found = atom_columns(gain, fisher, self.selection.volume)
+            self.selection.gain.set_model(self.expected())
+            found = atom_columns(self.selection.gain, pos, self.amplitude * self.pixel_size ** 2, self.shape_width,
+                                 self.selection.volume, COUPLING_PER_D_MIN * self.d_min)
             columns.update({name: values[order] for name, values in found.items()})
             self.phase_seconds["uncertainty"] = time.perf_counter() - t0
         species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES

@@ -12,8 +12,8 @@ expected (noise-free) data of the simulator's physics (Peng's five Gaussians per
   each atom's position, amplitude and width are free (the per-atom fit); the bound is proportional to
   the noise σ.
 
-Each atom's own Fisher block is inverted (its coupling with overlapping neighbours is left out, as in
-`engine.fit.uncertainty`), so the bound is the one of an atom whose neighbours are known.
+Each atom's bound is read off the joint information of the atom and its nearest neighbours of the
+same element (as in `engine.fit.uncertainty`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 
 from engine.core.elements import projected_potential_gaussians
 from engine.core.errors import InputError
-from engine.fit.uncertainty import position_covariance
+from engine.fit.uncertainty import COUPLING_PER_D_MIN, coupled_pairs, position_covariance
 from engine.kernels.atommodel import AtomProfile
 from engine.kernels.evidence import cached_likelihood_gain
 from engine.kernels.projector import cached_projector
+from engine.physics.chemistry import minimum_distance
 from engine.physics.forward import ForwardModel
 from engine.physics.simulate import specimen_gaussians
 
@@ -73,8 +74,12 @@ def cramer_rao(atoms, geometry, shape, pixel_size: float, blur: float, *, counts
         kernel.set_factor(gain)
         if noise is not None:
             kernel.set_noise_variance(noise_sigma ** 2)
-        _, fisher, _ = kernel.evaluate(atoms.positions[mask], amplitude, width)
-        sigma[mask] = np.sqrt(np.diagonal(position_covariance(fisher), axis1=1, axis2=2))
+        # Neighbours of other elements are left out (one kernel per element's profile).
+        positions = atoms.positions[mask]
+        pairs = coupled_pairs(positions, COUPLING_PER_D_MIN * minimum_distance([symbol]))
+        _, fisher, _, *cross = kernel.evaluate(positions, amplitude, width, pairs=pairs)
+        covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
+        sigma[mask] = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     return {"sigma_A": sigma, "rmsd_pm": float(np.sqrt(np.mean(np.sum(sigma ** 2, axis=1)))) * 100,
             "rmsd_axis_pm": {a: float(np.sqrt(np.mean(sigma[:, i] ** 2))) * 100 for i, a in enumerate("xyz")}}
 

@@ -12,43 +12,74 @@ atom's footprints, at the fitted parameters:
   with the noise variance of each projection read off the fit's residual (Σ r² over the pixels less
   the atoms' parameters), so a model that fits worse than the noise gets wider error bars.
 
-Each atom's covariance is the inverse of its own block of the Fisher information, so σ is the
-Cramér–Rao bound of that atom with every other parameter held at its fitted value: the coupling
-with neighbouring atoms that overlap in projection, and with the shared and alignment parameters,
-is left out (`scripts/uncertainty_check.py` measures what that costs).
+Each atom's covariance is the inverse of the joint Fisher information of the atom and its nearest
+neighbours (within 2 d_min, whose footprints overlap at many tilts; the kernel gives the cross
+blocks too), read at the atom: its Cramér–Rao bound with those neighbours' parameters unknown and
+the atoms beyond them, the shared and the alignment parameters held at their fitted values
+(`scripts/uncertainty_check.py` measures this against the joint information of all atoms).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from engine.fit.evidence import occam_penalty, visible_volume
 from engine.kernels.evidence import LikelihoodGain
 
 COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
+COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
 
 
-def position_covariance(fisher: np.ndarray) -> np.ndarray:
-    """(N, 3, 3) Å² covariance of each atom's position: the inverse of its Fisher block (N, P, P),
-    marginal over the block's other parameters (amplitude, width); infinite where it is singular."""
+def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarray:
+    """(N, 3, 3) Å² covariance of each atom's position, marginal over its amplitude and width (the
+    other parameters of its Fisher block, fisher (N, P, P)) and, with ``pairs`` (M, 2) and their
+    cross blocks ``cross`` (M, P, P), over its coupled neighbours' parameters: the inverse of the
+    joint information of the atom and its neighbours (a principal submatrix of the whole; atoms
+    farther out are taken as known). Infinite where that is singular."""
     fisher = np.asarray(fisher, np.float64)
-    out = np.full((len(fisher), 3, 3), np.inf)
-    for i, block in enumerate(fisher):
+    n, p = fisher.shape[:2]
+    neighbours = [[] for _ in range(n)]
+    blocks = {}
+    for (i, j), block in zip(np.zeros((0, 2), int) if pairs is None else pairs, () if cross is None else cross):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+        blocks[i, j], blocks[j, i] = block, block.T
+    out = np.full((n, 3, 3), np.inf)
+    for i in range(n):
+        ring = [i] + neighbours[i]
+        joint = np.zeros((len(ring) * p, len(ring) * p))
+        for a, u in enumerate(ring):
+            for b, v in enumerate(ring):
+                block = fisher[u] if a == b else blocks.get((u, v))
+                if block is not None:
+                    joint[a * p:(a + 1) * p, b * p:(b + 1) * p] = block
         try:
-            inverse = np.linalg.inv(block)
+            inverse = np.linalg.inv(joint)[:3, :3]
         except np.linalg.LinAlgError:
             continue
-        if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse)[:3] > 0):
-            out[i] = inverse[:3, :3]
+        if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse) > 0):
+            out[i] = inverse
     return out
 
 
-def atom_columns(gain: np.ndarray, fisher: np.ndarray, volume: float) -> dict:
-    """The per-atom columns (`COLUMNS`) from each atom's gain (nats) and Fisher block (position
-    first; `engine.kernels.evidence`), its prior volume ``volume`` Å³."""
-    covariance = position_covariance(fisher)
+def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
+    """(M, 2) index pairs of atoms closer than ``radius`` Å: the neighbours whose footprints overlap
+    at many tilts, so that their positions, amplitudes and widths trade off against each other."""
+    if len(positions) < 2:
+        return np.zeros((0, 2), int)
+    return np.asarray(cKDTree(positions).query_pairs(radius, output_type="ndarray"), int).reshape(-1, 2)
+
+
+def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_radius: float) -> dict:
+    """The per-atom columns (`COLUMNS`) from one pass of ``kernel`` (a `LikelihoodGain` holding the
+    data and the fitted model) over the atoms (positions Å, amplitudes image units · Å², widths Å)
+    and their neighbours within ``coupling_radius`` Å; ``volume`` Å³ the atoms' prior volume."""
+    pairs = coupled_pairs(positions, coupling_radius)
+    gain, fisher, _, *cross = kernel.evaluate(positions, amplitudes, widths, pairs=pairs)
+    covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2],
             "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
@@ -74,8 +105,8 @@ def summary(atoms, noise: dict | None = None) -> dict | None:
             "least_certain": listing(np.argsort(-np.where(finite, c["pos_uncertainty"], np.inf)), "pos_uncertainty"),
             "weakest": listing(np.argsort(c["significance"]), "significance"),
             "noise": noise,
-            "left_out": "coupling between atoms (neighbours overlapping in projection) and with the shared "
-                        "and alignment parameters: each atom's own Fisher block is inverted"}
+            "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
+                        "alignment parameters"}
 
 
 def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:
@@ -106,5 +137,5 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:
         noise = {"kind": "gaussian", "from": "the fit's residual, per projection",
                  "sigma_data_units_median": float(np.sqrt(np.median(variance)) * data.scale),
                  "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise)}
-    gain, fisher, _ = kernel.evaluate(state["pos"], state["amp"], state["sigma"])
-    return atom_columns(gain, fisher, visible_volume(measured.shape[1:], fit.series.pixel_size)), noise
+    return atom_columns(kernel, state["pos"], state["amp"], state["sigma"],
+                        visible_volume(measured.shape[1:], fit.series.pixel_size), COUPLING_PER_D_MIN * fit.d_min), noise

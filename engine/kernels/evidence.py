@@ -35,9 +35,10 @@ import taichi as ti
 
 from engine.core.backend import session_cache
 from engine.kernels.atommodel import AtomProfile
+from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
 
 NOISE_MODELS = ("poisson", "gaussian")
-MOMENTS = 15  # per (atom, projection): Σ W ∇c ∇cᵀ (10), Σ W (y − with) ∇c (4), the gain
+MOMENTS = 21  # per (entry, projection): Σ W ∇c ∇c'ᵀ (16), Σ W (y − with) ∇c (4), the gain
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
 
 
@@ -70,9 +71,14 @@ class LikelihoodGain:
         self.data = ti.field(self.dtype, shape)
         self.factor = ti.field(self.dtype, self.n_proj)
         self.inverse_variance = ti.field(self.dtype, self.n_proj)
+        # Entries: an atom and a partner (itself for its own block, a neighbour for a cross block).
         self.pos = ti.Vector.field(3, self.dtype, self.capacity)
         self.amp = ti.field(self.dtype, self.capacity)
         self.sigma = ti.field(self.dtype, self.capacity)
+        self.partner_pos = ti.Vector.field(3, self.dtype, self.capacity)
+        self.partner_amp = ti.field(self.dtype, self.capacity)
+        self.partner_sigma = ti.field(self.dtype, self.capacity)
+        self.partner_is_self = ti.field(ti.i32, self.capacity)
         self.moments = ti.Vector.field(MOMENTS, self.dtype, (self.capacity, self.n_proj))
         self.set_factor(np.ones(self.n_proj))
         self.set_noise_variance(np.ones(self.n_proj))
@@ -94,34 +100,69 @@ class LikelihoodGain:
         self.inverse_variance.from_numpy(1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
                                          .astype(self.np_dtype))
 
+    @ti.func
+    def _atom_terms(self, proj, k, col, row, r, c, a, sig, s2):
+        """(c, ∇c) of an atom centred at (col, row) px in projection k at pixel (r, c), exp evaluated
+        directly: a partner atom's terms inside the first atom's footprint walk."""
+        weights = ti.static(self.weights)
+        ps = self.dtype(self.pixel_size)
+        dx, dy = c - col, r - row
+        atom = self.dtype(0.0)
+        radial = self.dtype(0.0)
+        widening = self.dtype(0.0)
+        for j in ti.static(range(len(weights))):
+            cj = (self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
+                  * ti.exp(-(dx * dx + dy * dy) * 0.5 / s2[j]))
+            atom += cj
+            radial += cj / s2[j]
+            widening += cj * ((dx * dx + dy * dy) * 0.5 / s2[j] - 1.0) / s2[j]
+        return ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+
+    @ti.func
+    def _widths(self, proj, sig):
+        """Per component s² (px²) of an atom of width σ (Å) under the projector's blur."""
+        ps = self.dtype(self.pixel_size)
+        return ti.Vector([(sig * sig + self.dtype(self.extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
+                          for j in ti.static(range(len(self.weights)))])
+
     @ti.kernel
     def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
-        """Per (atom, projection) pair: the gain, and the in-plane moments Σ_p W ∇c ∇cᵀ (10 distinct)
-        and Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ); `evaluate` maps them to
-        the world frame. One thread per pair, each writing its own slot."""
+        """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
+        Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
+        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ), over the atom's footprint;
+        `evaluate` maps them to the world frame. One thread per (entry, projection), each writing
+        its own slot."""
         weights = ti.static(self.weights)
-        extras = ti.static(self.extras)
         K = ti.static(len(weights))
         ps = self.dtype(self.pixel_size)
         for i, k in ti.ndrange(n, self.n_proj):
             p, a, sig = self.pos[i], self.amp[i], self.sigma[i]
-            total = self.dtype(0.0)
+            same = self.partner_is_self[i]
             widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
             col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
-            # Per component: s² (px²), 1/2s², the walk's step, peak value per pixel.
-            s2 = ti.Vector([(sig * sig + self.dtype(extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-                            for j in ti.static(range(K))])
+            s2 = self._widths(proj, sig)
             inv2s2 = 0.5 / s2
             step = ti.exp(-2.0 * inv2s2)
             peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
                               for j in ti.static(range(K))])
+            # The partner: its centre, widths, and whether its footprint reaches this one at all.
+            partner_sig, partner_amp = self.partner_sigma[i], self.partner_amp[i]
+            partner_widest = ti.sqrt(partner_sig * partner_sig + self.dtype(self.widest_extra))
+            pcol, prow, ps2_max, _, _, _, _, _, _ = proj._footprint(k, self.partner_pos[i], partner_widest)
+            s2_max = (widest * widest + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
+            reach = self.dtype(TRUNCATION_RADIUS_SIGMAS) * (ti.sqrt(s2_max) + ti.sqrt(ps2_max))
+            touches = same == 1 or (col - pcol) ** 2 + (row - prow) ** 2 < reach * reach
+            partner_s2 = self._widths(proj, partner_sig)
             out = ti.Vector.zero(self.dtype, MOMENTS)
+            total = self.dtype(0.0)
             ex0 = ti.Vector.zero(self.dtype, K)
             qx0 = ti.Vector.zero(self.dtype, K)
             for j in ti.static(range(K)):
                 e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
                 ex0[j] = e0
                 qx0[j] = q0
+            if not touches:
+                r_hi = r_lo - 1  # nothing shared: an empty walk
             for r in range(r_lo, r_hi + 1):
                 dy = r - row
                 ey = ti.exp(-dy * dy * inv2s2)
@@ -153,11 +194,12 @@ class LikelihoodGain:
                         weight = self.inverse_variance[k]
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
                     g = ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+                    h = g
+                    if same == 0:
+                        h = self._atom_terms(proj, k, pcol, prow, r, c, partner_amp, partner_sig, partner_s2)
                     wg = weight * g
-                    out += ti.Vector([wg[0] * g[0], wg[0] * g[1], wg[0] * g[2], wg[0] * g[3], wg[1] * g[1],
-                                      wg[1] * g[2], wg[1] * g[3], wg[2] * g[2], wg[2] * g[3], wg[3] * g[3],
-                                      (y - with_atom) * wg[0], (y - with_atom) * wg[1],
-                                      (y - with_atom) * wg[2], (y - with_atom) * wg[3], 0.0])
+                    out += ti.Vector([wg[a_] * h[b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
+                                     + [(y - with_atom) * wg[a_] for a_ in ti.static(range(4))] + [0.0])
             out[MOMENTS - 1] = total
             self.moments[i, k] = out
 
@@ -171,31 +213,41 @@ class LikelihoodGain:
             t[:, 3, 2] = t[:, 4, 3] = 1.0
         return t
 
-    def evaluate(self, positions, amplitudes, widths, add: bool = False):
-        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at
-        ``positions`` (N, 3) Å with amplitudes (N,) image units · Å² and widths σ (N,) Å against the
-        last `set_model` (which holds them in remove mode, not in add mode). Parameters: x, y, z (Å)
-        [, log a, log σ]."""
+    def _launch(self, first, second, positions, amplitudes, widths, add: bool) -> np.ndarray:
+        """Moments (E, n, MOMENTS) of the entries (atom ``first[e]``, partner ``second[e]``)."""
+        moments = np.zeros((len(first), self.n_proj, MOMENTS))
+        for start in range(0, len(first), self.capacity):
+            stop = min(start + self.capacity, len(first))
+            pad = self.capacity - (stop - start)
+            for fields, index in (((self.pos, self.amp, self.sigma), first[start:stop]),
+                                  ((self.partner_pos, self.partner_amp, self.partner_sigma), second[start:stop])):
+                fields[0].from_numpy(np.pad(positions[index], ((0, pad), (0, 0))).astype(self.np_dtype))
+                fields[1].from_numpy(np.pad(amplitudes[index], (0, pad)).astype(self.np_dtype))
+                fields[2].from_numpy(np.pad(widths[index], (0, pad), constant_values=1.0).astype(self.np_dtype))
+            self.partner_is_self.from_numpy(np.pad(first[start:stop] == second[start:stop], (0, pad)).astype(np.int32))
+            self._run(self.projector, stop - start, 1 if add else 0)
+            moments[start:stop] = self.moments.to_numpy()[:stop - start]
+        return moments
+
+    def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
+        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
+        amplitudes (N,) image units · Å² and widths σ (N,) Å against the last `set_model` (which
+        holds them in remove mode, not in add mode). Parameters: x, y, z (Å) [, log a, log σ].
+        With ``pairs`` (M, 2) of atom indices, also the cross blocks (M, P, P) of the Fisher
+        information between those atoms (the joint information's off-diagonal blocks)."""
         positions = np.asarray(positions, np.float64).reshape(-1, 3)
         n = len(positions)
         amplitudes = np.broadcast_to(np.asarray(amplitudes, np.float64), (n,))
         widths = np.broadcast_to(np.asarray(widths, np.float64), (n,))
-        moments = np.zeros((n, self.n_proj, MOMENTS))
-        for start in range(0, n, self.capacity):
-            stop = min(start + self.capacity, n)
-            pad = self.capacity - (stop - start)
-            self.pos.from_numpy(np.pad(positions[start:stop], ((0, pad), (0, 0))).astype(self.np_dtype))
-            self.amp.from_numpy(np.pad(amplitudes[start:stop], (0, pad)).astype(self.np_dtype))
-            self.sigma.from_numpy(np.pad(widths[start:stop], (0, pad), constant_values=1.0).astype(self.np_dtype))
-            self._run(self.projector, stop - start, 1 if add else 0)
-            moments[start:stop] = self.moments.to_numpy()[:stop - start]
-        upper = np.triu_indices(4)
-        inplane = np.zeros((n, self.n_proj, 4, 4))
-        inplane[:, :, upper[0], upper[1]] = moments[..., :10]
-        inplane[:, :, upper[1], upper[0]] = moments[..., :10]
+        atoms = np.arange(n)
+        pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
+        moments = self._launch(np.concatenate([atoms, pairs[:, 0]]), np.concatenate([atoms, pairs[:, 1]]),
+                               positions, amplitudes, widths, add)
         t = self._world_frame()
-        fisher = np.einsum("kpa,ikab,kqb->ipq", t, inplane, t)
-        return moments[..., 14].sum(axis=1), fisher, np.einsum("kpa,ika->ip", t, moments[..., 10:14])
+        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t)
+        own = moments[:n]
+        result = (own[..., 20].sum(axis=1), blocks[:n], np.einsum("kpa,ika->ip", t, own[..., 16:20]))
+        return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
