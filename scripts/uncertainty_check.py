@@ -12,7 +12,7 @@ compares the fitted positions with the truth, in units of their σ (atoms.xyz's 
   calibration the joint σ would give.
 
     python scripts/uncertainty_check.py [--data ../shared/data] [--sets dev_au_cubo_small,...]
-        [--out out/uncertainty_check] [--coupling] [--json FILE]
+        [--out out/uncertainty_check] [--coupling] [--profile peng] [--json FILE]
 """
 
 from __future__ import annotations
@@ -125,11 +125,11 @@ def blur_of(series) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def check(name: str, data: Path, out: Path, coupling: bool) -> dict:
+def check(name: str, data: Path, out: Path, coupling: bool, overrides: dict) -> dict:
     scene = load_scene(ROOT / "scenes" / f"{name}.toml")
     series = load_series(data / f"{name}.npz")
     truth = read_atoms(data / f"{name}_truth.xyz")
-    result = reconstruct(series, scene.reconstruct, out_dir=out / name, overwrite=True, truth=truth, arch="cpu",
+    result = reconstruct(series, {**scene.reconstruct, **overrides}, out_dir=out / name, overwrite=True, truth=truth, arch="cpu",
                          progress=False)
     atoms, report = result.atoms, result.report
     index, errors = matched(atoms, truth)
@@ -158,10 +158,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "uncertainty_check")
     parser.add_argument("--coupling", action="store_true", help="also the joint Fisher information (slow)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--profile", default=None, help="fit with this atom profile instead of the scene's")
     args = parser.parse_args()
+    overrides = {} if args.profile is None else {"profile": args.profile}
     rows = []
     for name in args.sets.split(","):
-        rows.append(check(name, args.data, args.out, args.coupling))
+        rows.append(check(name, args.data, args.out, args.coupling, overrides))
         print(f"done {name}", file=sys.stderr)
     print("| set | matched | std z (x, y, z) | 95 % coverage | median σ pm (x, y, z) | uncertainty s / fit s |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -79,6 +79,7 @@ class CountedFit:
         self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
         self.iteration, self.reason = 0, None
+        self.last_atoms = None  # what `atoms` last gave (its error bars cost a kernel pass)
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
         self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
@@ -234,7 +235,8 @@ class CountedFit:
             columns.update({name: values[order] for name, values in found.items()})
             self.phase_seconds["uncertainty"] = time.perf_counter() - t0
         species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES
-        return Atoms(np.full(n, species), pos[order], columns)
+        self.last_atoms = Atoms(np.full(n, species), pos[order], columns)
+        return self.last_atoms
 
     def forward_model(self) -> ForwardModel:
         """Data units: the backgrounds as per-projection offsets (B_k / gain)."""
@@ -252,5 +254,5 @@ class CountedFit:
         return {"model": "tied", "noise_model": {"kind": "poisson", "gain": self.gain, "reason": self.noise_reason},
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
                 "background_counts": self.background.tolist(), "empty_reason": self.reason,
-                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain})}
+                "uncertainty": summary(self.last_atoms or self.atoms(), {"kind": "poisson", "gain": self.gain})}
 
