@@ -30,6 +30,7 @@ from engine.kernels.evidence import LikelihoodGain
 COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
 COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
+MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
 
 
@@ -66,11 +67,17 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
 
 
 def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
-    """(M, 2) index pairs of atoms closer than ``radius`` Å: the neighbours whose footprints overlap
-    at many tilts, so that their positions, amplitudes and widths trade off against each other."""
+    """(M, 2) index pairs (i < j) of each atom and its nearest neighbours closer than ``radius`` Å
+    (at most MAX_NEIGHBOURS each): those whose footprints overlap at many tilts, so that their
+    positions, amplitudes and widths trade off against each other."""
     if len(positions) < 2:
         return np.zeros((0, 2), int)
-    return np.asarray(cKDTree(positions).query_pairs(radius, output_type="ndarray"), int).reshape(-1, 2)
+    k = min(MAX_NEIGHBOURS + 1, len(positions))
+    distance, index = cKDTree(positions).query(positions, k=k, distance_upper_bound=radius)
+    own = np.repeat(np.arange(len(positions)), k).reshape(-1, k)
+    keep = np.isfinite(distance) & (index != own)
+    pairs = np.sort(np.column_stack([own[keep], index[keep]]), axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), int)
 
 
 def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_radius: float) -> dict:

@@ -244,7 +244,8 @@ class LikelihoodGain:
         moments = self._launch(np.concatenate([atoms, pairs[:, 0]]), np.concatenate([atoms, pairs[:, 1]]),
                                positions, amplitudes, widths, add)
         t = self._world_frame()
-        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t)
+        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t,
+                           optimize=True)
         own = moments[:n]
         result = (own[..., 20].sum(axis=1), blocks[:n], np.einsum("kpa,ika->ip", t, own[..., 16:20]))
         return result + (blocks[n:],) if len(pairs) else result
