@@ -412,13 +412,20 @@ def cmd_baseline(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from engine.io.atoms import read_atoms
-    from engine.evaluate.metrics import evaluate_atoms, format_table
+    from engine.evaluate.metrics import best_translation, evaluate_atoms, format_table
 
     if not (np.isfinite(args.radius) and args.radius > 0):
         raise InputError("--radius", f"must be a positive number of Å, got {args.radius}")
     pred, truth = read_atoms(args.pred), read_atoms(args.truth)
+    shift = None
+    if args.translate:
+        shift = best_translation(pred.positions, truth.positions, args.radius)
+        pred = pred.copy()
+        pred.positions += shift
     radii = tuple(r for r in (0.5, 1.0) if r != args.radius)
     result = evaluate_atoms(pred, truth, radius=args.radius, radii_extra=radii)
+    if shift is not None:
+        result["translation_A"] = dict(zip("xyz", (float(v) for v in shift)))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -602,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("truth", help="true atoms (.xyz/.pdb)")
     p.add_argument("--radius", type=float, default=1.0, help="matching radius in Å (default 1.0)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--translate", action="store_true",
+                   help="first remove the global translation between the two sets (a reference model "
+                        "whose origin differs, as for measured data aligned elsewhere)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("baseline", help="classical pipeline: SIRT (or FBP) volume, then atom tracing")

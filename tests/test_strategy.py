@@ -20,6 +20,11 @@ class Volumes:
     def in_support(self, positions):
         return np.all(np.abs(positions) < 10, axis=1)
 
+    def reference(self, positions):
+        """Every view sees |x| < 5 Å (an extended specimen's window); the margin beyond."""
+        inside = np.abs(positions[:, 0]) < 5
+        return inside if inside.any() else np.ones(len(positions), bool)
+
     def fbp(self, images):
         return "residual"
 
@@ -47,6 +52,16 @@ def test_cull_faint_and_outside_atoms():
     out, changes = strategy().cull_merge_split(s)
     assert changes["culled"] == 2
     np.testing.assert_array_equal(out["pos"], [[0, 0, 0], [3, 0, 0]])
+
+
+def test_cull_measures_faintness_against_the_atoms_every_view_sees():
+    # Margin atoms (|x| ≥ 5 Å) are many and faint; the window's atoms set the typical amplitude, so a
+    # margin atom at 20 % of it goes although it is the median of all.
+    s = state([[0, 0, 0], [3, 0, 0], [6, 0, 0], [7, 0, 0], [8, 0, 0], [9, 0, 0]],
+              amp=[1.0, 1.0, 0.2, 0.2, 0.2, 1.0])
+    out, changes = strategy().cull_merge_split(s)
+    assert changes["culled"] == 3
+    np.testing.assert_array_equal(out["pos"][:, 0], [0, 3, 9])
 
 
 def test_merge_closest_pair_first_into_weighted_mean():

@@ -104,6 +104,14 @@ class TiltGeometry:
     def subset(self, indices) -> "TiltGeometry":
         return TiltGeometry(self.rotations[indices], self.shifts[indices], self.tilt_axes[indices])
 
+    def views(self, positions: np.ndarray, shape, pixel_size: float) -> np.ndarray:
+        """(n, N) bool: whether projection k of images ``shape`` (H, W) px with ``pixel_size`` Å sees
+        each position (N, 3) Å, i.e. projects it within the outermost pixel centres."""
+        beam = self.to_beam_frame(positions)
+        h, w = shape
+        return ((np.abs(beam[..., 0]) <= (w - 1) / 2 * pixel_size + 1e-9)
+                & (np.abs(beam[..., 1]) <= (h - 1) / 2 * pixel_size + 1e-9))
+
     def to_beam_frame(self, positions: np.ndarray) -> np.ndarray:
         """World positions (N, 3) Å → (n, N, 3) beam-frame coordinates (x', y', z') incl. shifts."""
         rotated = np.einsum("kij,nj->kni", self.rotations, np.asarray(positions, dtype=np.float64))

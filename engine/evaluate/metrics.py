@@ -190,6 +190,32 @@ def _solve_assignment(i, j, d, n_pred: int, n_true: int, radius: float) -> np.nd
     return matched_true
 
 
+def best_translation(pred_positions, true_positions, radius: float = 1.0, rounds: int = 20) -> np.ndarray:
+    """
+    The global translation [Å] that, added to the predicted positions, best superposes them on the
+    true ones: for a reconstruction whose origin differs from the reference's (a measured series
+    aligned by someone else), which matching alone would count as error.
+
+    Alternates matching within `radius` and the mean displacement of the matched pairs (the least-
+    squares shift for fixed pairs) until the pairs stop changing. Starts from a matching at
+    2 x `radius` so a shift up to about that size is found.
+    """
+    radius = _check_radius(radius)
+    pred = _check_positions(pred_positions, "predicted positions")
+    true = _check_positions(true_positions, "true positions")
+    shift = np.zeros(3)
+    pairs = None
+    for round_ in range(rounds):
+        match = match_atoms(pred + shift, true, 2 * radius if round_ == 0 else radius)
+        if match.n_matched == 0:
+            break
+        if pairs is not None and np.array_equal(match.pairs, pairs):
+            break
+        pairs = match.pairs
+        shift = shift + np.mean(true[pairs[:, 1]] - (pred + shift)[pairs[:, 0]], axis=0)
+    return shift
+
+
 def evaluate_atoms(pred: Atoms, truth: Atoms, radius: float = 1.0, radii_extra=(0.5,)) -> dict:
     """
     Score predicted atoms against the true structure.
@@ -197,7 +223,8 @@ def evaluate_atoms(pred: Atoms, truth: Atoms, radius: float = 1.0, radii_extra=(
     Parameters
     ----------
     pred : Atoms
-        Predicted atoms; positions [Å].
+        Predicted atoms; positions [Å]. With an 'inside' column (an extended specimen's fit), only the
+        atoms inside the always-visible window (inside == 1) are scored.
     truth : Atoms
         True atoms; positions [Å], same frame as `pred`.
     radius : float
@@ -210,6 +237,7 @@ def evaluate_atoms(pred: Atoms, truth: Atoms, radius: float = 1.0, radii_extra=(
     dict
         JSON-able (plain Python numbers, str keys):
         n_pred, n_true, n_matched, radius [Å], precision, recall, f1;
+        n_pred_outside_not_scored : predicted atoms left out as outside the window;
         rmsd_pm : RMS distance of matched pairs [pm] (None when nothing matched);
         rmsd_axis_pm : {'x', 'y', 'z'}, per-axis RMS of the displacement pred - true [pm] (None when
         nothing matched);
@@ -224,6 +252,11 @@ def evaluate_atoms(pred: Atoms, truth: Atoms, radius: float = 1.0, radii_extra=(
     """
     radius = _check_radius(radius)
     cutoffs = sorted({radius, *(_check_radius(r, "radii_extra") for r in radii_extra)})
+    outside = 0
+    if "inside" in pred.columns:  # an extended specimen's fit: the margin atoms are not the window's
+        window = pred.columns["inside"] == 1
+        outside = int(np.sum(~window))
+        pred = pred.subset(window)
     match = match_atoms(pred.positions, truth.positions, radius)
     pred_idx, true_idx = match.pairs[:, 0], match.pairs[:, 1]
     displacement = (pred.positions[pred_idx] - truth.positions[true_idx]) * PM_PER_ANGSTROM
@@ -245,6 +278,7 @@ def evaluate_atoms(pred: Atoms, truth: Atoms, radius: float = 1.0, radii_extra=(
         "mean_offset_pm": per_axis(displacement.mean(axis=0) if matched else None),
         "f1_at": {str(r): float(match.f1 if r == radius else match_atoms(pred.positions, truth.positions, r).f1)
                   for r in cutoffs},
+        "n_pred_outside_not_scored": outside,
     }
 
     species_known = not (np.all(pred.species == UNKNOWN_SPECIES) or np.all(truth.species == UNKNOWN_SPECIES))
@@ -274,7 +308,9 @@ def format_table(result: dict) -> str:
         return "n/a" if values is None else "  ".join(f"{k} {values[k]:8.2f}" for k in "xyz")
 
     lines = [
-        f"atoms             pred {result['n_pred']}  true {result['n_true']}  matched {result['n_matched']}",
+        f"atoms             pred {result['n_pred']}  true {result['n_true']}  matched {result['n_matched']}"
+        + (f"  ({result['n_pred_outside_not_scored']} outside the window, not scored)"
+           if result.get("n_pred_outside_not_scored") else ""),
         f"radius            {result['radius']:g} Å",
         f"precision         {number(result['precision'])}",
         f"recall            {number(result['recall'])}",
@@ -287,6 +323,9 @@ def format_table(result: dict) -> str:
         f"mean offset       {xyz(result['mean_offset_pm'])} pm",
         f"species accuracy  {number(result['species_accuracy'])}",
     ]
+    if "translation_A" in result:
+        lines.append(f"translation       {xyz({k: 100 * v for k, v in result['translation_A'].items()})} pm "
+                     "(removed before scoring)")
     confusion = result["confusion"]
     if confusion:
         predicted = sorted({p for row in confusion.values() for p in row})

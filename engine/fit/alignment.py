@@ -11,8 +11,9 @@ from engine.kernels.adam import adam_direction
 from engine.measure.alignment import Alignment, translation_gauge
 
 # Per-projection parameters, in this order: shift x', shift y' (Å), tilt-angle offset (degrees),
-# log intensity scale, intensity offset (normalised units).
-WIDTH = 5
+# log intensity scale. The intensity offsets (the background) are the loss's, fitted in closed form
+# (`engine.kernels.loss.FitTarget.fit_offsets`).
+WIDTH = 4
 
 
 @ti.data_oriented
@@ -34,8 +35,8 @@ class AlignmentRefiner:
 
     def _upload(self) -> None:
         a = self.alignment
-        self.params.from_numpy(np.column_stack([a.shifts, a.angle_offsets, np.log(a.intensity_scale),
-                                                a.intensity_offset]).astype(np.float32))
+        self.params.from_numpy(np.column_stack([a.shifts, a.angle_offsets,
+                                                np.log(a.intensity_scale)]).astype(np.float32))
         axis = self.axis.to_numpy()
         axis[0] = a.axis_angle
         self.axis.from_numpy(axis.astype(np.float32))
@@ -44,7 +45,7 @@ class AlignmentRefiner:
         p = self.params.to_numpy().astype(np.float64)
         a = self.alignment
         a.shifts, a.angle_offsets = p[:, :2].copy(), p[:, 2].copy()
-        a.intensity_scale, a.intensity_offset = np.exp(p[:, 3]), p[:, 4].copy()
+        a.intensity_scale = np.exp(p[:, 3])
         a.axis_angle = float(self.axis.to_numpy()[0])
 
     def geometry(self) -> TiltGeometry:
@@ -52,19 +53,18 @@ class AlignmentRefiner:
 
     @ti.kernel
     def _step(self, grad_shift: ti.template(), grad_angle: ti.template(), grad_axis: ti.template(),
-              grad_scale: ti.template(), grad_offset: ti.template(), batch: ti.template(), nb: ti.i32,
-              lr_shift: ti.f32, lr_angle: ti.f32, lr_intensity: ti.f32, lr_offset: ti.f32):
+              grad_scale: ti.template(), batch: ti.template(), nb: ti.i32,
+              lr_shift: ti.f32, lr_angle: ti.f32, lr_intensity: ti.f32):
         for b in range(nb):
             k = batch[b]
             self.age[k] += 1
             p = self.params[k]
             # d/dlog c = c dL/dc
-            g = ti.Vector([grad_shift[k][0], grad_shift[k][1], grad_angle[k], grad_scale[k] * ti.exp(p[3]),
-                           grad_offset[k]])
+            g = ti.Vector([grad_shift[k][0], grad_shift[k][1], grad_angle[k], grad_scale[k] * ti.exp(p[3])])
             step, m, v = adam_direction(g, self.m[k], self.v[k], self.age[k], ti.f32)
             self.m[k] = m
             self.v[k] = v
-            self.params[k] = p - ti.Vector([lr_shift, lr_shift, lr_angle, lr_intensity, lr_offset]) * step
+            self.params[k] = p - ti.Vector([lr_shift, lr_shift, lr_angle, lr_intensity]) * step
         for _ in range(1):  # φ is shared: its gradient is the batch's sum, in a fixed order
             total = 0.0
             for b in range(nb):
@@ -75,14 +75,11 @@ class AlignmentRefiner:
                                         self.axis_age[None], ti.f32)
             self.axis[None] = ti.Vector([a[0] - lr_angle * step[0], m[0], v[0]])
 
-    def step(self, projector, target, lr_shift: float, lr_angle: float, lr_intensity: float,
-             fit_offsets: bool = True) -> None:
+    def step(self, projector, target, lr_shift: float, lr_angle: float, lr_intensity: float) -> None:
         """One Adam step of the projections in the projector's current batch (and of φ) from the
-        gradients its last backward pass and the loss's last residual left on the device. Without
-        ``fit_offsets`` the intensity offsets stay as they are."""
+        gradients its last backward pass and the loss's last residual left on the device."""
         self._step(projector.grad_shift, projector.grad_angle, projector.grad_axis_angle, target.grad_scale,
-                   target.grad_offset, projector.batch, projector.batch_size, lr_shift, lr_angle, lr_intensity,
-                   lr_intensity if fit_offsets else 0.0)
+                   projector.batch, projector.batch_size, lr_shift, lr_angle, lr_intensity)
         self._download()
 
     def fix_gauge(self) -> tuple[np.ndarray, np.ndarray, float]:

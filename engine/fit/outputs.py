@@ -79,6 +79,14 @@ def clear_outputs(out_dir, patterns=OUTPUTS, keep=()) -> list[Path]:
     return removed
 
 
+def _window_counts(atoms: Atoms) -> dict:
+    """For an extended specimen: how many atoms lie inside the always-visible window and outside it."""
+    if "inside" not in atoms.columns:
+        return {}
+    inside = int(np.sum(atoms.columns["inside"] == 1))
+    return {"n_atoms_inside": inside, "n_atoms_outside": len(atoms) - inside}
+
+
 def write_outputs(fit, atoms: Atoms, arch: str, wall_seconds: float, extra: dict | None = None) -> dict:
     """Write the results of ``fit`` (an `engine.fit.reconstruct.Reconstruction`) and return the report."""
     t0 = time.perf_counter()
@@ -105,7 +113,7 @@ def write_outputs(fit, atoms: Atoms, arch: str, wall_seconds: float, extra: dict
               "settings": asdict(fit.settings), "loss": fit.loss, "data_model": asdict(fit.data),
               "forward_model": fit.forward_model().as_dict(), "d_min_A": fit.d_min, "iterations": fit.iteration,
               "final_loss": history["loss"][-1] if history["loss"] else None, "projection_nrmse": nrmse,
-              "n_atoms": len(atoms), "history": history, "phase_seconds": phase_seconds,
+              "n_atoms": len(atoms), **_window_counts(atoms), "history": history, "phase_seconds": phase_seconds,
               "wall_seconds": wall_seconds, **fit.report_extra(), **(extra or {})}
     write_atomically(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report

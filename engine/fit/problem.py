@@ -59,13 +59,17 @@ class FitProblem:
 
     def step(self, lr: dict, batch: np.ndarray, align: bool, fit_offsets: bool, fix_gauge: bool) -> None:
         """One Adam step over the projections ``batch`` with learning rates ``lr`` (keys as the
-        settings' lr_*, already scaled by the schedule); with ``align``, of the alignment too, and
-        with ``fix_gauge`` its gauge directions are then moved onto the atoms."""
+        settings' lr_*, already scaled by the schedule); with ``fit_offsets`` the batch's background
+        offsets move to their optimum (Gaussian losses); with ``align``, a step of the alignment too,
+        and with ``fix_gauge`` its gauge directions are then moved onto the atoms."""
         if self.projector.batch_size != len(batch) or not np.array_equal(self.projector.batch_numpy(), batch):
             self.projector.set_batch(batch)
         cloud = self.model.cloud
         self.projector.forward(cloud)
-        self.target.residual(self.projector.batch_size, self.n_tilts / self.projector.batch_size)
+        batch_scale = self.n_tilts / self.projector.batch_size
+        self.target.residual(self.projector.batch_size, batch_scale)
+        if fit_offsets:
+            self.target.fit_offsets(self.projector.batch_size, batch_scale)
         self.projector.backward(cloud, alignment=align)
         if self.grid is not None:  # positions moved since the last step: rebuild the grid on the device
             self.grid.build_from_field(cloud.pos, self.model.count)
@@ -73,19 +77,17 @@ class FitProblem:
                                          self.repulsion * self.target.weight, cloud.grad_pos)
         self.model.adam_step(lr["lr_position"], lr["lr_amplitude"], lr["lr_width"])
         if align:
-            self.refiner.step(self.projector, self.target, lr["lr_shift"], lr["lr_angle"], lr["lr_intensity"],
-                              fit_offsets)
+            self.refiner.step(self.projector, self.target, lr["lr_shift"], lr["lr_angle"], lr["lr_intensity"])
             if fix_gauge:
                 turn, translation, gain = self.refiner.fix_gauge()
                 self.model.transform(turn, translation, math.log(gain))
             self.apply_alignment()
 
     def apply_alignment(self) -> None:
-        """Take the refiner's alignment into the projector's geometry and the loss's intensities."""
-        a = self.refiner.alignment
+        """Take the refiner's alignment into the projector's geometry and the loss's intensity scales."""
         self.geometry = self.refiner.geometry()
         self.projector.set_geometry(self.geometry)
-        self.target.set_intensity(a.intensity_scale, a.intensity_offset)
+        self.target.set_intensity(self.refiner.alignment.intensity_scale)
 
     def predicted(self, indices) -> np.ndarray:
         """Predicted projections ``indices`` (normalised units): the atoms rendered in the current
@@ -93,9 +95,24 @@ class FitProblem:
         indices = np.asarray(indices).reshape(-1)
         images = self.projector.render(self.model.cloud, indices)
         if self.refiner is not None:
-            a = self.refiner.alignment
-            images = images * a.intensity_scale[indices, None, None] + a.intensity_offset[indices, None, None]
-        return images
+            images = images * self.refiner.alignment.intensity_scale[indices, None, None]
+        return images + self.target.offsets()[indices, None, None]
+
+    def data_state(self) -> dict:
+        """The fitted data-model parameters (for checkpoints): the per-projection offsets."""
+        return {"offsets": self.target.offsets()}
+
+    def load_data_state(self, state: dict) -> None:
+        if "offsets" in state:
+            self.target.intensity_offset.from_numpy(np.asarray(state["offsets"], self.target.np_dtype))
+
+    def full_loss(self) -> float:
+        """The loss per pixel over every projection for the atoms as they stand."""
+        every = np.arange(self.n_tilts)
+        if self.projector.batch_size != self.n_tilts:
+            self.projector.set_batch(every)
+        self.projector.forward(self.model.cloud)
+        return self.target.loss_value(self.n_tilts)
 
     def loss_value(self) -> float:
         return self.target.loss_value(self.projector.batch_size)

@@ -21,9 +21,10 @@ import numpy as np
 
 from engine.core.errors import InputError
 from engine.fit.alignment import AlignmentRefiner
+from engine.fit.model_selection import select_alignment
 from engine.fit.calibration import calibrate_b_factors
 from engine.fit.problem import FitProblem, with_moments
-from engine.fit.seeding import SeedVolumes, initial_atoms
+from engine.fit.seeding import SeedVolumes, extended_margin, initial_atoms
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
 from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
@@ -94,13 +95,17 @@ class Reconstruction:
         self.problem = FitProblem(self.normalised, geometry, series.pixel_size, self.data, self.loss, self.gain,
                                   self.profile, self.d_min, settings.repulsion, refiner)
         rng = np.random.default_rng(settings.seed)
-        volumes = SeedVolumes(self.screened, self.data.noise, geometry, series.pixel_size, settings.voxel, self.d_min)
-        self.strategy = DensityControl(settings, volumes, self.d_min, rng)
+        self.extended = (settings.extended == "on" or settings.extended == "auto" and self.data.sides_hold_specimen)
+        margin = extended_margin(series.angles, series.shape, series.pixel_size) if self.extended else None
+        volumes = SeedVolumes(self.screened, self.data.noise, geometry, series.pixel_size, settings.voxel, self.d_min,
+                              margin)
+        self.strategy = DensityControl(settings, volumes, self.d_min, rng, self.data.blur)
         self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress,
                                fingerprint=lambda: data_fingerprint(series))
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         self.uncertainty = None  # per-atom σ and significance (`engine.fit.uncertainty`), model order, at the end
         self.uncertainty_noise, self.uncertainty_seconds = None, None
+        self.alignment_selection = None  # with refinement: whether the refined alignment was kept, and why
         self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
         self.prepare_seconds = time.perf_counter() - t0
@@ -131,6 +136,7 @@ class Reconstruction:
     def report_extra(self) -> dict:
         return {"model": "per-atom", "noise_model": {"kind": self.noise.kind, "gain": self.gain,
                                                      "reason": self.noise.reason},
+                "extended": self.extended, "alignment_selection": self.alignment_selection,
                 "uncertainty": None if self.uncertainty is None else summary(self.atoms(), self.uncertainty_noise)}
 
     # ------------------------------------------------------------------ running
@@ -154,6 +160,12 @@ class Reconstruction:
         if not self.started:
             self.start_from(self.seeds())
         self.trainer.run(None if observer is None else lambda: observer(self))
+        if self.refiner is not None:
+            self.alignment_selection, nominal = select_alignment(self)
+            if nominal is not None:
+                self.problem = nominal
+            else:  # the alignment file records the fitted background too
+                self.refiner.alignment.intensity_offset = self.problem.target.offsets()
         s = self.settings
         if s.species and s.thermal_refits > 0:
             if self.trainer.progress:
@@ -186,6 +198,9 @@ class Reconstruction:
         order = np.lexsort(state["pos"].T[::-1])
         amplitude = state["amp"][order] * self.data.scale
         columns = {"amplitude": amplitude, "width": state["sigma"][order]}
+        if self.extended:  # 1: seen by every projection (the window), 0: in the margin only some views see
+            columns["inside"] = np.all(self.geometry.views(state["pos"][order], self.series.shape,
+                                                           self.series.pixel_size), axis=0).astype(np.int64)
         if self.settings.species:
             species, probability, _ = self._species(amplitude, columns["width"])
             if len(self.settings.species) > 1:
@@ -200,9 +215,13 @@ class Reconstruction:
 
     def forward_model(self) -> ForwardModel:
         """The forward model of the fit as it stands (refined geometry and intensities included)."""
+        offsets = self.problem.target.offsets()
         model = ForwardModel(self.series.get_geometry(), self.series.shape, self.series.pixel_size, self.data.blur,
-                             self.profile, self.data.background, self.data.scale)
-        return model if self.refiner is None else model.aligned(self.refiner.alignment, self.series.angles)
+                             self.profile, self.data.background, self.data.scale, None, offsets)
+        if self.refiner is not None:
+            model = model.aligned(self.refiner.alignment, self.series.angles)
+            model.intensity_offset = offsets
+        return model
 
     def predicted(self, indices=None) -> np.ndarray:
         """Predicted projections ``indices`` (default all), data units, from the current atoms: the

@@ -12,18 +12,40 @@ from engine.core.errors import InputError
 from engine.kernels.volume import local_maxima, projector_for, suppress_close
 
 
+# An extended specimen's atom outside the always-visible window must be seen by at least this many
+# projections: one view fixes no depth at all.
+MIN_VIEWS = 2
+
+
+def extended_margin(angles_deg, shape, pixel_size: float) -> float:
+    """How far (Å) beyond the image's half-width a single-axis series still sees material at least
+    MIN_VIEWS times, for a specimen no thicker than the image is wide (the depth the grid spans):
+    |x cos θ + z sin θ| ≤ W/2 with |z| ≤ W/2 at the MIN_VIEWS-th most tilted angle; at most twice the
+    image width (beyond that the views are too oblique to place anything)."""
+    half = (shape[1] - 1) / 2 * pixel_size
+    tilts = np.sort(np.abs(np.deg2rad(np.asarray(angles_deg, np.float64))))
+    theta = tilts[-min(MIN_VIEWS, len(tilts))]
+    reach = half * (1 + math.sin(theta)) / max(math.cos(theta), 1e-6) - half
+    return float(min(max(reach, 0.0), 4 * half))
+
+
 class SeedVolumes:
     """A voxel grid over the field of view (``voxel`` Å) in the data's geometry, with the particle
     support and the filtered back-projection of the (screened, normalised) images.
 
-    images : (n, H, W) normalised images, background 0, hot pixels removed where the loss is robust.
-    noise  : their noise σ (normalised units).
-    d_min  : the shortest distance between atoms (Å): one peak per d_min.
+    images   : (n, H, W) normalised images, background 0, hot pixels removed where the loss is robust.
+    noise    : their noise σ (normalised units).
+    d_min    : the shortest distance between atoms (Å): one peak per d_min.
+    x_margin : None for a specimen inside the field of view; for one larger than it, how far (Å) the
+               grid reaches beyond the image's half-width (`extended_margin`): atoms seen by MIN_VIEWS
+               projections may sit there.
     """
 
-    def __init__(self, images: np.ndarray, noise: float, geometry, pixel_size: float, voxel: float, d_min: float):
+    def __init__(self, images: np.ndarray, noise: float, geometry, pixel_size: float, voxel: float, d_min: float,
+                 x_margin: float | None = None):
         self.images, self.noise, self.pixel_size, self.d_min = images, noise, pixel_size, d_min
-        self.projector = projector_for(len(images), images.shape[1:], pixel_size, voxel)
+        self.extended = x_margin is not None
+        self.projector = projector_for(len(images), images.shape[1:], pixel_size, voxel, x_margin=x_margin or 0.0)
         self.set_geometry(geometry)
 
     def set_geometry(self, geometry) -> None:
@@ -37,7 +59,8 @@ class SeedVolumes:
 
     def _support(self) -> np.ndarray:
         """Visual hull: voxels whose projection lands on signal (the image smoothed over 2 px, above
-        5 σ of its noise and 8 % of its maximum) in every projection, dilated by d_min."""
+        5 σ of its noise and 8 % of its maximum) in every projection that sees them, dilated by d_min;
+        seen by every projection, or by MIN_VIEWS for an extended specimen."""
         from scipy import ndimage
 
         smooth = ndimage.gaussian_filter(self.images, sigma=(0, 2, 2))
@@ -45,7 +68,12 @@ class SeedVolumes:
         mask = smooth > max(5 * smoothed_noise, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.pixel_size)),
                                        structure=ndimage.generate_binary_structure(3, 1)[1:2])
-        return self.projector.backproject(mask.astype(np.float32), reduction="min") > 0.5
+        bp = self.projector
+        views = bp.backproject(np.ones(mask.shape, np.float32)) / bp.splat_scale
+        # An atom's back-projection grows with the views that see it: peaks are compared per view.
+        self.view_fraction = np.maximum(views, 1.0) / len(mask)
+        needed = MIN_VIEWS if self.extended else len(mask)
+        return (bp.backproject(mask.astype(np.float32), reduction="min") > 0.5) & (views > needed - 0.5)
 
     def in_support(self, positions: np.ndarray) -> np.ndarray:
         bp = self.projector
@@ -53,13 +81,66 @@ class SeedVolumes:
                         <= (np.array(bp.grid_shape) - 1) / 2 + 0.5, axis=1)
         return inside & self.support[tuple(bp.indices(positions).T)]
 
+    def reference(self, positions: np.ndarray) -> np.ndarray:
+        """Which atoms at ``positions`` (Å) every view sees (all of them unless none is): the atoms
+        whose amplitudes and back-projections set what a typical atom is."""
+        index = tuple(self.projector.indices(positions).T)
+        seen = self.view_fraction[index] > 1 - 0.5 / len(self.images)
+        return seen if seen.any() else np.ones(len(positions), bool)
+
+    def significant(self, state: dict, predicted: np.ndarray, blur: float) -> np.ndarray:
+        """Which atoms of ``state`` (pos Å, amp normalised units · Å², sigma Å) stand out of what the
+        fit leaves unexplained, given ``predicted`` images (normalised units): each amplitude against
+        its standard error, with more significance asked the larger the support (one false atom in
+        it, `significance_level`). The residual stands for the noise, model error included, through
+        its variance and its correlation area (`residual_dispersion`), so the rule holds for denoised
+        or otherwise filtered measured data, where the pixel noise says little."""
+        dispersion, area = residual_dispersion(self.images - predicted)
+        index = tuple(self.projector.indices(state["pos"]).T)
+        views = self.view_fraction[index] * len(self.images)
+        # Fisher information of an amplitude a: Σ_pixels (∂image/∂a)² / (φ A), the atom's unit image a
+        # Gaussian of variance s² = σ² + blur² (Å²) sampled on pixel² cells: Σ ≈ views / (4π s² pixel²).
+        width2 = state["sigma"] ** 2 + blur ** 2
+        error = np.sqrt(dispersion * area * 4 * math.pi * width2 * self.pixel_size ** 2 / views)
+        support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
+        return state["amp"] / error > significance_level(support_A3, self.d_min)
+
     def peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values."""
-        positions, values = local_maxima(volume, self.projector, self.d_min, threshold, self.support)
+        """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values;
+        a back-projected ``volume`` is taken per view (what a voxel seen by every view would show)."""
+        positions, values = local_maxima(volume / self.view_fraction, self.projector, self.d_min, threshold,
+                                         self.support)
         return suppress_close(positions, values, self.d_min)
 
     def sample(self, volume: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return volume[tuple(self.projector.indices(positions).T)]
+        """A back-projected ``volume`` per view (see `peaks`) at ``positions`` (Å)."""
+        index = tuple(self.projector.indices(positions).T)
+        return volume[index] / self.view_fraction[index]
+
+
+def residual_dispersion(residual: np.ndarray, max_lag: int = 4) -> tuple[float, float]:
+    """The variance φ of residual images (n, H, W) and their correlation area A (px): the sum of the
+    mean normalised autocorrelation over lags up to ``max_lag`` px each way (1 for white noise). A
+    least-squares statistic over correlated pixels varies A times more than over independent ones."""
+    centred = residual - residual.mean(axis=(1, 2), keepdims=True)
+    variance = float(np.mean(centred ** 2))
+    if not variance > 0:
+        return 0.0, 1.0
+    h, w = residual.shape[1:]
+    power = np.abs(np.fft.rfft2(centred, s=(2 * h, 2 * w))) ** 2  # zero-padded: no wrap-around
+    autocorrelation = np.fft.irfft2(power, s=(2 * h, 2 * w)).sum(axis=0)
+    autocorrelation /= autocorrelation[0, 0]
+    lags = np.r_[0:max_lag + 1, -max_lag:0]
+    return variance, float(max(autocorrelation[np.ix_(lags, lags)].sum(), 1.0))
+
+
+def significance_level(volume_A3: float, d_min: float) -> float:
+    """The z an amplitude must reach for one false atom, on average, in ``volume_A3`` (Å³) holding at
+    most one atom per d_min³: the one-sided normal quantile of 1 / (volume / d_min³)."""
+    from scipy import stats
+
+    trials = max(volume_A3 / d_min ** 3, 2.0)
+    return float(stats.norm.isf(1.0 / trials))
 
 
 def initial_atoms(volumes: SeedVolumes, source: str) -> dict:

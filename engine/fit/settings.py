@@ -44,8 +44,11 @@ FIT_SCHEMA = Schema("FitSettings", [
     Setting("profile", str, "gaussian", "atom shape: one Gaussian, or a core and tail from the species' "
             "scattering factors (peng: needs species; more accurate, about 2x slower)", choices=("gaussian", "peng")),
     Setting("blur", float, None, "microscope blur σ (not set: from the file, else 0)", "Å", check=non_negative),
+    Setting("extended", str, "auto", "specimen larger than the field of view (film, support, needle): atoms are "
+            "also fitted in the margin the tilted beam sees, and marked outside the always-visible window; auto: "
+            "when the image edges across the tilt axis hold specimen", choices=("auto", "on", "off")),
     Setting("refine_alignment", bool, False, "pre-align, then fit per-projection shifts, tilt-angle offsets, "
-            "intensity scale and offset and the tilt-axis angle with the atoms"),
+            "intensity scale and the tilt-axis angle with the atoms"),
     Setting("d_min", float, None, "minimum interatomic distance (not set: 0.7 x the shortest bond of species, "
             "else 1.7 Å)", "Å", check=positive),
     Setting("lr_position", float, 0.02, "Adam learning rate of positions", "Å per step", check=positive),
@@ -54,7 +57,7 @@ FIT_SCHEMA = Schema("FitSettings", [
     Setting("lr_shift", float, 0.005, "Adam learning rate of projection shifts", "Å per step", check=positive),
     Setting("lr_angle", float, 0.01, "Adam learning rate of tilt-angle offsets and the axis angle",
             "degrees per step", check=positive),
-    Setting("lr_intensity", float, 0.002, "Adam learning rate of log intensity scales and offsets", check=positive),
+    Setting("lr_intensity", float, 0.002, "Adam learning rate of log intensity scales", check=positive),
     Setting("lr_final", float, 0.02, "final learning rates as a fraction of the first (cosine decay)",
             check=fraction),
     Setting("align_start", float, 0.1, "fraction of the run before the alignment moves", check=fraction),

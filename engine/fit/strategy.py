@@ -2,11 +2,12 @@
 training loop (as gsplat's `Strategy`). Before each step the trainer calls `step_pre`; every
 ``densify_every`` steps during the first ``densify_until`` of the run it runs one round:
 
-1. cull atoms fainter than ``cull_fraction`` of the median amplitude, or outside the support;
+1. cull atoms fainter than ``cull_fraction`` of the median amplitude (of the atoms every view sees),
+   whose amplitude does not stand out of the residual (`SeedVolumes.significant`), or outside the support;
 2. merge pairs closer than d_min, closest first, into their amplitude-weighted mean;
 3. split atoms wider than ``split_width`` × the median width into two halves 1.2 σ apart;
 4. spawn atoms at peaks of the back-projected residual (above ``spawn_fraction`` of a typical
-   atom's back-projection) that have no atom within d_min.
+   atom's back-projection) that have no atom within d_min; not in the last round, which only removes.
 
 Host neighbour queries use scipy's k-d tree.
 """
@@ -23,8 +24,8 @@ class DensityControl:
     """settings: the fit's settings (cull_fraction, split_width, spawn_fraction, densify_every,
     densify_until); volumes: the `SeedVolumes`; rng: the fit's NumPy generator (split directions)."""
 
-    def __init__(self, settings, volumes, d_min: float, rng: np.random.Generator):
-        self.settings, self.volumes, self.d_min, self.rng = settings, volumes, d_min, rng
+    def __init__(self, settings, volumes, d_min: float, rng: np.random.Generator, blur: float = 0.0):
+        self.settings, self.volumes, self.d_min, self.rng, self.blur = settings, volumes, d_min, rng, blur
 
     def counting(self, iteration: int, total: int) -> bool:
         """Whether step ``iteration`` of ``total`` still belongs to the phase that changes the count."""
@@ -36,8 +37,14 @@ class DensityControl:
             return None
         if problem.refiner is not None:  # the volumes follow the refined geometry
             self.volumes.set_geometry(problem.geometry)
-        state, changes = self.cull_merge_split(problem.state())
+        state = problem.state()
+        significant = self.volumes.significant(state, problem.predicted(np.arange(problem.n_tilts)), self.blur)
+        state, changes = self.cull_merge_split(state, significant)
         problem.upload(state)  # the residual that guides spawning is that of the atoms kept so far
+        if not self.counting(iteration + self.settings.densify_every, total):
+            # The last round only removes: an atom spawned now would never be tested again.
+            changes["spawned"] = 0
+            return changes
         spawned = self.spawn(state, problem.predicted(np.arange(problem.n_tilts)))
         changes["spawned"] = len(spawned["pos"])
         if len(spawned["pos"]):
@@ -45,11 +52,15 @@ class DensityControl:
             problem.upload({k: np.concatenate([kept[k], spawned[k]]) for k in kept})
         return changes
 
-    def cull_merge_split(self, state: dict) -> tuple[dict, dict]:
-        """Steps 1–3 on a host state (pos, amp, sigma, m, v, age); returns it and the counts."""
+    def cull_merge_split(self, state: dict, significant: np.ndarray | None = None) -> tuple[dict, dict]:
+        """Steps 1–3 on a host state (pos, amp, sigma, m, v, age); returns it and the counts.
+        ``significant``: which amplitudes stand out of the residual (`SeedVolumes.significant`; None: all)."""
         s = self.settings
         n0 = len(state["pos"])
-        keep = (state["amp"] > s.cull_fraction * np.median(state["amp"])) & self.volumes.in_support(state["pos"])
+        typical_amp = np.median(state["amp"][self.volumes.reference(state["pos"])]) if n0 else 0.0
+        keep = (state["amp"] > s.cull_fraction * typical_amp) & self.volumes.in_support(state["pos"])
+        if significant is not None:
+            keep &= significant
         changes = {"culled": int(n0 - keep.sum())}
         state = {k: v[keep] for k, v in state.items()}
 
@@ -85,7 +96,8 @@ class DensityControl:
         ``predicted`` images that have no atom of ``state`` within d_min."""
         v = self.volumes
         volume = v.fbp(v.images - predicted)
-        typical = float(np.median(v.sample(v.data_fbp, state["pos"]))) if len(state["pos"]) else 1.0
+        reference = state["pos"][v.reference(state["pos"])] if len(state["pos"]) else state["pos"]
+        typical = float(np.median(v.sample(v.data_fbp, reference))) if len(reference) else 1.0
         positions, values = v.peaks(volume, self.settings.spawn_fraction * typical)
         if len(positions) and len(state["pos"]):
             distance, _ = cKDTree(state["pos"]).query(positions)

@@ -195,6 +195,7 @@ class Trainer:
         payload = {f"state_{k}": v for k, v in self.problem.state().items()}
         if self.problem.refiner is not None:
             payload.update({f"align_{k}": v for k, v in self.problem.refiner.state().items()})
+        payload.update({f"data_{k}": v for k, v in self.problem.data_state().items()})
         payload["meta"] = np.array(json.dumps({
             "iteration": self.iteration, "settings": asdict(self.settings), "history": self.history,
             "phase_seconds": self.phase_seconds, "rng": self.rng.bit_generator.state, "data": self.fingerprint()}))
@@ -211,6 +212,7 @@ class Trainer:
             with np.load(path, allow_pickle=False) as f:
                 state = {k[len("state_"):]: f[k] for k in f.files if k.startswith("state_")}
                 alignment = {k[len("align_"):]: f[k] for k in f.files if k.startswith("align_")}
+                data_state = {k[len("data_"):]: f[k] for k in f.files if k.startswith("data_")}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise InputError(path, f"not a readable atomsplat checkpoint: truncated or corrupt "
                                    f"({type(err).__name__}: {err})") from None
@@ -222,4 +224,5 @@ class Trainer:
             self.problem.refiner.load_state(alignment)
             self.problem.apply_alignment()
             self.strategy.volumes.set_geometry(self.problem.geometry)
+        self.problem.load_data_state(data_state)
         self.problem.upload(state, sort=False)  # the order the run had: same sums, same results

@@ -42,6 +42,7 @@ KNOWN_COLUMNS = {
     "sigma_y": "1-sigma position uncertainty along y, Å",
     "sigma_z": "1-sigma position uncertainty along z, Å",
     "significance": "log-likelihood gain of the atom over its Occam penalty, nats (> 0: the data support it)",
+    "inside": "1: seen by every projection (the always-visible window), 0: in the margin of an extended specimen",
 }
 """Per-atom columns with an agreed meaning; any other float column is allowed too."""
 

@@ -93,10 +93,27 @@ class FitTarget:
                              f"got {np.shape(normalised)}")
         self.measured.from_numpy(pack_images(normalised, self.np_dtype))
 
-    def set_intensity(self, scale: np.ndarray, offset: np.ndarray) -> None:
-        """Per-projection intensity scale c_k and offset b_k (normalised units) of the predictions."""
+    def set_intensity(self, scale: np.ndarray, offset: np.ndarray | None = None) -> None:
+        """Per-projection intensity scale c_k and offset b_k (normalised units) of the predictions
+        (offset None: kept)."""
         self.intensity_scale.from_numpy(np.asarray(scale, self.np_dtype))
-        self.intensity_offset.from_numpy(np.asarray(offset, self.np_dtype))
+        if offset is not None:
+            self.intensity_offset.from_numpy(np.asarray(offset, self.np_dtype))
+
+    def offsets(self) -> np.ndarray:
+        """The per-projection offsets b_k (normalised units), float64."""
+        return self.intensity_offset.to_numpy().astype(np.float64)
+
+    def fit_offsets(self, nb: int, batch_scale: float) -> None:
+        """Move the batch's offsets b_k to the least-squares optimum for the rendering of the last
+        `residual` (called with the same ``batch_scale``): a Newton step with the exact curvature of the
+        L2 loss, w · H · W per projection; for Huber the same step, a bound on its curvature, never
+        overshoots. The background of data whose images are never empty (films, supports) is fitted
+        this way, exactly and without a learning rate, on the device."""
+        if self.loss == "poisson":
+            raise ValueError("offsets are fitted in closed form for the Gaussian losses only")
+        curvature = self.weight * self.height * self.width * batch_scale
+        _kernels(self.np_dtype.__name__)[2](self, self.batch, nb, curvature)
 
     @ti.func
     def _terms(self, image, k, r, c):
@@ -207,4 +224,10 @@ def _kernels(dtype_name: str):
                     total += value.sum()
                 target.loss_per_projection[b] = total
 
-    return residual, loss
+    @ti.kernel
+    def newton_offsets(target: ti.template(), batch: ti.template(), nb: ti.i32, curvature: dtype):
+        for b in range(nb):
+            k = batch[b]
+            target.intensity_offset[k] -= target.grad_offset[k] / curvature
+
+    return residual, loss, newton_offsets

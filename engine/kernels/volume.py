@@ -109,7 +109,8 @@ class VoxelProjector:
                     value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
                              + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
                 if ti.static(use_min):
-                    acc = ti.min(acc, value)
+                    if inside:  # a projection that does not see the voxel says nothing about it
+                        acc = ti.min(acc, value)
                 else:
                     acc += value
             if ti.static(use_min):
@@ -124,8 +125,8 @@ class VoxelProjector:
         return self.images.to_numpy()
 
     def backproject(self, images: np.ndarray, reduction: str = "sum") -> np.ndarray:
-        """Aᵀ·images ('sum', the exact transpose of `project`) or the per-voxel minimum over
-        projections of the bilinear samples ('min')."""
+        """Aᵀ·images ('sum', the exact transpose of `project`) or the per-voxel minimum over the
+        projections that see the voxel of the bilinear samples ('min'; 1e30 where none does)."""
         self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
         self._backproject(reduction == "min")
         return self.volume.to_numpy()
@@ -175,18 +176,21 @@ def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
     return filtered[..., :n]
 
 
-def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dtype=ti.f32) -> VoxelProjector:
+def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dtype=ti.f32,
+                  x_margin: float = 0.0) -> VoxelProjector:
     """A cached `VoxelProjector` whose grid covers the field of view: x and z span the image width,
-    y its height (Å), at ``voxel`` spacing, of ``dtype``."""
+    y its height (Å), at ``voxel`` spacing, of ``dtype``; x reaches ``x_margin`` (Å) further on each
+    side (an extended specimen's material that tilts into view)."""
     h, w = image_shape
-    nx = int((w - 1) * pixel_size // voxel) + 1
+    nz = int((w - 1) * pixel_size // voxel) + 1
+    nx = nz + 2 * int(math.ceil(x_margin / voxel))
     ny = int((h - 1) * pixel_size // voxel) + 1
     ti_type, np_type = float_types(dtype)
-    key = ("voxel projector", n_proj, tuple(image_shape), float(pixel_size), float(voxel), np_type.__name__)
+    key = ("voxel projector", n_proj, tuple(image_shape), float(pixel_size), float(voxel), np_type.__name__, nx)
     cache = session_cache()
     if key not in cache:
-        origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nx - 1) / 2 * voxel)
-        cache[key] = VoxelProjector(n_proj, image_shape, pixel_size, (nx, ny, nx), origin, voxel, ti_type)
+        origin = (-(nx - 1) / 2 * voxel, -(ny - 1) / 2 * voxel, -(nz - 1) / 2 * voxel)
+        cache[key] = VoxelProjector(n_proj, image_shape, pixel_size, (nx, ny, nz), origin, voxel, ti_type)
     return cache[key]
 
 

@@ -17,30 +17,99 @@ from engine.io.tiltseries import TiltSeries
 from engine.kernels.loss import HUBER_DELTA
 
 
+# A strip of the image edge whose spread exceeds this many times the pixel-to-pixel noise holds
+# structure (specimen), not noise: under noise alone the ratio is 1 within a few per cent (thousands of
+# pixels), and a specimen's contrast is many noise σ.
+STRUCTURE_RATIO = 2.0
+EDGE_PX = 3  # width of the image edge strips (px)
+
+
 @dataclass
 class DataModel:
-    """What is estimated from the data before fitting (never from a truth file)."""
+    """What is estimated from the data before fitting (never from a truth file).
 
-    background: float      # data units, subtracted
-    scale: float           # data units per normalised unit
-    noise: float           # noise σ in normalised units
-    blur: float            # Å
+    background : data units, subtracted (the starting level where a fit refines one per projection)
+    scale      : data units per normalised unit
+    noise      : noise σ in normalised units
+    blur       : Å
+    frame_empty: whether the image edges hold only background and noise (an isolated specimen)
+    sides_hold_specimen : whether the edges across the tilt axis (first and last columns) hold
+                 specimen: material there moves in and out of view as the specimen tilts
+    """
+
+    background: float
+    scale: float
+    noise: float
+    blur: float
+    frame_empty: bool = True
+    sides_hold_specimen: bool = False
+
+
+def pixel_noise(images: np.ndarray) -> float:
+    """The noise σ of single pixels (data units) from the pixel-to-pixel variation: the RMS of the
+    images filtered by the 3 × 3 kernel [[1,-2,1],[-2,4,-2],[1,-2,1]], which cancels any level and
+    gradient and has gain 36 on white noise (Immerkær 1996); smooth specimen structure adds little and
+    sharp structure is clipped, so no empty region is needed."""
+    p = np.asarray(images, np.float64)
+    second = (p[:, :-2, :-2] - 2 * p[:, :-2, 1:-1] + p[:, :-2, 2:]
+              - 2 * (p[:, 1:-1, :-2] - 2 * p[:, 1:-1, 1:-1] + p[:, 1:-1, 2:])
+              + p[:, 2:, :-2] - 2 * p[:, 2:, 1:-1] + p[:, 2:, 2:])
+    # σ-clipped RMS: atoms sharp enough to pass the filter make outliers, not the bulk; the RMS of a
+    # Gaussian cut at ±3σ is 0.9866 σ.
+    values = second.ravel()
+    rms = float(np.sqrt(np.mean(values ** 2)))
+    for _ in range(10):
+        kept = values[np.abs(values) <= 3 * rms]
+        if kept.size == 0:
+            break
+        clipped = float(np.sqrt(np.mean(kept ** 2))) / 0.9866
+        if clipped >= rms * (1 - 1e-3):
+            break
+        rms = clipped
+    return rms / 6
+
+
+def _holds_structure(strip: np.ndarray, noise: float) -> bool:
+    """Whether edge pixels ``strip`` spread by more than noise can: their standard deviation, with
+    values beyond 5 σ of their median clipped (isolated hot pixels), against STRUCTURE_RATIO σ."""
+    centre = float(np.median(strip))
+    clipped = np.clip(strip, centre - 5 * noise, centre + 5 * noise)
+    return bool(np.std(clipped) > STRUCTURE_RATIO * noise)
 
 
 def estimate_data_model(series: TiltSeries, blur: float | None, projections: np.ndarray | None = None) -> DataModel:
-    """Background and noise from the outer 3-pixel frame of every projection (AET images keep the
-    particle inside the field of view); scale from the 99.9th percentile of the background-subtracted
-    signal. ``projections`` replaces the series' own images (e.g. without hot pixels)."""
-    p = series.projections if projections is None else projections
-    frame = np.concatenate([p[:, :3].ravel(), p[:, -3:].ravel(), p[:, :, :3].ravel(), p[:, :, -3:].ravel()])
-    background = float(np.median(frame))
-    spread = 1.4826 * float(np.median(np.abs(frame - background)))
+    """Background and noise of the data; scale from the 99.9th percentile of the background-subtracted
+    signal. ``projections`` replaces the series' own images (e.g. without hot pixels).
+
+    An empty image frame (the outer EDGE_PX pixels spread no more than noise) gives the background
+    (its median) and the noise (its spread). A frame that holds specimen (a film, a particle on a
+    support, a needle crossing the edge) says nothing about either: the noise is then the pixel-to-
+    pixel noise (`pixel_noise`) and the background the lowest level the images reach (the median over
+    projections of the 1st percentile of each image smoothed over 2 px), a start that fits refine per
+    projection (`engine.kernels.loss.FitTarget.fit_offsets`)."""
+    from scipy import ndimage
+
+    p = np.asarray(series.projections if projections is None else projections, np.float64)
+    e = EDGE_PX
+    sides = np.concatenate([p[:, :, :e].ravel(), p[:, :, -e:].ravel()])
+    frame = np.concatenate([p[:, :e].ravel(), p[:, -e:].ravel(), sides])
+    noise = pixel_noise(p)
+    sides_hold_specimen = _holds_structure(sides, noise)
+    frame_empty = not (sides_hold_specimen or _holds_structure(frame, noise))
+    if frame_empty:
+        background = float(np.median(frame))
+        spread = 1.4826 * float(np.median(np.abs(frame - background)))
+        noise = spread if spread > 0 else noise  # whole counts near zero: the median deviation can be 0
+    else:
+        smooth = ndimage.gaussian_filter(p, sigma=(0, 2, 2))
+        background = float(np.median(np.percentile(smooth.reshape(len(p), -1), 1, axis=1)))
     scale = float(np.percentile(p - background, 99.9))
     if not scale > 0:
         raise InputError(series.source or "tilt series", "the projections hold no positive signal above the background")
     if blur is None:  # not given: the file's, else none
         blur = series.blur_sigma if series.blur_sigma is not None else 0.0
-    return DataModel(background=background, scale=scale, noise=max(spread / scale, 1e-6), blur=float(blur))
+    return DataModel(background=background, scale=scale, noise=max(noise / scale, 1e-6), blur=float(blur),
+                     frame_empty=frame_empty, sides_hold_specimen=sides_hold_specimen)
 
 
 @dataclass

@@ -59,16 +59,22 @@ class ForwardModel:
 
     def as_dict(self) -> dict:
         """What report.json keeps (the geometry goes to alignment.json when it was refined)."""
-        return {"blur_A": self.blur, "background": self.background, "scale": self.scale,
-                "profile": {"weights": list(self.profile.weights), "extra_var_A2": list(self.profile.extra_var)}}
+        values = {"blur_A": self.blur, "background": self.background, "scale": self.scale,
+                  "profile": {"weights": list(self.profile.weights), "extra_var_A2": list(self.profile.extra_var)}}
+        if self.intensity_offset is not None:  # the fitted background of each projection, above `background`
+            values["background_offsets"] = (np.asarray(self.intensity_offset) * self.scale).tolist()
+        return values
 
     @classmethod
     def from_dict(cls, values: dict, geometry: TiltGeometry, shape, pixel_size: float) -> "ForwardModel":
         """The model `as_dict` saved, in ``geometry``."""
         profile = values["profile"]
+        offsets = values.get("background_offsets")
+        scale = float(values["scale"])
         return cls(geometry, tuple(shape), pixel_size, float(values["blur_A"]),
                    AtomProfile(tuple(profile["weights"]), tuple(profile["extra_var_A2"])),
-                   float(values["background"]), float(values["scale"]))
+                   float(values["background"]), scale, None,
+                   None if offsets is None else np.asarray(offsets, np.float64) / scale)
 
     def aligned(self, alignment, angles_deg) -> "ForwardModel":
         """This model in a refined `engine.measure.alignment.Alignment` of the nominal tilt angles
