@@ -143,3 +143,58 @@ def score(atoms, truth, radius: float = 1.0) -> dict:
     atoms = atoms if isinstance(atoms, Atoms) else read_atoms(atoms)
     truth = truth if isinstance(truth, Atoms) else read_atoms(truth)
     return evaluate_atoms(atoms, truth, radius=radius, radii_extra=(0.5,))
+
+
+def plan(structure, like=None, *, tilts=None, pixel_size: float | None = None, shape=None, blur: float | None = None,
+         counts_per_atom: float | None = None, background: float = 0.0, noise: float | None = None,
+         target_pm: float | None = None, b_factor: float = 0.0, arch: str = "auto") -> dict:
+    """The Cramér–Rao bound of every atom of ``structure`` (`Atoms`, `ase.Atoms` or a file) in an
+    experiment (`engine.fit.plan`): the conditions of the tilt series ``like`` (a `TiltSeries` or a
+    file: geometry, image size, pixel size, blur and dose or noise), or ``tilts`` (degrees: an array or
+    'START:STOP:STEP'), ``pixel_size`` Å, ``shape`` (H, W) px (default: the particle fits), ``blur``
+    σ Å and ``counts_per_atom`` (per projection, with ``background`` counts per pixel) or ``noise``
+    (σ, fraction of the clean maximum); a dose or noise given overrides the series'. Returns the
+    expected RMSD (pm, overall and per axis), a table against dose (or noise), per-atom σ (Å) and,
+    with ``target_pm``, the dose (or noise) that reaches it."""
+    from engine.core.geometry import TiltGeometry
+    from engine.fit.plan import conditions_like, plan_table
+    from engine.physics.simulate import auto_shape, check_image_shape, parse_tilt_range
+
+    if not isinstance(structure, Atoms):
+        structure = read_atoms(structure) if isinstance(structure, (str, Path)) else Atoms.from_ase(structure)
+    if len(structure) == 0:
+        raise InputError("structure", "has no atoms")
+    for name, value, strict in (("--pixel", pixel_size, True), ("--blur", blur, False),
+                                ("--counts-per-atom", counts_per_atom, True), ("--background", background, False),
+                                ("--noise", noise, True), ("--target", target_pm, True), ("--b-factor", b_factor, False)):
+        if value is not None and not (np.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise InputError(name, f"must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+    if counts_per_atom is not None and noise is not None:
+        raise InputError("--noise", "give --counts-per-atom (counted data) or --noise (Gaussian), not both")
+    if like is not None:
+        if tilts is not None or pixel_size is not None or shape is not None:
+            raise InputError("--like", "takes the tilts, pixel size and image size from the series; "
+                                       "drop --tilts, --pixel and --shape")
+        series = like if isinstance(like, TiltSeries) else load_series(like)
+        require_tomography(series)
+        init_backend(arch)
+        conditions = conditions_like(series, structure, blur)
+    else:
+        missing = [flag for flag, v in (("--tilts", tilts), ("--pixel", pixel_size)) if v is None]
+        if missing or (counts_per_atom is None and noise is None):
+            what = missing or ["--counts-per-atom or --noise"]
+            raise InputError(what[0], "needed without --like (or give --like SERIES)")
+        angles = parse_tilt_range(tilts) if isinstance(tilts, str) else np.asarray(tilts, np.float64)
+        shape = check_image_shape(tuple(shape)) if shape is not None else auto_shape(structure, pixel_size)
+        init_backend(arch)
+        conditions = {"geometry": TiltGeometry.from_tilt_angles(angles), "shape": shape,
+                      "pixel_size": float(pixel_size), "blur": 0.4 if blur is None else float(blur)}
+    if counts_per_atom is not None:
+        conditions.pop("noise", None)
+        conditions.update(counts_per_atom=float(counts_per_atom), background=float(background))
+    elif noise is not None:
+        conditions.pop("counts_per_atom", None)
+        conditions.pop("background", None)
+        conditions["noise"] = float(noise)
+    return plan_table(structure, conditions, target_pm, b_factor)
+

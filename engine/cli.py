@@ -538,6 +538,55 @@ def cmd_batch(args) -> int:
     return 1 if failed else 0
 
 
+def _length_pm(text: str) -> float:
+    """'10pm', '0.1A', '0.1Å' or a bare number of pm → pm."""
+    value = text.strip()
+    factor = 1.0
+    for unit, f in (("pm", 1.0), ("Å", 100.0), ("A", 100.0)):
+        if value.endswith(unit):
+            value, factor = value[:-len(unit)], f
+            break
+    try:
+        number = float(value) * factor
+    except ValueError:
+        raise InputError("--target", f"expected a length such as 10pm or 0.1A, got {text!r}") from None
+    return number
+
+
+def cmd_plan(args) -> int:
+    from engine.api import plan
+
+    target = _length_pm(args.target) if args.target is not None else None
+    if args.like is None and args.tilts is None:
+        raise InputError("--tilts", "needed without --like (or give --like SERIES)")
+    result = plan(args.structure, args.like, tilts=args.tilts, pixel_size=args.pixel, shape=args.shape,
+                  blur=args.blur, counts_per_atom=args.counts_per_atom, background=args.background or 0.0,
+                  noise=args.noise, target_pm=target, b_factor=args.b_factor, arch=args.arch)
+    sigma = result.pop("sigma_A")
+    if args.json:
+        result["sigma_A"] = sigma.tolist()
+        print(json.dumps(result))
+        return 0
+    c = result["conditions"]
+    counted = result["model"] == "poisson"
+    print(f"{result['atoms']} atoms, {c['tilts']} tilts, {c['shape'][0]} x {c['shape'][1]} px of "
+          f"{c['pixel_size']:g} A, blur {c['blur']:g} A, {'Poisson counts' if counted else 'Gaussian noise'}")
+    axes = result["rmsd_axis_pm"]
+    print(f"Cramer-Rao RMSD {result['rmsd_pm']:.3g} pm (x {axes['x']:.3g}, y {axes['y']:.3g}, z {axes['z']:.3g})")
+    head = "counts/atom  background/px" if counted else "noise (of max)"
+    print(f"{head}  RMSD pm  z-RMSD pm")
+    for row in result["table"]:
+        first = (f"{row['counts_per_atom']:11.4g}  {row['background']:13.4g}" if counted
+                 else f"{row['noise']:14.4g}")
+        print(f"{first}  {row['rmsd_pm']:7.3g}  {row['rmsd_z_pm']:9.3g}")
+    if "needed" in result:
+        need = result["needed"]
+        what = (f"{need['counts_per_atom']:.4g} counts per atom per projection "
+                f"(background {need['background']:.4g} per px)" if counted else f"noise {need['noise']:.4g} of the max")
+        print(f"for {result['target_pm']:g} pm RMSD: {what}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.io.tiltseries import add_series_arguments
     from viewer.cli import add_view_options, add_view_parser
@@ -652,6 +701,27 @@ def build_parser() -> argparse.ArgumentParser:
     FIT_SCHEMA.add_arguments(p.add_argument_group("fit settings for every series (on top of a TOML list's)"))
     _add_arch(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("plan", help="the precision limit of an experiment: the Cramér-Rao bound of every atom, "
+                                    "against dose or noise (no fit)")
+    p.add_argument("structure", help="atoms of known elements: any format ASE reads")
+    p.add_argument("--like", metavar="SERIES", help="take the geometry, pixel and image size, blur and dose (or noise) "
+                                                    "from this tilt series")
+    p.add_argument("--tilts", default=None, help="START:STOP:STEP in degrees (without --like)")
+    p.add_argument("--pixel", type=float, default=None, help="pixel size in Å (without --like)")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
+                   help="image size in pixels (default: fits the particle at every tilt with 6 Å to spare)")
+    p.add_argument("--blur", type=float, default=None, help="microscope blur σ in Å (default: the series', else 0.4)")
+    p.add_argument("--counts-per-atom", type=float, default=None,
+                   help="counted data: electrons per atom per projection (Poisson)")
+    p.add_argument("--background", type=float, default=None, help="with --counts-per-atom: background counts per pixel")
+    p.add_argument("--noise", type=float, default=None,
+                   help="Gaussian noise σ as a fraction of the clean maximum (as simulate --noise)")
+    p.add_argument("--b-factor", type=float, default=0.0, help="Debye-Waller B in Å² (default 0)")
+    p.add_argument("--target", default=None, help="precision to reach, e.g. 10pm or 0.1A: prints the dose (or noise) needed")
+    p.add_argument("--json", action="store_true", help="print JSON (with every atom's σ in Å)")
+    _add_arch(p)
+    p.set_defaults(func=cmd_plan)
 
     add_view_parser(sub, _add_arch)
     return parser

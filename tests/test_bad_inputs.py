@@ -224,6 +224,10 @@ CASES = [
     ("view-out-unknown-type", ["view", "atoms.xyz", "--out", "v.bmp"], ["v.bmp", ".jpg"]),
     ("view-mesh-unknown-type", ["view", "atoms.xyz", "--mesh", "m.obj"], ["m.obj", ".glb"]),
     ("view-tilt-without-data", ["view", "atoms.xyz", "--tilt", "3", "--out", "v.png"], ["--tilt"]),
+    ("plan-without-dose", ["plan", "atoms.xyz", "--tilts=-60:60:5", "--pixel", "0.3"], ["--counts-per-atom"]),
+    ("plan-bad-target", ["plan", "atoms.xyz", "--like", "small.npz", "--target", "ten"], ["--target", "10pm"]),
+    ("plan-like-and-tilts", ["plan", "atoms.xyz", "--like", "small.npz", "--tilts=-60:60:5"], ["--like", "--tilts"]),
+    ("plan-structure-missing", ["plan", "nothing.xyz", "--like", "small.npz"], ["nothing.xyz", "not found"]),
     # every input checked before any work
     ("truth-invalid", ["reconstruct", "small.npz", "--truth", "short.xyz"], ["short.xyz", "count line"]),
     ("truth-missing", ["reconstruct", "small.npz", "--truth", "nothing.xyz"], ["nothing.xyz", "not found"]),

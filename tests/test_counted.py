@@ -86,6 +86,7 @@ def test_every_atom_of_a_particle_at_20_counts_and_the_background_at_the_border(
     assert np.abs(background - 1.0).max() < 0.1 and abs(background.mean() - 1.0) < 0.02
     assert frame >= 1.0
     assert np.all(result.atoms.columns["significance"] > 0)
+    assert np.all(np.isfinite(result.atoms.columns["sigma_z"])) and result.report["uncertainty"]["atoms_not_significant"] == 0
 
 
 def test_tied_and_per_atom_shapes_agree_at_high_dose(arch, particle, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from engine.core.geometry import TiltGeometry, centre_index
 from engine.kernels.evidence import LikelihoodGain
+from engine.kernels.projector import TiltSeriesProjector
 
 SHAPE, PIXEL = (26, 30), 0.3
 AMP, WIDTH = 40.0, 0.45  # counts per projection, footprint σ (Å)
@@ -56,7 +57,7 @@ def test_gain_fisher_and_score_match_numpy(arch, add):
     background = 1.5
     model = background + sum(atom_counts(p) for p in positions) if not add else background + atom_counts(positions[1])
     counts = rng.poisson(model + (atom_counts(positions[0]) if add else 0)).astype(np.float64)
-    kernel = LikelihoodGain(geometry(), SHAPE, PIXEL, capacity=4)
+    kernel = LikelihoodGain(TiltSeriesProjector(geometry(), SHAPE, PIXEL), capacity=4)
     kernel.set_counts(counts)
     kernel.set_model(model)
     probe = positions[:1] if add else positions
@@ -72,7 +73,7 @@ def test_score_is_the_derivative_of_the_gain(arch):
     rng = np.random.default_rng(2)
     model = 1.0 + atom_counts(np.array([1.0, 0.0, 0.0]))
     counts = rng.poisson(model + atom_counts(np.array([-0.5, 0.3, 0.2]))).astype(np.float64)
-    kernel = LikelihoodGain(geometry(), SHAPE, PIXEL, capacity=8)
+    kernel = LikelihoodGain(TiltSeriesProjector(geometry(), SHAPE, PIXEL), capacity=8)
     kernel.set_counts(counts)
     kernel.set_model(model)
     p = np.array([-0.45, 0.25, 0.3])

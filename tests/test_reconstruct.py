@@ -42,6 +42,12 @@ def test_small_particle_is_recovered_exactly(arch, small_particle, tmp_path):
     for name in ("atoms.xyz", "report.json", "projections.png", "loss.png", "checkpoint.npz"):
         assert (tmp_path / name).exists(), name
     assert report["n_atoms"] == len(small_particle)
+    # Error bars: finite, and the size of the errors actually made (our simulator's Peng atoms are
+    # not the fit's one Gaussian, so not exactly).
+    sigma = np.column_stack([atoms.columns[f"sigma_{a}"] for a in "xyz"])
+    assert np.all(np.isfinite(sigma)) and np.all(sigma > 0) and np.all(atoms.columns["significance"] > 0)
+    assert 0.5 < result["rmsd_pm"] / (100 * np.sqrt(np.mean(np.sum(sigma ** 2, axis=1)))) < 2.0
+    assert report["uncertainty"]["median_sigma_pm"]["z"] > 0
 
 
 @pytest.mark.slow

@@ -100,6 +100,23 @@ def test_palette():
     assert len({tuple(v) for v in TRUTH_COLOURS.values()}) == 3
 
 
+def test_colour_by_uncertainty_has_its_scale_in_the_legend():
+    from viewer.frame import VIEW_BG, ViewSettings, _legend, atom_appearance
+
+    sigma = np.array([0.002, 0.004, 0.006, 0.030])  # Å
+    atoms = Atoms(np.array(["Au"] * 4), np.zeros((4, 3)), {"pos_uncertainty": sigma})
+    _, _, colours, legend = atom_appearance(atoms, ViewSettings(colour_mode="uncertainty"))
+    label, (lo, hi) = legend[0]
+    assert label == "SIGMA PM" and lo == pytest.approx(np.percentile(sigma * 100, 2))
+    assert np.all(np.diff(colours.sum(axis=1)) > 0)  # brighter with σ
+    image = np.full((60, 400, 3), np.rint(np.array(VIEW_BG)).astype(np.uint8), np.uint8)
+    _legend(image, legend, bottom=50, left=5)
+    assert len({tuple(c) for c in image[40:50, 5:125].reshape(-1, 3)}) > 20  # the colour bar
+    # Without the column (a fit still running), atoms keep their element colours.
+    _, _, plain, _ = atom_appearance(Atoms(np.array(["Au"]), np.zeros((1, 3))), ViewSettings(colour_mode="uncertainty"))
+    assert plain[0] == pytest.approx(element_colour("Au"))
+
+
 def test_mp4_without_an_encoder_is_a_clear_error(tmp_path):
     if any(importlib.util.find_spec(m) for m in ("imageio_ffmpeg", "av")):
         pytest.skip("an MP4 encoder is installed")

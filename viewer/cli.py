@@ -88,8 +88,10 @@ def add_view_parser(sub, add_arch) -> None:
                    help="no window: render the frame to --out (default ATOMS_view.png beside the atoms)")
     p.add_argument("--mesh", metavar="OUT", help="export the atoms as spheres to OUT.glb or OUT.ply (alone: "
                                                  "nothing else is shown or written)")
-    p.add_argument("--colour", choices=["species", "amplitude", "displacement"], default=None,
-                   help="atom colours (default: species when known, else amplitude; a trajectory: displacement)")
+    p.add_argument("--colour", choices=["species", "amplitude", "uncertainty", "displacement"], default=None,
+                   help="atom colours: element, fitted amplitude, position uncertainty σ (pm, atoms.xyz's "
+                        "pos_uncertainty) or displacement (a trajectory) (default: species when known, else "
+                        "amplitude; a trajectory: displacement)")
     p.add_argument("--tilt", type=int, default=None, help="projection shown, 0-based (default: nearest 0°)")
     p.add_argument("--camera", type=float, nargs=2, metavar=("AZIMUTH", "ELEVATION"), default=None,
                    help="view direction in degrees: turned about the tilt axis, then tipped (0 0: along the beam "

@@ -45,7 +45,7 @@ AXIS_COLOUR = (1.0, 0.35, 0.85)
 """The tilt axis of the current projection."""
 BEAM_COLOUR = (0.2, 0.85, 0.95)
 """The beam direction of the current projection, arrow head at the detector side."""
-COLOUR_MODES = ("species", "amplitude")
+COLOUR_MODES = ("species", "amplitude", "uncertainty")
 DEFAULT_ANGLES = (35.0, -25.0)
 """Starting camera azimuth and elevation (degrees): turned about the tilt axis, seen from a little above."""
 
@@ -90,9 +90,10 @@ def default_camera() -> OrbitCamera:
 
 @dataclass
 class ViewSettings:
-    """How a frame is drawn: camera, colour mode ('species', 'amplitude', or 'displacement': the
-    atoms' ``displacement_pm`` column over 0..``colour_max`` pm, a time series' states), truth
-    overlay (atoms matched within ``match_radius`` Å, missed and spurious in `palette.TRUTH_COLOURS`)."""
+    """How a frame is drawn: camera, colour mode ('species', 'amplitude', 'uncertainty': the position's
+    σ, or 'displacement': the atoms' ``displacement_pm`` column over 0..``colour_max`` pm, a time
+    series' states), truth overlay (atoms matched within ``match_radius`` Å, missed and spurious in
+    `palette.TRUTH_COLOURS`)."""
 
     camera: OrbitCamera = field(default_factory=default_camera)
     colour_mode: str = "species"
@@ -114,7 +115,7 @@ class ViewSettings:
 
 def atom_appearance(atoms: Atoms, settings: ViewSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     """Spheres to draw and their legend: centres (N, 3) Å, radii (N,) Å, colours (N, 3), and legend
-    rows [(label, RGB 0..1)] or, for a colour map, [(label, (lo, hi))]."""
+    rows [(label, RGB 0..1)] or, for amplitudes and uncertainties, [(label, (lo, hi))] (a colour bar)."""
     radii = atom_radii(atoms.species, atoms.columns.get("width"))
     if settings.show_truth and settings.truth is not None:
         from engine.evaluate.metrics import match_atoms
@@ -140,6 +141,10 @@ def atom_appearance(atoms: Atoms, settings: ViewSettings) -> tuple[np.ndarray, n
         moved = atoms.columns["displacement_pm"]
         hi = settings.colour_max or max(float(moved.max(initial=0.0)), 1.0)
         return atoms.positions, radii, amplitude_colours(moved, 0.0, hi), [("DISPLACEMENT PM", (0.0, hi))]
+    if settings.colour_mode == "uncertainty" and "pos_uncertainty" in atoms.columns:
+        sigma_pm = atoms.columns["pos_uncertainty"] * 100  # RMS over x, y, z of the position's σ
+        lo, hi = amplitude_range(sigma_pm[np.isfinite(sigma_pm)])
+        return atoms.positions, radii, amplitude_colours(sigma_pm, lo, hi), [("SIGMA PM", (lo, hi))]
     names = sorted(set(atoms.species.tolist()))
     legend = [("UNKNOWN" if s == UNKNOWN_SPECIES else s, element_colour(s)) for s in names]
     return atoms.positions, radii, species_colours(atoms.species), legend
@@ -178,12 +183,12 @@ def render_view(snapshot: Snapshot, settings: ViewSettings, shape=VIEW_BOX[2:]) 
 
 
 def _legend(image, rows, bottom: int, left: int) -> None:
-    """Swatch + label rows stacked upwards from ``bottom``; a (label, (lo, hi)) row is a colour bar
-    with its ends."""
+    """Swatch + label rows stacked upwards from ``bottom``; a (label, (lo, hi)) row (amplitude, or
+    the position's σ in pm) is a colour bar with its ends."""
     y = bottom
     for label, colour in reversed(rows):
         y -= TEXT_H + 4
-        if len(colour) == 2:  # a colour bar: (lo, hi)
+        if len(colour) == 2:
             lo, hi = colour
             bar = np.rint(amplitude_colours(np.linspace(lo, hi, 120), lo, hi) * 255).astype(np.uint8)
             _paste(image, np.repeat(bar[None], TEXT_H, axis=0), y, left)

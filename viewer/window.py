@@ -419,7 +419,10 @@ class LiveViewer(_FitWatcher):
                     self.step = True
                 self.every = g.slider_int("Draw every k", self.every, 1, 200)
             by_amplitude = g.checkbox("Colour by amplitude", settings.colour_mode == "amplitude")
-            settings.colour_mode = COLOUR_MODES[1] if by_amplitude else COLOUR_MODES[0]
+            by_sigma = g.checkbox("Colour by uncertainty", settings.colour_mode == "uncertainty")
+            chosen = {mode for mode, on in (("amplitude", by_amplitude), ("uncertainty", by_sigma)) if on}
+            # Ticking one box unticks the other: the newly ticked mode wins.
+            settings.colour_mode = (chosen - {settings.colour_mode} or chosen or {"species"}).pop()
             if settings.truth is not None:
                 settings.show_truth = g.checkbox("Show truth", settings.show_truth)
             if n_tilts > 1:
@@ -455,7 +458,7 @@ class LiveViewer(_FitWatcher):
             elif key == "n":
                 self.paused, self.step = True, True
             elif key == "c":
-                settings.colour_mode = COLOUR_MODES[1 - COLOUR_MODES.index(settings.colour_mode)]
+                settings.colour_mode = COLOUR_MODES[(COLOUR_MODES.index(settings.colour_mode) + 1) % len(COLOUR_MODES)]
             elif key == "t":
                 settings.show_truth = not settings.show_truth and settings.truth is not None
             elif key in (ti.ui.LEFT, ti.ui.RIGHT) and n_tilts:

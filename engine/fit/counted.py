@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.fit.convergence import CAPPED, CHECK_EVERY, CONVERGED, Convergence
-from engine.fit.evidence import EvidenceSelection
+from engine.fit.evidence import EvidenceSelection, visible_volume
 from engine.fit.seeding import mlem_with_background, visible_everywhere, warm_start
+from engine.fit.uncertainty import COUPLING_PER_D_MIN, atom_columns, summary
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
@@ -73,15 +74,15 @@ class CountedFit:
         self.volumes = projector_for(self.n, (self.height, self.width), self.pixel_size, SEED_VOXEL)
         self.volumes.set_geometry(self.geometry)
         self.support = visible_everywhere(self.volumes, (self.height, self.width), self.pixel_size)
-        half_w, half_h = (self.width - 1) / 2 * self.pixel_size, (self.height - 1) / 2 * self.pixel_size
-        gain_kernel = LikelihoodGain(self.geometry, (self.height, self.width), self.pixel_size)
+        gain_kernel = LikelihoodGain(self.projector)
         gain_kernel.set_counts(self.counts)
-        self.selection = EvidenceSelection(gain_kernel, math.pi * half_w ** 2 * 2 * half_h, self.in_support,
-                                           self.d_min, max(bond, self.d_min))
+        self.selection = EvidenceSelection(gain_kernel, visible_volume(self.counts.shape[1:], self.pixel_size),
+                                           self.in_support, self.d_min, max(bond, self.d_min))
         self.amplitude, self.shape_width = 0.0, START_WIDTH
         self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
         self.iteration, self.reason, self.stop = 0, None, None
+        self.last_atoms = None  # what `atoms` last gave (its error bars cost a kernel pass)
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
         self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
@@ -247,11 +248,16 @@ class CountedFit:
         n = len(pos)
         columns = {"amplitude": np.full(n, self.amplitude * self.pixel_size ** 2 / self.gain),
                    "width": np.full(n, self.shape_width)}
-        if n:
-            gain, penalty = self.selection.significance(self.expected(), pos, self.amplitude, self.shape_width)
-            columns["significance"] = (gain - penalty)[order]
+        if n:  # the evidence pass that decides detection also gives the position covariance
+            t0 = time.perf_counter()
+            self.selection.gain.set_model(self.expected())
+            found = atom_columns(self.selection.gain, pos, self.amplitude * self.pixel_size ** 2, self.shape_width,
+                                 self.selection.volume, COUPLING_PER_D_MIN * self.d_min)
+            columns.update({name: values[order] for name, values in found.items()})
+            self.phase_seconds["uncertainty"] = time.perf_counter() - t0
         species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES
-        return Atoms(np.full(n, species), pos[order], columns)
+        self.last_atoms = Atoms(np.full(n, species), pos[order], columns)
+        return self.last_atoms
 
     def forward_model(self) -> ForwardModel:
         """Data units: the backgrounds as per-projection offsets (B_k / gain)."""
@@ -269,5 +275,6 @@ class CountedFit:
         return {"model": "tied", "noise_model": {"kind": "poisson", "gain": self.gain, "reason": self.noise_reason},
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
                 "background_counts": self.background.tolist(), "empty_reason": self.reason,
-                "stopped": {"reason": self.stop, "iteration": self.iteration}}
+                "stopped": {"reason": self.stop, "iteration": self.iteration},
+                "uncertainty": summary(self.last_atoms or self.atoms(), {"kind": "poisson", "gain": self.gain})}
 

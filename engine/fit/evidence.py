@@ -32,6 +32,22 @@ from engine.kernels.volume import local_maxima
 SCORING_STEP_LIMIT = 0.5  # Å: longest Fisher-scoring step of a candidate (the expansion is local)
 
 
+def visible_volume(shape, pixel_size: float) -> float:
+    """Å³ that every projection of a single-axis series of images ``shape`` (H, W) px sees: the
+    cylinder |(x, z)| ≤ half the image width, |y| ≤ half its height (the atoms' prior volume)."""
+    half_h, half_w = ((v - 1) / 2 * pixel_size for v in shape)
+    return math.pi * half_w ** 2 * 2 * half_h
+
+
+def occam_penalty(fisher: np.ndarray, volume: float, n_atoms: int) -> np.ndarray:
+    """log(V / N) + ½ log det F − (3/2) log 2π per atom (nats), at least 0: the evidence an atom's
+    log-likelihood gain must exceed, F (N, 3, 3) its position Fisher information per Å², V (Å³) its
+    prior volume, N the larger model's atom count."""
+    sign, logdet = np.linalg.slogdet(fisher)
+    logdet = np.where(sign > 0, logdet, np.inf)
+    return np.maximum(math.log(volume / max(n_atoms, 1)) + 0.5 * logdet - 1.5 * math.log(2 * math.pi), 0.0)
+
+
 class EvidenceSelection:
     """gain: a `LikelihoodGain` holding the counts; volume_A3: the prior volume of one atom (Å³);
     in_support: (N, 3) → bool, the prior's support; d_min and bond (Å): the hard core and the
@@ -42,21 +58,20 @@ class EvidenceSelection:
         self.d_min, self.bond = d_min, bond
 
     def penalty(self, fisher: np.ndarray, n_atoms: int) -> np.ndarray:
-        """log(V / N) + ½ log det F − (3/2) log 2π per atom (nats), at least 0; N the larger model's count."""
-        sign, logdet = np.linalg.slogdet(fisher)
-        logdet = np.where(sign > 0, logdet, np.inf)
-        return np.maximum(math.log(self.volume / max(n_atoms, 1)) + 0.5 * logdet - 1.5 * math.log(2 * math.pi), 0.0)
+        """`occam_penalty` of atoms with position Fisher information ``fisher`` (N, 3, 3)."""
+        return occam_penalty(fisher, self.volume, n_atoms)
 
     def significance(self, expected: np.ndarray, pos: np.ndarray, amp: float, width: float):
-        """Each atom's log-likelihood gain and its penalty (nats) against the model ``expected``."""
+        """Each atom's log-likelihood gain and its penalty (nats) against the model ``expected``, and
+        its position Fisher information (N, 3, 3) per Å²."""
         self.gain.set_model(expected)
         gain, fisher, _ = self.gain.run(pos, amp, width, add=False)
-        return gain, self.penalty(fisher, len(pos))
+        return gain, self.penalty(fisher, len(pos)), fisher
 
     def remove(self, expected, pos, amp, width) -> np.ndarray:
         """Which atoms to drop: those below their penalty, outside the support, and the weaker of any
         two closer than d_min."""
-        gain, penalty = self.significance(expected, pos, amp, width)
+        gain, penalty, _ = self.significance(expected, pos, amp, width)
         margin = gain - penalty
         drop = (margin < 0) | ~self.in_support(pos)
         for i, j in cKDTree(pos).query_pairs(self.d_min) if len(pos) else ():

@@ -28,6 +28,7 @@ from engine.fit.seeding import SeedVolumes, extended_margin, initial_atoms, warm
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
 from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
+from engine.fit.uncertainty import per_atom_fit_uncertainty, summary
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.io.tiltseries import TiltSeries
 from engine.measure.alignment import prealign, require_single_axis
@@ -102,6 +103,8 @@ class Reconstruction:
         self.trainer = Trainer(self.problem, self.strategy, settings, out_dir, rng, progress,
                                fingerprint=lambda: data_fingerprint(series))
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
+        self.uncertainty = None  # per-atom σ and significance (`engine.fit.uncertainty`), model order, at the end
+        self.uncertainty_noise, self.uncertainty_seconds = None, None
         self.alignment_selection = None  # with refinement: whether the refined alignment was kept, and why
         self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
@@ -127,14 +130,16 @@ class Reconstruction:
     @property
     def phase_seconds(self) -> dict:
         thermal = {} if self.thermal_seconds is None else {"thermal": self.thermal_seconds}
-        return {"prepare": self.prepare_seconds, **self.trainer.phase_seconds, **thermal}
+        uncertainty = {} if self.uncertainty_seconds is None else {"uncertainty": self.uncertainty_seconds}
+        return {"prepare": self.prepare_seconds, **self.trainer.phase_seconds, **thermal, **uncertainty}
 
     def report_extra(self) -> dict:
         return {"model": "per-atom", "noise_model": {"kind": self.noise.kind, "gain": self.gain,
                                                      "reason": self.noise.reason},
                 "extended": self.extended, "alignment_selection": self.alignment_selection,
                 "stopped": {"reason": self.trainer.stop_reason, "iteration": self.iteration,
-                            "density_rounds": self.trainer.schedule["rounds"]}}
+                            "density_rounds": self.trainer.schedule["rounds"]},
+                "uncertainty": None if self.uncertainty is None else summary(self.atoms(), self.uncertainty_noise)}
 
     # ------------------------------------------------------------------ running
     def resume(self, checkpoint) -> None:
@@ -181,6 +186,10 @@ class Reconstruction:
             self.b_factors = calibrate_b_factors(self.problem, state, species, self.series, self.normalised,
                                                  self.data, s)
             self.thermal_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        state = self.problem.state()
+        self.uncertainty, self.uncertainty_noise = per_atom_fit_uncertainty(self, state)
+        self.uncertainty_seconds = time.perf_counter() - t0
         if observer is not None:
             observer(self)
         return self.atoms()
@@ -210,6 +219,8 @@ class Reconstruction:
                 columns["b_factor"] = self.b_factors[order]
         else:
             species = np.full(len(order), UNKNOWN_SPECIES)
+        if self.uncertainty is not None and len(self.uncertainty["sigma_x"]) == len(order):
+            columns.update({name: values[order] for name, values in self.uncertainty.items()})
         return Atoms(species, state["pos"][order], columns)
 
     def forward_model(self) -> ForwardModel:

@@ -37,7 +37,11 @@ KNOWN_COLUMNS = {
     "width": "Gaussian sigma, Å",
     "b_factor": "Debye-Waller B, Å^2",
     "species_prob": "probability of the assigned species",
-    "pos_uncertainty": "1-sigma position uncertainty, Å",
+    "pos_uncertainty": "1-sigma position uncertainty, RMS over x, y, z, Å",
+    "sigma_x": "1-sigma position uncertainty along x (Cramér-Rao bound of the fit's likelihood), Å",
+    "sigma_y": "1-sigma position uncertainty along y, Å",
+    "sigma_z": "1-sigma position uncertainty along z, Å",
+    "significance": "log-likelihood gain of the atom over its Occam penalty, nats (> 0: the data support it)",
     "inside": "1: seen by every projection (the always-visible window), 0: in the margin of an extended specimen",
 }
 """Per-atom columns with an agreed meaning; any other float column is allowed too."""

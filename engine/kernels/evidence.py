@@ -1,18 +1,31 @@
-"""What one atom is worth to a Poisson likelihood: for every atom (or candidate), walking its
+"""What one atom is worth to the fit's likelihood: for every atom (or candidate), walking its
 footprint in every projection, the exact log-likelihood gain of having it against not, the Fisher
-information of its position and the gradient of the log-likelihood with respect to it.
+information of its parameters and the gradient of the log-likelihood with respect to them.
 
-Atom i with amplitude A (expected counts per projection) and footprint width s (Å; atom and blur)
-adds c_kp = A / (2π s_px²) · exp(−d²/2s_px²) expected counts to pixel p of projection k. Given the
-model λ_kp (background and atoms) and the counts y_kp:
+Atom i (position r, amplitude a in image units · Å², width σ Å) adds to pixel p of projection k
 
-    remove mode (the atom is in λ):       gain = Σ_kp y log(λ / (λ − c)) − c
-    add mode    (the candidate is not):   gain = Σ_kp y log((λ + c) / λ) − c
-    Fisher (per Å²)  = Σ_k R_kᵀ [Σ_p ∇c ∇cᵀ / λ_with] R_k     (R_k: the first two rows of the rotation)
-    score (per Å)    = Σ_k R_kᵀ [Σ_p (y / λ_with − 1) ∇c]
+    c_kp = f_k · a · Σ_j w_j / (2π s_j²) · exp(−d²/2s_j²),   s_j² = σ² + Δ_j² + b²
 
-One thread per atom walks all projections (no atomics: safe on every backend); the row profile is
-a recurrence as in the projector. The cost is about one forward projection of the atoms.
+(the `AtomProfile`'s weights w_j and extra variances Δ_j², the projector's blur b, a per-projection
+factor f_k: an intensity scale, a unit conversion). Given the model m_kp (background and all atoms
+but, in add mode, this one) and the data y_kp, with `with` = m (remove mode) or m + c (add mode) and
+`without` = with − c:
+
+    gain     Poisson:  Σ_kp y log(with / without) − c
+             Gaussian: Σ_kp (2 (y − with) c + c²) / 2v_k          (v_k the noise variance)
+    Fisher   Σ_k T_kᵀ [Σ_p W ∇c ∇cᵀ] T_k,  W = 1/with (Poisson) or 1/v_k (Gaussian)
+    score    Σ_k T_kᵀ [Σ_p W (y − with) ∇c]
+
+∇c the in-plane derivatives (u, v per Å; log a and log σ when the shape is free), T_k maps them to
+the world frame (the first two rows of the rotation for the position). Parameters: the position
+(3), or the position, log a and log σ (5) with ``free_shape``.
+
+The footprints are the projector's own (`TiltSeriesProjector._footprint`, the widest component's,
+with its truncation, geometry and blur) and the row profile is the projector's recurrence. One
+thread per (atom, projection) pair writes that pair's gain and in-plane moments (no atomics: safe on
+every backend); the host maps them to the world frame and sums them. The cost is about one forward
+projection of the atoms. The evidence rule of the counted fit (`engine.fit.evidence`) and
+the per-atom uncertainties of every fit (`engine.fit.uncertainty`) both run this kernel.
 """
 
 import math
@@ -20,114 +33,237 @@ import math
 import numpy as np
 import taichi as ti
 
-from engine.core.geometry import centre_index
+from engine.core.backend import session_cache
+from engine.kernels.atommodel import AtomProfile
 from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
+
+NOISE_MODELS = ("poisson", "gaussian")
+MOMENTS = 21  # per (entry, projection): Σ W ∇c ∇c'ᵀ (16), Σ W (y − with) ∇c (4), the gain
+POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
 
 
 @ti.data_oriented
 class LikelihoodGain:
-    """geometry: the projections' `TiltGeometry`; shape (H, W) px; pixel_size Å; capacity: atoms per
-    launch (more are done in chunks)."""
+    """Per-atom gain, Fisher information and score against data and a model held on the device.
 
-    def __init__(self, geometry, shape, pixel_size: float, capacity: int = 4096):
-        self.n_proj = len(geometry)
-        self.height, self.width = (int(v) for v in shape)
-        self.pixel_size = float(pixel_size)
+    projector  : the `TiltSeriesProjector` whose geometry, blur, image size and float type are used.
+    noise      : 'poisson' (data and model in counts) or 'gaussian' (noise variance per projection,
+                 `set_noise_variance`).
+    profile    : the atoms' `AtomProfile`; free_shape: also log a and log σ (5 parameters, else 3).
+    capacity   : atoms per launch (more are done in chunks)."""
+
+    def __init__(self, projector, noise: str = "poisson", profile: AtomProfile = AtomProfile(),
+                 free_shape: bool = False, capacity: int = 512):
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"unknown noise model {noise!r} (known: {', '.join(NOISE_MODELS)})")
+        self.projector, self.noise, self.profile = projector, noise, profile
+        self.free_shape = bool(free_shape)
+        self.n_params = 5 if free_shape else 3
+        self.weights = tuple(float(w) for w in profile.weights)
+        self.extras = tuple(float(v) for v in profile.extra_var)  # Å²
+        self.widest_extra = max(self.extras)  # Å²: the footprint walked is the widest component's
+        self.n_proj, self.height, self.width = projector.n_proj, projector.height, projector.width
+        self.pixel_size = projector.pixel_size
+        self.dtype, self.np_dtype = projector.dtype, projector.np_dtype
         self.capacity = int(capacity)
-        self.rot = ti.Matrix.field(3, 3, ti.f32, self.n_proj)
-        self.shift = ti.Vector.field(2, ti.f32, self.n_proj)
-        self.model = ti.field(ti.f32, (self.n_proj, self.height, self.width))
-        self.counts = ti.field(ti.f32, (self.n_proj, self.height, self.width))
-        self.pos = ti.Vector.field(3, ti.f32, self.capacity)
-        self.gain = ti.field(ti.f32, self.capacity)
-        self.fisher = ti.Matrix.field(3, 3, ti.f32, self.capacity)
-        self.score = ti.Vector.field(3, ti.f32, self.capacity)
-        self.set_geometry(geometry)
+        shape = (self.n_proj, self.height, self.width)
+        self.model = ti.field(self.dtype, shape)
+        self.data = ti.field(self.dtype, shape)
+        self.factor = ti.field(self.dtype, self.n_proj)
+        self.inverse_variance = ti.field(self.dtype, self.n_proj)
+        # Entries: an atom and a partner (itself for its own block, a neighbour for a cross block).
+        self.pos = ti.Vector.field(3, self.dtype, self.capacity)
+        self.amp = ti.field(self.dtype, self.capacity)
+        self.sigma = ti.field(self.dtype, self.capacity)
+        self.partner_pos = ti.Vector.field(3, self.dtype, self.capacity)
+        self.partner_amp = ti.field(self.dtype, self.capacity)
+        self.partner_sigma = ti.field(self.dtype, self.capacity)
+        self.partner_is_self = ti.field(ti.i32, self.capacity)
+        self.moments = ti.Vector.field(MOMENTS, self.dtype, (self.capacity, self.n_proj))
+        self.set_factor(np.ones(self.n_proj))
+        self.set_noise_variance(np.ones(self.n_proj))
 
-    def set_geometry(self, geometry) -> None:
-        arrays = geometry.kernel_arrays()
-        self.rot.from_numpy(arrays["rotations"])
-        self.shift.from_numpy(arrays["shifts"])
-
-    def set_counts(self, counts: np.ndarray) -> None:
-        """The measured counts y (n, H, W)."""
-        self.counts.from_numpy(np.ascontiguousarray(counts, np.float32))
+    def set_counts(self, data: np.ndarray) -> None:
+        """The measured data y (n, H, W): counts (Poisson) or image units (Gaussian)."""
+        self.data.from_numpy(np.ascontiguousarray(data, self.np_dtype))
 
     def set_model(self, expected: np.ndarray) -> None:
-        """The model's expected counts λ (n, H, W) that gains are measured against."""
-        self.model.from_numpy(np.ascontiguousarray(expected, np.float32))
+        """The model m (n, H, W) that gains are measured against, in the data's units."""
+        self.model.from_numpy(np.ascontiguousarray(expected, self.np_dtype))
+
+    def set_factor(self, factor) -> None:
+        """f_k (n,): what an atom's rendering is multiplied by in projection k (default 1)."""
+        self.factor.from_numpy(np.broadcast_to(np.asarray(factor, self.np_dtype), (self.n_proj,)).copy())
+
+    def set_noise_variance(self, variance) -> None:
+        """The Gaussian noise variance v_k (n,) per projection, in the data's units squared."""
+        self.inverse_variance.from_numpy(1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
+                                         .astype(self.np_dtype))
+
+    @ti.func
+    def _atom_terms(self, proj, k, col, row, r, c, a, sig, s2):
+        """(c, ∇c) of an atom centred at (col, row) px in projection k at pixel (r, c), exp evaluated
+        directly: a partner atom's terms inside the first atom's footprint walk."""
+        weights = ti.static(self.weights)
+        ps = self.dtype(self.pixel_size)
+        dx, dy = c - col, r - row
+        atom = self.dtype(0.0)
+        radial = self.dtype(0.0)
+        widening = self.dtype(0.0)
+        for j in ti.static(range(len(weights))):
+            cj = (self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
+                  * ti.exp(-(dx * dx + dy * dy) * 0.5 / s2[j]))
+            atom += cj
+            radial += cj / s2[j]
+            widening += cj * ((dx * dx + dy * dy) * 0.5 / s2[j] - 1.0) / s2[j]
+        return ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+
+    @ti.func
+    def _widths(self, proj, sig):
+        """Per component s² (px²) of an atom of width σ (Å) under the projector's blur."""
+        ps = self.dtype(self.pixel_size)
+        return ti.Vector([(sig * sig + self.dtype(self.extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
+                          for j in ti.static(range(len(self.weights)))])
 
     @ti.kernel
-    def _run(self, n: ti.i32, amp: ti.f32, s_px: ti.f32, add: ti.i32):
-        ps = ti.static(self.pixel_size)
-        for i in range(n):
-            total = 0.0
-            fisher = ti.Matrix.zero(ti.f32, 3, 3)
-            score = ti.Vector.zero(ti.f32, 3)
-            s2 = s_px * s_px
-            norm = amp / (2.0 * math.pi * s2)
-            radius = ti.static(TRUNCATION_RADIUS_SIGMAS) * s_px
-            for k in range(self.n_proj):
-                q = self.rot[k] @ self.pos[i]
-                col = (q[0] + self.shift[k][0]) / ps + ti.static(centre_index(self.width))
-                row = (q[1] + self.shift[k][1]) / ps + ti.static(centre_index(self.height))
-                c_lo = ti.max(ti.cast(ti.ceil(col - radius), ti.i32), 0)
-                c_hi = ti.min(ti.cast(ti.floor(col + radius), ti.i32), self.width - 1)
-                r_lo = ti.max(ti.cast(ti.ceil(row - radius), ti.i32), 0)
-                r_hi = ti.min(ti.cast(ti.floor(row + radius), ti.i32), self.height - 1)
-                fuu, fuv, fvv, gu, gv = 0.0, 0.0, 0.0, 0.0, 0.0
-                step = ti.exp(-1.0 / s2)
-                ex0 = ti.exp(-0.5 * (c_lo - col) * (c_lo - col) / s2)
-                qx0 = ti.exp(-(2.0 * (c_lo - col) + 1.0) * 0.5 / s2)
-                for r in range(r_lo, r_hi + 1):
-                    dy = r - row
-                    ey = norm * ti.exp(-0.5 * dy * dy / s2)
-                    ex, qx = ex0, qx0
-                    for c in range(c_lo, c_hi + 1):
-                        dx = c - col
-                        atom = ey * ex
-                        ex *= qx
-                        qx *= step
-                        lam = self.model[k, r, c]
-                        y = self.counts[k, r, c]
-                        with_atom, without = lam + atom, lam
-                        if add == 0:
-                            with_atom, without = lam, ti.max(lam - atom, 1e-6)
+    def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
+        """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
+        Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
+        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ), over the atom's footprint;
+        `evaluate` maps them to the world frame. One thread per (entry, projection), each writing
+        its own slot."""
+        weights = ti.static(self.weights)
+        K = ti.static(len(weights))
+        ps = self.dtype(self.pixel_size)
+        for i, k in ti.ndrange(n, self.n_proj):
+            p, a, sig = self.pos[i], self.amp[i], self.sigma[i]
+            same = self.partner_is_self[i]
+            widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
+            col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
+            s2 = self._widths(proj, sig)
+            inv2s2 = 0.5 / s2
+            step = ti.exp(-2.0 * inv2s2)
+            peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
+                              for j in ti.static(range(K))])
+            # The partner: its centre, widths, and whether its footprint reaches this one at all.
+            partner_sig, partner_amp = self.partner_sigma[i], self.partner_amp[i]
+            partner_widest = ti.sqrt(partner_sig * partner_sig + self.dtype(self.widest_extra))
+            pcol, prow, ps2_max, _, _, _, _, _, _ = proj._footprint(k, self.partner_pos[i], partner_widest)
+            s2_max = (widest * widest + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
+            reach = self.dtype(TRUNCATION_RADIUS_SIGMAS) * (ti.sqrt(s2_max) + ti.sqrt(ps2_max))
+            touches = same == 1 or (col - pcol) ** 2 + (row - prow) ** 2 < reach * reach
+            partner_s2 = self._widths(proj, partner_sig)
+            out = ti.Vector.zero(self.dtype, MOMENTS)
+            total = self.dtype(0.0)
+            ex0 = ti.Vector.zero(self.dtype, K)
+            qx0 = ti.Vector.zero(self.dtype, K)
+            for j in ti.static(range(K)):
+                e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
+                ex0[j] = e0
+                qx0[j] = q0
+            if not touches:
+                r_hi = r_lo - 1  # nothing shared: an empty walk
+            for r in range(r_lo, r_hi + 1):
+                dy = r - row
+                ey = ti.exp(-dy * dy * inv2s2)
+                ex, qx = ex0, qx0
+                for c in range(c_lo, c_hi + 1):
+                    dx = c - col
+                    atom = self.dtype(0.0)
+                    radial = self.dtype(0.0)  # Σ_j c_j / s_j²: ∂c/∂u = radial · dx
+                    widening = self.dtype(0.0)  # Σ_j c_j (d²/2s_j⁴ − 1/s_j²) = ∂c/∂(s² in px²)
+                    for j in ti.static(range(K)):
+                        cj = peak[j] * ey[j] * proj._gaussian(dx, inv2s2[j], ex[j])
+                        ex[j] *= qx[j]
+                        qx[j] *= step[j]
+                        atom += cj
+                        radial += cj / s2[j]
+                        widening += cj * ((dx * dx + dy * dy) * inv2s2[j] - 1.0) / s2[j]
+                    lam = self.model[k, r, c]
+                    y = self.data[k, r, c]
+                    with_atom = lam + atom if add else lam
+                    weight = self.dtype(0.0)
+                    if ti.static(self.noise == "poisson"):
+                        with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
+                        without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
                         total -= with_atom - without
                         if y > 0.0:
                             total += y * ti.log(with_atom / without)
-                        du = atom * dx / (s2 * ps)  # dc/du per Å, u the in-plane coordinate
-                        dv = atom * dy / (s2 * ps)
-                        w = 1.0 / with_atom
-                        fuu += du * du * w
-                        fuv += du * dv * w
-                        fvv += dv * dv * w
-                        residual = y * w - 1.0
-                        gu += residual * du
-                        gv += residual * dv
-                r0 = ti.Vector([self.rot[k][0, 0], self.rot[k][0, 1], self.rot[k][0, 2]])
-                r1 = ti.Vector([self.rot[k][1, 0], self.rot[k][1, 1], self.rot[k][1, 2]])
-                fisher += (fuu * r0.outer_product(r0) + fuv * (r0.outer_product(r1) + r1.outer_product(r0))
-                           + fvv * r1.outer_product(r1))
-                score += gu * r0 + gv * r1
-            self.gain[i] = total
-            self.fisher[i] = fisher
-            self.score[i] = score
+                        weight = 1.0 / with_atom
+                    else:
+                        weight = self.inverse_variance[k]
+                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
+                    g = ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+                    h = g
+                    if same == 0:
+                        h = self._atom_terms(proj, k, pcol, prow, r, c, partner_amp, partner_sig, partner_s2)
+                    wg = weight * g
+                    out += ti.Vector([wg[a_] * h[b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
+                                     + [(y - with_atom) * wg[a_] for a_ in ti.static(range(4))] + [0.0])
+            out[MOMENTS - 1] = total
+            self.moments[i, k] = out
+
+    def _world_frame(self) -> np.ndarray:
+        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
+        projector's current geometry."""
+        rot = self.projector.rot.to_numpy().astype(np.float64)
+        t = np.zeros((self.n_proj, self.n_params, 4))
+        t[:, :3, :2] = rot[:, :2, :].transpose(0, 2, 1)
+        if self.free_shape:
+            t[:, 3, 2] = t[:, 4, 3] = 1.0
+        return t
+
+    def _launch(self, first, second, positions, amplitudes, widths, add: bool) -> np.ndarray:
+        """Moments (E, n, MOMENTS) of the entries (atom ``first[e]``, partner ``second[e]``)."""
+        moments = np.zeros((len(first), self.n_proj, MOMENTS))
+        for start in range(0, len(first), self.capacity):
+            stop = min(start + self.capacity, len(first))
+            pad = self.capacity - (stop - start)
+            for fields, index in (((self.pos, self.amp, self.sigma), first[start:stop]),
+                                  ((self.partner_pos, self.partner_amp, self.partner_sigma), second[start:stop])):
+                fields[0].from_numpy(np.pad(positions[index], ((0, pad), (0, 0))).astype(self.np_dtype))
+                fields[1].from_numpy(np.pad(amplitudes[index], (0, pad)).astype(self.np_dtype))
+                fields[2].from_numpy(np.pad(widths[index], (0, pad), constant_values=1.0).astype(self.np_dtype))
+            self.partner_is_self.from_numpy(np.pad(first[start:stop] == second[start:stop], (0, pad)).astype(np.int32))
+            self._run(self.projector, stop - start, 1 if add else 0)
+            moments[start:stop] = self.moments.to_numpy()[:stop - start]
+        return moments
+
+    def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
+        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
+        amplitudes (N,) image units · Å² and widths σ (N,) Å against the last `set_model` (which
+        holds them in remove mode, not in add mode). Parameters: x, y, z (Å) [, log a, log σ].
+        With ``pairs`` (M, 2) of atom indices, also the cross blocks (M, P, P) of the Fisher
+        information between those atoms (the joint information's off-diagonal blocks)."""
+        positions = np.asarray(positions, np.float64).reshape(-1, 3)
+        n = len(positions)
+        amplitudes = np.broadcast_to(np.asarray(amplitudes, np.float64), (n,))
+        widths = np.broadcast_to(np.asarray(widths, np.float64), (n,))
+        atoms = np.arange(n)
+        pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
+        moments = self._launch(np.concatenate([atoms, pairs[:, 0]]), np.concatenate([atoms, pairs[:, 1]]),
+                               positions, amplitudes, widths, add)
+        t = self._world_frame()
+        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t,
+                           optimize=True)
+        own = moments[:n]
+        result = (own[..., 20].sum(axis=1), blocks[:n], np.einsum("kpa,ika->ip", t, own[..., 16:20]))
+        return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
-        """(gain (N,), Fisher (N, 3, 3) per Å², score (N, 3) per Å) of atoms at ``positions`` (N, 3)
-        Å with ``amplitude`` counts per projection and footprint width ``width`` Å, against the model
-        of the last `set_model` (which holds them in remove mode, not in add mode)."""
-        positions = np.asarray(positions, np.float32).reshape(-1, 3)
-        out = ([], [], [])
-        for start in range(0, len(positions), self.capacity):
-            chunk = positions[start:start + self.capacity]
-            buffer = np.zeros((self.capacity, 3), np.float32)
-            buffer[:len(chunk)] = chunk
-            self.pos.from_numpy(buffer)
-            self._run(len(chunk), float(amplitude), float(width / self.pixel_size), 0 if not add else 1)
-            for store, field in zip(out, (self.gain, self.fisher, self.score)):
-                store.append(field.to_numpy()[:len(chunk)].astype(np.float64))
-        if not out[0]:
-            return np.zeros(0), np.zeros((0, 3, 3)), np.zeros((0, 3))
-        return tuple(np.concatenate(store) for store in out)
+        """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
+        the image in pixels), footprint width ``width`` Å, all atoms alike."""
+        return self.evaluate(positions, amplitude * self.pixel_size ** 2, width, add)
+
+
+def cached_likelihood_gain(projector, noise: str = "poisson", profile: AtomProfile = AtomProfile(),
+                           free_shape: bool = False) -> LikelihoodGain:
+    """A `LikelihoodGain` on ``projector`` (e.g. a `cached_projector`) for this noise model, profile
+    and parameter set, shared for the Taichi session: its kernel compiles once. Its model, data,
+    factors and variances belong to whoever set them last."""
+    key = ("likelihood gain", id(projector), noise, profile, bool(free_shape))
+    cache = session_cache()
+    if key not in cache or cache[key].projector is not projector:
+        cache[key] = LikelihoodGain(projector, noise, profile, free_shape)
+    return cache[key]
+

@@ -1,0 +1,153 @@
+"""How far to trust each fitted atom: its position covariance from the Fisher information of the
+fit's own likelihood, and its detection confidence, the log-likelihood gain of keeping it over its
+Occam penalty (the evidence rule of `engine.fit.evidence`).
+
+Both come from one pass of the likelihood-gain kernel (`engine.kernels.evidence`) over every
+atom's footprints, at the fitted parameters:
+
+- Counted data, tied atoms (`engine.fit.counted`): Poisson, W = 1/λ; the parameters of an atom are
+  its position (the shared amplitude, width and backgrounds are fitted from all atoms at once).
+- Per-atom fits (`engine.fit.reconstruct`): the position, log amplitude and log width of each atom,
+  with the fitted intensity scales and geometry; Poisson in counts for counted data, else Gaussian
+  with the noise variance of each projection read off the fit's residual (Σ r² over the pixels less
+  the atoms' parameters), so a model that fits worse than the noise gets wider error bars.
+
+Each atom's covariance is the inverse of the joint Fisher information of the atom and its nearest
+neighbours (within 2 d_min, whose footprints overlap at many tilts; the kernel gives the cross
+blocks too), read at the atom: its Cramér–Rao bound with those neighbours' parameters unknown and
+the atoms beyond them, the shared and the alignment parameters held at their fitted values
+(`scripts/uncertainty_check.py` measures this against the joint information of all atoms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from engine.fit.evidence import occam_penalty, visible_volume
+from engine.fit.seeding import residual_dispersion
+from engine.kernels.evidence import LikelihoodGain
+
+COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
+"""The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
+COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
+MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
+WORST = 5  # atoms listed in report.json as the least certain and the weakest
+
+
+def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarray:
+    """(N, 3, 3) Å² covariance of each atom's position, marginal over its amplitude and width (the
+    other parameters of its Fisher block, fisher (N, P, P)) and, with ``pairs`` (M, 2) and their
+    cross blocks ``cross`` (M, P, P), over its coupled neighbours' parameters: the inverse of the
+    joint information of the atom and its neighbours (a principal submatrix of the whole; atoms
+    farther out are taken as known). Infinite where that is singular."""
+    fisher = np.asarray(fisher, np.float64)
+    n, p = fisher.shape[:2]
+    neighbours = [[] for _ in range(n)]
+    blocks = {}
+    for (i, j), block in zip(np.zeros((0, 2), int) if pairs is None else pairs, () if cross is None else cross):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+        blocks[i, j], blocks[j, i] = block, block.T
+    out = np.full((n, 3, 3), np.inf)
+    for i in range(n):
+        ring = [i] + neighbours[i]
+        joint = np.zeros((len(ring) * p, len(ring) * p))
+        for a, u in enumerate(ring):
+            for b, v in enumerate(ring):
+                block = fisher[u] if a == b else blocks.get((u, v))
+                if block is not None:
+                    joint[a * p:(a + 1) * p, b * p:(b + 1) * p] = block
+        try:
+            inverse = np.linalg.inv(joint)[:3, :3]
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse) > 0):
+            out[i] = inverse
+    return out
+
+
+def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
+    """(M, 2) index pairs (i < j) of each atom and its nearest neighbours closer than ``radius`` Å
+    (at most MAX_NEIGHBOURS each): those whose footprints overlap at many tilts, so that their
+    positions, amplitudes and widths trade off against each other."""
+    if len(positions) < 2:
+        return np.zeros((0, 2), int)
+    k = min(MAX_NEIGHBOURS + 1, len(positions))
+    distance, index = cKDTree(positions).query(positions, k=k, distance_upper_bound=radius)
+    own = np.repeat(np.arange(len(positions)), k).reshape(-1, k)
+    keep = np.isfinite(distance) & (index != own)
+    pairs = np.sort(np.column_stack([own[keep], index[keep]]), axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), int)
+
+
+def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_radius: float) -> dict:
+    """The per-atom columns (`COLUMNS`) from one pass of ``kernel`` (a `LikelihoodGain` holding the
+    data and the fitted model) over the atoms (positions Å, amplitudes image units · Å², widths Å)
+    and their neighbours within ``coupling_radius`` Å; ``volume`` Å³ the atoms' prior volume."""
+    pairs = coupled_pairs(positions, coupling_radius)
+    gain, fisher, _, *cross = kernel.evaluate(positions, amplitudes, widths, pairs=pairs)
+    covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
+    sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
+    return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2],
+            "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
+            "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
+
+
+def summary(atoms, noise: dict | None = None) -> dict | None:
+    """What report.json says about the uncertainties of ``atoms`` (`Atoms` with the `COLUMNS`):
+    median σ per axis (pm), the least certain and the weakest atoms (index in atoms.xyz, position Å)."""
+    c = atoms.columns
+    if not len(atoms) or "sigma_x" not in c:
+        return None
+
+    def listing(order, key):
+        return [{"index": int(i), "position_A": [round(float(v), 4) for v in atoms.positions[i]],
+                 key: float(c[key][i])} for i in order[:WORST]]
+
+    finite = np.isfinite(c["pos_uncertainty"])
+    return {"median_sigma_pm": {axis: float(np.median(c[f"sigma_{axis}"][finite]) * 100) if finite.any() else None
+                                for axis in "xyz"},
+            "median_pos_uncertainty_pm": float(np.median(c["pos_uncertainty"][finite]) * 100) if finite.any() else None,
+            "atoms_not_significant": int(np.sum(c["significance"] < 0)),
+            "least_certain": listing(np.argsort(-np.where(finite, c["pos_uncertainty"], np.inf)), "pos_uncertainty"),
+            "weakest": listing(np.argsort(c["significance"]), "significance"),
+            "noise": noise,
+            "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
+                        "alignment parameters"}
+
+
+def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:
+    """The `COLUMNS` (in ``state``'s atom order) of a per-atom `Reconstruction` at ``state`` (its
+    atoms: pos, amp, sigma), and what noise was assumed."""
+    problem, data = fit.problem, fit.data
+    n = problem.n_tilts
+    predicted = problem.predicted(np.arange(n)).astype(np.float64)
+    measured = fit.normalised
+    scale = np.ones(n) if fit.refiner is None else np.asarray(fit.refiner.alignment.intensity_scale, np.float64)
+    if fit.loss == "poisson":
+        counts = fit.gain * data.scale
+        kernel = LikelihoodGain(problem.projector, "poisson", fit.profile, free_shape=True)
+        kernel.set_model(counts * predicted + fit.gain * data.background)
+        kernel.set_counts(counts * measured + fit.gain * data.background)
+        kernel.set_factor(counts * scale)
+        noise = {"kind": "poisson", "gain": fit.gain}
+    else:
+        residual = measured - predicted
+        pixels = residual[0].size
+        free = 5 * len(state["pos"]) / n  # the atoms' parameters, shared among the projections
+        # Correlated residual (model error, filtered data) carries less information than as many
+        # independent pixels: the variance is scaled by the correlation area (1 for white noise).
+        _, area = residual_dispersion(residual)
+        variance = np.sum(residual ** 2, axis=(1, 2)) / max(pixels - free, 1.0) * area
+        kernel = LikelihoodGain(problem.projector, "gaussian", fit.profile, free_shape=True)
+        kernel.set_model(predicted)
+        kernel.set_counts(measured)
+        kernel.set_factor(scale)
+        kernel.set_noise_variance(variance)
+        noise = {"kind": "gaussian", "from": "the fit's residual, per projection",
+                 "sigma_data_units_median": float(np.sqrt(np.median(variance)) * data.scale),
+                 "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise),
+                 "correlation_area_px": area}
+    return atom_columns(kernel, state["pos"], state["amp"], state["sigma"],
+                        visible_volume(measured.shape[1:], fit.series.pixel_size), COUPLING_PER_D_MIN * fit.d_min), noise
