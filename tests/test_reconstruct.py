@@ -128,8 +128,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(arch, small_particle, 
     assert resumed.trainer.stop_reason == straight_fit.trainer.stop_reason
     assert np.array_equal(atoms.positions, straight.positions)
     assert np.array_equal(atoms.columns["amplitude"], straight.columns["amplitude"])
-    if refine_alignment:
-        assert np.array_equal(resumed.refiner.alignment.shifts, straight_fit.refiner.alignment.shifts)
+    if refine_alignment:  # the refined alignment (kept or not: the trainer's problem holds it) and the verdict
+        assert np.array_equal(resumed.trainer.problem.refiner.alignment.shifts,
+                              straight_fit.trainer.problem.refiner.alignment.shifts)
+        assert resumed.alignment_selection == straight_fit.alignment_selection
 
 
 def test_bad_settings_are_refused_by_name():

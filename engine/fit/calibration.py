@@ -20,18 +20,19 @@ def calibrate_b_factors(problem, state: dict, species: np.ndarray, series, measu
     elements ``species``, fitted to ``series`` in the geometry of the fit's `FitProblem` ``problem``
     under the data model ``data``. The refits borrow ``problem`` (its kernels are compiled already; a
     new one would compile them again) and hand it back as it was: its atoms, optimiser state,
-    measured images (``measured``, normalised) and intensities."""
+    measured images (``measured``, normalised), intensities and fitted background."""
     structure = Atoms(species, state["pos"])
     steps = settings.thermal_refits
     rng = np.random.default_rng(settings.seed)
     live = problem.state()
+    live_scale, live_offsets = problem.target.intensity_scale.to_numpy(), problem.target.offsets()
     widths_at = {}
     try:
         problem.target.set_intensity(np.ones(problem.n_tilts), np.zeros(problem.n_tilts))
         for b in (0.0, 1.0):
             clean = simulate_tilt_series(structure, series.angles, series.pixel_size, series.shape,
                                          blur_sigma=data.blur, b_factor=b, geometry=problem.geometry)
-            problem.target.set_measured((clean.projections - data.background) / data.scale)
+            problem.target.set_measured(clean.projections / data.scale)  # atoms alone: no background
             problem.upload({k: state[k] for k in ("pos", "amp", "sigma")}, sort=False)
             convergence = Convergence(settings.lr_final)
             for i in range(1, steps + 1):  # until converged (`engine.fit.convergence`), at most ``steps``
@@ -45,8 +46,5 @@ def calibrate_b_factors(problem, state: dict, species: np.ndarray, series, measu
     finally:
         problem.upload(live, sort=False)
         problem.target.set_measured(measured)
-        if problem.refiner is not None:
-            problem.apply_alignment()
-        else:
-            problem.target.set_intensity(np.ones(problem.n_tilts), np.zeros(problem.n_tilts))
+        problem.target.set_intensity(live_scale, live_offsets)  # the fit's intensities and fitted background
     return b_factors_from_calibration(state["sigma"], widths_at)
