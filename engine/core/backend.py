@@ -7,6 +7,7 @@ import glob
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import taichi as ti
@@ -122,3 +123,14 @@ def session_cache() -> dict:
     """A dict that lives as long as the running Taichi backend (emptied on restart): for fields and
     data-oriented objects worth reusing, since every new one means compiling its kernels again."""
     return _state["cache"]
+
+
+def leased(key, build, owner):
+    """An object of configuration ``key`` for ``owner`` alone: one that an earlier owner, now gone,
+    held in this Taichi session (its kernels compiled already), else a new one from ``build()``. It
+    returns to the session's pool when ``owner`` is garbage-collected; the new owner sets every
+    value it reads. Unlike `session_cache` objects, a leased one never has two owners at once."""
+    free = _state["cache"].setdefault(("free", key), [])
+    thing = free.pop() if free else build()
+    weakref.finalize(owner, free.append, thing)
+    return thing
