@@ -75,6 +75,44 @@ def test_loss_and_gradients_match_numpy(arch, kind):
         assert image_grad[k, r, c] == pytest.approx(fd, rel=1e-3, abs=1e-4 * float(np.abs(image_grad).max()))
 
 
+@pytest.mark.parametrize("kind", ["l2", "poisson"])
+def test_a_target_takes_another_data_model_at_run_time(arch, kind):
+    """The data model's constants are kernel inputs, not compiled in: a target built for other data
+    (`engine.fit.problem` reuses targets) gives the loss of the data model it was last given."""
+    projector, target, rendered, measured, scale, offset = problem(kind)
+    other = DataModel(background=0.5, scale=1.0, noise=0.2, blur=0.0)
+    target.set_data_model(other, 2 * GAIN)
+    target.set_measured(measured + 1.0)
+    target.residual(len(scale), 1.0)
+    before = target.loss_value(len(scale))
+    target.set_data_model(DATA, GAIN)
+    target.set_measured(measured)
+    target.residual(len(scale), 1.0)
+    assert target.loss_value(len(scale)) == pytest.approx(numpy_loss(kind, rendered, measured, scale, offset).mean(),
+                                                          rel=1e-4)
+    assert target.loss_value(len(scale)) != pytest.approx(before, rel=1e-2)
+
+
+def test_fit_problems_reuse_device_objects_only_once_the_last_owner_is_gone(arch):
+    from engine.fit.problem import FitProblem
+    from engine.kernels.atommodel import AtomProfile
+
+    geometry = TiltGeometry.from_tilt_angles(np.linspace(-60, 60, 3))
+    images = np.zeros((3,) + SHAPE)
+
+    def fit_problem():
+        return FitProblem(images, geometry, 0.3, DATA, "l2", None, AtomProfile(), 1.0)
+
+    first = fit_problem()
+    second = fit_problem()  # the first still lives: objects of its own
+    assert second.projector is not first.projector and second.target is not first.target
+    assert second.model is not first.model
+    projector, target, model = first.projector, first.target, first.model
+    del first
+    third = fit_problem()
+    assert (third.projector, third.target, third.model) == (projector, target, model)
+
+
 def test_huber_tempers_outliers_that_l2_squares(arch):
     _, huber, rendered, measured, scale, offset = problem("huber", seed=3)
     _, l2, *_ = problem("l2", seed=3)

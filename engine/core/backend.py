@@ -6,6 +6,9 @@ import contextlib
 import glob
 import os
 import sys
+import time
+import weakref
+from pathlib import Path
 
 import taichi as ti
 
@@ -32,11 +35,39 @@ def cpu_threads() -> int:
     return threads
 
 
+# Taichi's offline cache holds its index behind a lock file that is only held while the index is
+# read or written (milliseconds); one left by a killed process makes every later start skip the
+# cache, so every kernel compiles again (seconds per fit). Older than this, a lock is such a leftover.
+STALE_LOCK_SECONDS = 60.0
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept between runs: ``TI_OFFLINE_CACHE_FILE_PATH`` when set, else
+    atomsplat's own folder under the user's cache (``$XDG_CACHE_HOME``, default ~/.cache), apart from
+    other Taichi programs' cache so that their kernels neither crowd ours out nor hold its lock."""
+    given = os.environ.get("TI_OFFLINE_CACHE_FILE_PATH", "").strip()
+    if given:
+        return Path(given)
+    root = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(root) / "atomsplat" / ("taichi-" + ".".join(map(str, ti.__version__)))
+
+
+def _clear_stale_lock(cache: Path) -> None:
+    """Remove the cache's index lock when a dead process left it (see STALE_LOCK_SECONDS)."""
+    lock = cache / "ticache.lock"
+    with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove: Taichi then warns
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+
+
 def _start(name: str) -> str:
     threads = cpu_threads()
+    cache = kernel_cache_dir()
+    _clear_stale_lock(cache)
     with contextlib.redirect_stdout(sys.stderr):  # Taichi prints "Starting on arch=..." to stdout
         ti.init(arch=_TI_ARCH[name], default_fp=ti.f32, default_ip=ti.i32, random_seed=0,
-                log_level=ti.WARN, offline_cache=True, cpu_max_num_threads=threads)
+                log_level=ti.WARN, offline_cache=True, offline_cache_file_path=str(cache),
+                cpu_max_num_threads=threads)
     got = ti.lang.impl.current_cfg().arch
     actual = {ti.x64: "cpu", ti.arm64: "cpu", ti.cuda: "cuda", ti.vulkan: "vulkan"}.get(got, str(got))
     _state["arch"] = actual
@@ -92,3 +123,14 @@ def session_cache() -> dict:
     """A dict that lives as long as the running Taichi backend (emptied on restart): for fields and
     data-oriented objects worth reusing, since every new one means compiling its kernels again."""
     return _state["cache"]
+
+
+def leased(key, build, owner):
+    """An object of configuration ``key`` for ``owner`` alone: one that an earlier owner, now gone,
+    held in this Taichi session (its kernels compiled already), else a new one from ``build()``. It
+    returns to the session's pool when ``owner`` is garbage-collected; the new owner sets every
+    value it reads. Unlike `session_cache` objects, a leased one never has two owners at once."""
+    free = _state["cache"].setdefault(("free", key), [])
+    thing = free.pop() if free else build()
+    weakref.finalize(owner, free.append, thing)
+    return thing

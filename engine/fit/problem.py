@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from engine.core.backend import leased
 from engine.fit.alignment import AlignmentRefiner
 from engine.kernels.atommodel import AtomModel
 from engine.kernels.loss import FitTarget
@@ -36,11 +37,29 @@ class FitProblem:
         self.geometry = geometry
         self.d_min, self.repulsion = d_min, repulsion
         self.profile = profile
-        self.projector = TiltSeriesProjector(geometry, normalised.shape[1:], pixel_size, data.blur)
-        self.target = FitTarget(normalised, loss, data, gain, image=self.projector.image,
-                                image_grad=self.projector.image_grad, batch=self.projector.batch)
-        self.model = AtomModel(256, profile)
+        # The device objects come from earlier fits of the same configuration in this session where
+        # there are any: new ones would mean instantiating and compiling their kernels again.
+        shape = tuple(int(v) for v in normalised.shape)
+        configuration = ("fit projector and target", shape, float(pixel_size), float(data.blur), loss)
+        self.projector, self.target = leased(configuration, lambda: self._device_data(normalised, geometry, pixel_size,
+                                                                                    data, loss, gain), self)
+        self.projector.set_geometry(geometry)
+        self.projector.set_batch(np.arange(self.n_tilts))
+        self.target.set_data_model(data, gain)
+        self.target.set_measured(normalised)
+        self.target.set_intensity(np.ones(self.n_tilts), np.zeros(self.n_tilts))
+        self.model = self._atom_model(256)
         self.grid = NeighbourGrid(d_min, capacity=256) if repulsion > 0 else None
+
+    @staticmethod
+    def _device_data(normalised, geometry, pixel_size, data, loss, gain):
+        projector = TiltSeriesProjector(geometry, normalised.shape[1:], pixel_size, data.blur)
+        target = FitTarget(normalised, loss, data, gain, image=projector.image, image_grad=projector.image_grad,
+                           batch=projector.batch)
+        return projector, target
+
+    def _atom_model(self, capacity: int) -> AtomModel:
+        return leased(("atom model", capacity, self.profile), lambda: AtomModel(capacity, self.profile), self)
 
     def upload(self, state: dict, sort: bool = True) -> None:
         """Replace the atoms (and their optimiser state) with ``state``; ``sort`` orders them along the
@@ -50,7 +69,7 @@ class FitProblem:
             state = {k: np.asarray(v)[order] for k, v in state.items()}
         n = len(state["pos"])
         if n > self.model.capacity:
-            self.model = AtomModel(1 << (n - 1).bit_length(), self.profile)
+            self.model = self._atom_model(1 << (n - 1).bit_length())
         self.model.set_state(state)
         self.projector.ensure_capacity(self.model.cloud.capacity)
 

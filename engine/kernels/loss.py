@@ -30,6 +30,9 @@ from engine.kernels.projector import (CPU_TASK_SPREAD, FLOAT64_UNSUPPORTED, LANE
                                       pack_images, supports_float64)
 
 LOSSES = ("l2", "huber", "poisson")
+# The data model's constants of the loss kernels, in the order of `FitTarget.constants`.
+CONSTANTS = ("gain", "scale", "background", "gain_scale", "root_weight", "weight", "half_weight")
+GAIN, SCALE, BACKGROUND, GAIN_SCALE, ROOT_WEIGHT, WEIGHT, HALF_WEIGHT = range(len(CONSTANTS))
 HUBER_DELTA = 3.0  # noise σ: residuals beyond 3 σ are rare under Gaussian noise (0.3 %), so only outliers are tempered
 
 
@@ -66,11 +69,10 @@ class FitTarget:
         self.image, self.image_grad, self.batch = image, image_grad, batch
         self.on_cpu = current_arch() == "cpu"
         self.loss = loss
-        self.weight = 1.0 / data_model.noise**2
-        self.root_weight = float(np.sqrt(self.weight))
-        self.gain = float(gain) if gain is not None else 0.0  # used by the Poisson loss alone
-        self.scale = float(data_model.scale)
-        self.background = float(data_model.background)
+        # The data model's constants are read by the kernels at run time, so one target (and its
+        # compiled kernels) serves any data of its shape and loss (`engine.fit.problem`'s reuse).
+        self.constants = ti.field(self.dtype, len(CONSTANTS))
+        self.set_data_model(data_model, gain)
         self.measured = ti.Vector.field(LANES, self.dtype, packed)
         self.set_measured(normalised)
         lanes = np.zeros((self.row_blocks, LANES), self.np_dtype)
@@ -85,6 +87,19 @@ class FitTarget:
         self.grad_offset = ti.field(self.dtype, n)  # dL/db_k of the last `residual`
         self.rendered_sum = ti.field(self.dtype, n)  # Σ_p of the rendered atoms I_k at the last `residual`
         self.set_intensity(np.ones(n), np.zeros(n))
+
+    def set_data_model(self, data_model, gain) -> None:
+        """The noise σ_n, scale and background of ``data_model`` and the detector ``gain`` (counts per
+        data unit; the Poisson loss alone uses it and the scale and background)."""
+        self.weight = 1.0 / data_model.noise**2
+        self.root_weight = float(np.sqrt(self.weight))
+        self.gain = float(gain) if gain is not None else 0.0
+        self.scale = float(data_model.scale)
+        self.background = float(data_model.background)
+        values = {"gain": self.gain, "scale": self.scale, "background": self.background,
+                  "gain_scale": self.gain * self.scale, "root_weight": self.root_weight, "weight": self.weight,
+                  "half_weight": 0.5 * self.weight}
+        self.constants.from_numpy(np.array([values[name] for name in CONSTANTS], self.np_dtype))
 
     def set_measured(self, normalised: np.ndarray) -> None:
         """Replace the measured projections (n, H, W), normalised units."""
@@ -126,23 +141,23 @@ class FitTarget:
         grad = ti.Vector.zero(self.dtype, LANES)
         loss = ti.Vector.zero(self.dtype, LANES)
         if ti.static(self.loss == "poisson"):
-            g, s, b = self.dtype(self.gain), self.dtype(self.scale), self.dtype(self.background)
+            g, s, b = self.constants[GAIN], self.constants[SCALE], self.constants[BACKGROUND]
             floor = self.dtype(1e-6)
             expected = g * (s * pred + b)
             lam = ti.max(expected, floor)
             y = g * (s * meas + b)
-            grad = ti.select(expected > floor, self.dtype(self.gain * self.scale) * (1.0 - y / lam), 0.0)  # flat where clamped
+            grad = ti.select(expected > floor, self.constants[GAIN_SCALE] * (1.0 - y / lam), 0.0)  # flat where clamped
             loss = lam - y * ti.log(lam)
         elif ti.static(self.loss == "huber"):
-            root_w = self.dtype(self.root_weight)
+            root_w = self.constants[ROOT_WEIGHT]
             r_sigma = (pred - meas) * root_w
             inside = ti.abs(r_sigma) <= HUBER_DELTA
             grad = ti.select(inside, r_sigma, HUBER_DELTA * ti.math.sign(r_sigma)) * root_w
             loss = ti.select(inside, 0.5 * r_sigma * r_sigma, HUBER_DELTA * ti.abs(r_sigma) - 0.5 * HUBER_DELTA**2)
         else:
             d = pred - meas
-            grad = self.dtype(self.weight) * d
-            loss = self.dtype(0.5 * self.weight) * d * d
+            grad = self.constants[WEIGHT] * d
+            loss = self.constants[HALF_WEIGHT] * d * d
         return grad * mask, loss * mask, rendered
 
     @ti.func
