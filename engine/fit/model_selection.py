@@ -5,9 +5,10 @@ each image as much as a real shift would, so no likelihood ratio on the data the
 fitted to can tell the two apart. What real misalignment changes is the atoms: aligned images agree
 on them, so atoms fitted in the right geometry predict images they have not seen better.
 
-The test holds out every fifth projection in tilt order (H) and, for each geometry (the refined one
-and the nominal one, whose fit is the refined fit's atoms refitted in it), refits the atoms on the
-other projections alone, then fits each held-out image's own alignment (two shifts, a tilt-angle
+The test holds out every other projection in tilt order (H), then the others (two folds, so every
+image is held out once and a short series still gives as many replicates as it has images) and, for
+each geometry (the refined one and the nominal one, whose fit is the refined fit's atoms refitted in
+it), refits the atoms on the other projections alone, then fits each held-out image's own alignment (two shifts, a tilt-angle
 offset, an intensity scale, and one tilt-axis angle for them all) to those atoms, which stay fixed:
 both geometries get the same freedom on H, so what is compared is how well their atoms predict
 unseen images. The per-image log-likelihood differences over H are tested by a one-sided paired t
@@ -27,7 +28,7 @@ from engine.fit.trainer import LEARNING_RATES, choose_batch
 from engine.measure.alignment import Alignment
 
 ALIGNMENT_SIGNIFICANCE = 1e-3
-HELD_OUT_EVERY = 5
+FOLDS = 2  # every other projection in tilt order held out in turn: each image is held out once
 ATOM_RATES = ("lr_position", "lr_amplitude", "lr_width")
 
 
@@ -58,13 +59,10 @@ def refit(fit, indices, geometry, atoms: dict, cap: int, refiner: AlignmentRefin
     return problem
 
 
-def held_out_losses(fit, geometry, atoms: dict, cap: int) -> np.ndarray:
-    """Per held-out projection, the negative log-likelihood (nats) of atoms refitted without the
-    held-out projections in ``geometry`` (all n projections), each held-out image aligned to them."""
-    n = fit.series.n_tilts
-    order = np.argsort(fit.series.angles, kind="stable")
-    held = np.sort(order[2::HELD_OUT_EVERY])
-    kept = np.setdiff1d(np.arange(n), held)
+def held_out_losses(fit, geometry, atoms: dict, held: np.ndarray, cap: int) -> np.ndarray:
+    """Per projection of ``held``, the negative log-likelihood (nats) of atoms refitted without those
+    projections in ``geometry`` (all n projections), each held-out image aligned to them."""
+    kept = np.setdiff1d(np.arange(fit.series.n_tilts), held)
     trained = refit(fit, kept, geometry.subset(kept), atoms, cap)
     angles = np.asarray(fit.series.angles, np.float64)[held]
     refiner = AlignmentRefiner(Alignment.identity(len(held)), angles)
@@ -83,9 +81,13 @@ def select_alignment(fit) -> tuple[dict, FitProblem | None]:
     nominal_geometry = series.get_geometry()
     every = np.arange(series.n_tilts)
     nominal = refit(fit, every, nominal_geometry, _atoms(fit.problem), cap)
-    refined_losses = held_out_losses(fit, fit.problem.geometry, _atoms(fit.problem), cap)
-    nominal_losses = held_out_losses(fit, nominal_geometry, _atoms(nominal), cap)
-    gain = nominal_losses - refined_losses  # nats per held-out image: > 0 where the refined atoms predict better
+    order = np.argsort(series.angles, kind="stable")
+    gain = []  # nats per held-out image: > 0 where the refined atoms predict better
+    for fold in range(FOLDS):
+        held = np.sort(order[fold::FOLDS])
+        gain.append(held_out_losses(fit, nominal_geometry, _atoms(nominal), held, cap)
+                    - held_out_losses(fit, fit.problem.geometry, _atoms(fit.problem), held, cap))
+    gain = np.concatenate(gain)
     m = len(gain)
     spread = float(np.std(gain, ddof=1)) if m > 1 else 0.0
     t = float(np.mean(gain) / (spread / np.sqrt(m))) if spread > 0 else (np.inf if np.mean(gain) > 0 else -np.inf)
