@@ -168,7 +168,7 @@ class Trainer:
 
     def _check(self) -> None:
         """Every CHECK_EVERY steps: the loss history, and the schedule's decisions (see the class)."""
-        problem, sched, s = self.problem, self.schedule, self.settings
+        problem, sched = self.problem, self.schedule
         loss = problem.series_loss()
         pixels = problem.target.n_proj * problem.target.height * problem.target.width
         self.history["iteration"].append(self.iteration)
