@@ -750,6 +750,11 @@ def main(argv=None) -> int:
         except KeyboardInterrupt as err:
             print(f"atomsplat: {err.args[0] if err.args else 'interrupted'}", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader of stdout left (`... | head`): what it wanted it has; say nothing more, and keep
+            # Python from complaining about the closed pipe as it exits.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except MemoryError:
             print("atomsplat: error: out of memory (use smaller data, or fewer or larger voxels and pixels)",
                   file=sys.stderr)

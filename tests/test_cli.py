@@ -119,3 +119,21 @@ def test_auto_backend_skips_vulkan_without_a_gpu(monkeypatch):
     assert not backend._gpu_present()
     monkeypatch.setattr(backend.glob, "glob", lambda pattern: ["/dev/dri/renderD128"] if "dri" in pattern else [])
     assert backend._gpu_present()
+
+
+def test_a_reader_that_leaves_early_gets_no_error(tmp_path):
+    # `atomsplat evaluate ... --json | head -c 1`: the reader closes the pipe before the output is
+    # written; the command must not print an error or a traceback about it.
+    import subprocess
+    import sys
+
+    from engine.io.atoms import Atoms, write_atoms
+
+    atoms = Atoms(np.array(["Au", "Au"]), np.array([[0.0, 0, 0], [3.0, 0, 0]]))
+    write_atoms(atoms, tmp_path / "a.xyz")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "evaluate", str(tmp_path / "a.xyz"),
+                             str(tmp_path / "a.xyz"), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait()
+    assert "error" not in err and "Traceback" not in err, err
