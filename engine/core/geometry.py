@@ -109,8 +109,8 @@ class TiltGeometry:
         each position (N, 3) Å, i.e. projects it within the outermost pixel centres."""
         beam = self.to_beam_frame(positions)
         h, w = shape
-        return ((np.abs(beam[..., 0]) <= (w - 1) / 2 * pixel_size + 1e-9)
-                & (np.abs(beam[..., 1]) <= (h - 1) / 2 * pixel_size + 1e-9))
+        return ((np.abs(beam[..., 0]) <= centre_index(w) * pixel_size + 1e-9)
+                & (np.abs(beam[..., 1]) <= centre_index(h) * pixel_size + 1e-9))
 
     def to_beam_frame(self, positions: np.ndarray) -> np.ndarray:
         """World positions (N, 3) Å → (n, N, 3) beam-frame coordinates (x', y', z') incl. shifts."""

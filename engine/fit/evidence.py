@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from engine.core.geometry import centre_index
 from engine.kernels.volume import local_maxima
 
 SCORING_STEP_LIMIT = 0.5  # Å: longest Fisher-scoring step of a candidate (the expansion is local)
@@ -35,7 +36,7 @@ SCORING_STEP_LIMIT = 0.5  # Å: longest Fisher-scoring step of a candidate (the 
 def visible_volume(shape, pixel_size: float) -> float:
     """Å³ that every projection of a single-axis series of images ``shape`` (H, W) px sees: the
     cylinder |(x, z)| ≤ half the image width, |y| ≤ half its height (the atoms' prior volume)."""
-    half_h, half_w = ((v - 1) / 2 * pixel_size for v in shape)
+    half_h, half_w = (centre_index(v) * pixel_size for v in shape)
     return math.pi * half_w ** 2 * 2 * half_h
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from engine.core.errors import InputError
+from engine.core.geometry import centre_index
 from engine.kernels.volume import local_maxima, projector_for, suppress_close
 
 
@@ -22,7 +23,7 @@ def extended_margin(angles_deg, shape, pixel_size: float) -> float:
     MIN_VIEWS times, for a specimen no thicker than the image is wide (the depth the grid spans):
     |x cos θ + z sin θ| ≤ W/2 with |z| ≤ W/2 at the MIN_VIEWS-th most tilted angle; at most twice the
     image width (beyond that the views are too oblique to place anything)."""
-    half = (shape[1] - 1) / 2 * pixel_size
+    half = centre_index(shape[1]) * pixel_size  # the outermost pixel centre (Å)
     tilts = np.sort(np.abs(np.deg2rad(np.asarray(angles_deg, np.float64))))
     theta = tilts[-min(MIN_VIEWS, len(tilts))]
     reach = half * (1 + math.sin(theta)) / max(math.cos(theta), 1e-6) - half
@@ -182,7 +183,7 @@ def visible_everywhere(projector, shape, pixel_size: float) -> np.ndarray:
     nx, ny, nz = projector.grid_shape
     x = projector.origin[0] + np.arange(nx) * projector.voxel
     z = projector.origin[2] + np.arange(nz) * projector.voxel
-    half = (shape[1] - 1) / 2 * pixel_size
+    half = centre_index(shape[1]) * pixel_size  # the outermost pixel centre (Å)
     return np.broadcast_to(((x[:, None] ** 2 + z[None, :] ** 2) <= half ** 2)[:, None, :], (nx, ny, nz)).copy()
 
 
