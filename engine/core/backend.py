@@ -60,6 +60,34 @@ def _clear_stale_lock(cache: Path) -> None:
             lock.unlink()
 
 
+def _memoise_source_hints() -> None:
+    """Taichi formats a source excerpt with a caret line (through textwrap) for every AST node it
+    transforms, to attach to error messages; inlined `ti.func`s and static loops transform the same
+    node many times (about 6 times per node here), and the formatting is a third of the time that
+    compiling, or loading from the cache, every kernel of a fit takes in each new process. The text
+    depends only on the node's place in its source, so it is computed once per place; messages are
+    unchanged. Taichi versions without this hook are left as they are."""
+    context = getattr(getattr(ti.lang, "ast", None), "ast_transformer_utils", None)
+    context = getattr(context, "ASTTransformerContext", None)
+    original = getattr(context, "get_pos_info", None)
+    if original is None or getattr(original, "memoised", False):
+        return
+    hints = {}
+
+    def get_pos_info(self, node):
+        place = (self.file, self.lineno_offset, self.indent, self.func.func.__name__, type(node).__name__,
+                 node.lineno, node.end_lineno, node.col_offset, node.end_col_offset)
+        if place not in hints:
+            hints[place] = original(self, node)
+        return hints[place]
+
+    get_pos_info.memoised = True
+    context.get_pos_info = get_pos_info
+
+
+_memoise_source_hints()
+
+
 def _start(name: str) -> str:
     threads = cpu_threads()
     cache = kernel_cache_dir()

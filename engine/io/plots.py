@@ -88,9 +88,24 @@ def projection_figure(measured, predicted, angles_deg, indices=None, pixel_size:
     scale, length = (pixel_size, "Å") if pixel_size else (1.0, "px")
     extent = (0, w * scale, h * scale, 0)  # rows downwards, as the images are stored
 
+    # A fixed layout in inches: matplotlib's constrained layout measures every tick label of every
+    # axes, several times, and took two thirds of the time a fit spends writing its outputs.
     panel_w, panel_h = PANEL_INCHES * w / max(h, w), PANEL_INCHES * h / max(h, w)
-    figure = Figure(figsize=(3 * panel_w + 1.2, len(rows) * (panel_h + 0.45) + 1.3), dpi=DPI, layout="constrained")
-    axes = figure.subplots(len(rows), 3, squeeze=False, sharex=True, sharey=True)
+    left, gap, title, bottom, bar_h = 0.75, 0.15, 0.3, 0.5, 0.12  # in
+    bar_space = 0.75  # in: a colour bar under the columns, with its ticks and label
+    width = left + 3 * panel_w + 2 * gap + 0.25
+    height = len(rows) * (panel_h + title) + bottom + bar_space + 0.1
+    figure = Figure(figsize=(width, height), dpi=DPI)
+
+    def box(x_in, y_in, w_in, h_in):  # inches from the bottom left → figure fractions
+        return [x_in / width, y_in / height, w_in / width, h_in / height]
+
+    axes = np.empty((len(rows), 3), dtype=object)
+    for r in range(len(rows)):
+        y0 = height - (r + 1) * (panel_h + title)
+        for c in range(3):
+            share = {} if r == c == 0 else {"sharex": axes[0, 0], "sharey": axes[0, 0]}
+            axes[r, c] = figure.add_axes(box(left + c * (panel_w + gap), y0, panel_w, panel_h), **share)
     for r, tilt in enumerate(rows):
         for c, image in enumerate((meas[r], pred[r], resid[r])):
             ax = axes[r, c]
@@ -98,12 +113,15 @@ def projection_figure(measured, predicted, angles_deg, indices=None, pixel_size:
                               **({"cmap": GREY, "vmin": lo, "vmax": hi} if c < 2 else
                                  {"cmap": RESIDUAL, "vmin": -vmax, "vmax": vmax}))
             ax.set_title(f"{COLUMNS[c]}, tilt {angles[tilt]:+.1f}°".replace("-", "−"), fontsize="medium")
+            ax.tick_params(labelleft=c == 0, labelbottom=r == len(rows) - 1)
         axes[r, 0].set_ylabel(f"y′ ({length})")
     for ax in axes[-1]:
         ax.set_xlabel(f"x′ ({length})")
-    bar = {"location": "bottom", "shrink": 0.8, "aspect": 30}
-    figure.colorbar(axes[0, 0].images[0], ax=axes[:, :2], label="projection (data units)", **bar)
-    figure.colorbar(shown, ax=axes[:, 2], label="measured − predicted (data units)", **bar)
+    bar_y = height - len(rows) * (panel_h + title) - bottom - bar_h
+    grey_bar = figure.add_axes(box(left + 0.1 * panel_w, bar_y, 1.8 * panel_w + gap, bar_h))
+    residual_bar = figure.add_axes(box(left + 2 * (panel_w + gap) + 0.1 * panel_w, bar_y, 0.8 * panel_w, bar_h))
+    figure.colorbar(axes[0, 0].images[0], cax=grey_bar, orientation="horizontal", label="projection (data units)")
+    figure.colorbar(shown, cax=residual_bar, orientation="horizontal", label="measured − predicted (data units)")
     return figure
 
 
@@ -136,8 +154,8 @@ def line_figure(series: dict, title: str = "", xlabel: str = "", ylabel: str = "
     tuple. Curves break at non-finite points. With ``logy`` the y axis is logarithmic and
     non-positive values are left out (the axis stays linear when no value is positive).
     """
-    figure = Figure(figsize=(8.0, 4.8), dpi=DPI, layout="constrained")
-    ax = figure.add_subplot()
+    figure = Figure(figsize=(8.0, 4.8), dpi=DPI)
+    ax = figure.add_axes((0.1, 0.11, 0.87, 0.82))  # fixed margins: see `projection_figure`
     positive = False
     for name, value in series.items():
         x, y = _series_xy(name, value)
