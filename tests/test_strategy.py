@@ -135,3 +135,14 @@ def test_suppress_close_is_the_greedy_walk_brightest_first():
         kept, kept_values = suppress_close(pos, values, 1.5)
         np.testing.assert_array_equal(kept, pos[keep])
         np.testing.assert_array_equal(kept_values, values[keep])
+
+
+def test_significance_level_is_the_normal_quantile_of_one_false_atom():
+    """z such that P(Z > z) = 1 / (volume / d_min³): one false atom on average in the volume."""
+    from scipy import stats
+
+    from engine.fit.seeding import significance_level
+
+    for volume in (1e2, 1e4, 1e6, 1e9):
+        assert abs(significance_level(volume, 2.5) - stats.norm.isf(2.5 ** 3 / volume)) < 1e-9
+    assert significance_level(1.0, 2.5) == 0.0  # fewer than two places: the median, z = 0

@@ -5,6 +5,7 @@ from the back-projected residual."""
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
