@@ -32,6 +32,28 @@ def test_projector_pair_is_adjoint(arch):
     assert abs(lhs - rhs) <= 1e-5 * np.sqrt(np.sum(projector.project(v) ** 2) * np.sum(y**2)) * 10
 
 
+def test_hull_counts_the_views_and_keeps_what_every_view_covers(arch):
+    """The views a voxel has are the back-projection of ones; a voxel leaves the hull when one view
+    that sees it does not cover it (independent reference: each voxel's centre projected by NumPy)."""
+    angles = np.arange(-60.0, 61.0, 10.0)
+    projector = make_projector(angles, shape=(30, 24))  # narrower than the grid: edge voxels leave views
+    ones = np.ones((len(angles), 30, 24))
+    masks = ones.copy()
+    masks[3, :, 12:] = 0.0  # the +30° view covers only its left half
+    covered, views = projector.hull(masks)
+    assert np.array_equal(views, np.rint(projector.backproject(ones) / projector.splat_scale).astype(int))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in GRID], indexing="ij"), -1) * 0.5 + np.array(ORIGIN)
+    t = np.deg2rad(angles)
+    x = (grid[..., 0, None] * np.cos(t) + grid[..., 2, None] * np.sin(t)) / 0.4 + 11.5  # pixels, per view
+    seen = (x >= 0) & (x <= 23)
+    assert np.array_equal(views, seen.sum(axis=-1))
+    clear_of_the_edge = np.abs(x[..., 3] - 11.5) > 1.0  # bilinear weights blend the two halves near x' = 0
+    lost = seen[..., 3] & (x[..., 3] >= 12) & clear_of_the_edge
+    kept = seen[..., 3] & (x[..., 3] < 11) & clear_of_the_edge
+    assert np.all(covered[lost] < 0.5) and np.all(covered[kept] > 0.5) and lost.any() and kept.any()
+    assert np.all(covered[views == 0] == 1e30)
+
+
 def test_float64_projector_pair_is_adjoint_to_rounding(arch):
     # No exp or log here, so Vulkan runs float64 too where the device has 64-bit floats (lavapipe does).
     angles = np.arange(-60.0, 61.0, 10.0)

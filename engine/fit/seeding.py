@@ -70,12 +70,11 @@ class SeedVolumes:
         mask = smooth > max(5 * smoothed_noise, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.pixel_size)),
                                        structure=ndimage.generate_binary_structure(3, 1)[1:2])
-        bp = self.projector
-        views = bp.backproject(np.ones(mask.shape, np.float32)) / bp.splat_scale
+        covered, views = self.projector.hull(mask.astype(np.float32))
         # An atom's back-projection grows with the views that see it: peaks are compared per view.
-        self.view_fraction = np.maximum(views, 1.0) / len(mask)
+        self.view_fraction = np.maximum(views, 1) / len(mask)
         needed = MIN_VIEWS if self.extended else len(mask)
-        return (bp.backproject(mask.astype(np.float32), reduction="min") > 0.5) & (views > needed - 0.5)
+        return (covered > 0.5) & (views >= needed)
 
     def in_support(self, positions: np.ndarray) -> np.ndarray:
         bp = self.projector

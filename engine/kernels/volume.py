@@ -30,8 +30,9 @@ class VoxelProjector:
     """Projects a voxel grid into n images and back-projects images onto the grid.
 
     grid_shape : (nx, ny, nz) voxels; origin : world position (Å) of voxel (0, 0, 0); voxel : edge (Å).
-    Back-projection reduces with 'sum' (the transpose of `project`) or 'min' (a voxel is inside a
-    visual hull only if every projection's mask covers it). ``dtype``: ti.f32 (default) or ti.f64.
+    Back-projection sums (the transpose of `project`); `hull` takes the minimum instead (a voxel is
+    inside a visual hull only if every projection's mask covers it) and counts the views.
+    ``dtype``: ti.f32 (default) or ti.f64.
     """
 
     def __init__(self, n_proj: int, image_shape, pixel_size: float, grid_shape, origin, voxel: float,
@@ -50,6 +51,7 @@ class VoxelProjector:
         self.shift = ti.Vector.field(2, self.dtype, n_proj)
         self.images = ti.field(self.dtype, (n_proj, self.height, self.width))
         self.volume = ti.field(self.dtype, self.grid_shape)
+        self.views = ti.field(ti.i32, self.grid_shape)  # projections that see each voxel (`hull`)
 
     def set_geometry(self, geometry: TiltGeometry) -> None:
         self.rot.from_numpy(geometry.rotations.astype(self.np_dtype))
@@ -96,40 +98,57 @@ class VoxelProjector:
             for k, i, j, l in ti.ndrange(self.n_proj, *self.grid_shape):
                 self._splat_voxel(k, i, j, l)
 
+    @ti.func
+    def _sample(self, k, i, j, l):
+        """The bilinear sample of image k at voxel (i, j, l)'s projection, and whether it lands inside."""
+        x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
+        value = self.dtype(0.0)
+        if inside:
+            value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
+                     + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
+        return value, inside
+
     @ti.kernel
-    def _backproject(self, use_min: ti.template()):
+    def _backproject(self):
         for i, j, l in self.volume:
             acc = self.dtype(0.0)
-            if ti.static(use_min):
-                acc = self.dtype(1e30)
             for k in range(self.n_proj):
-                x0, y0, fx, fy, inside = self._bilinear(k, i, j, l)
-                value = self.dtype(0.0)
-                if inside:
-                    value = ((1 - fx) * (1 - fy) * self.images[k, y0, x0] + fx * (1 - fy) * self.images[k, y0, x0 + 1]
-                             + (1 - fx) * fy * self.images[k, y0 + 1, x0] + fx * fy * self.images[k, y0 + 1, x0 + 1])
-                if ti.static(use_min):
-                    if inside:  # a projection that does not see the voxel says nothing about it
-                        acc = ti.min(acc, value)
-                else:
-                    acc += value
-            if ti.static(use_min):
-                self.volume[i, j, l] = acc
-            else:
-                self.volume[i, j, l] = acc * self.dtype(self.splat_scale)
+                value, _ = self._sample(k, i, j, l)
+                acc += value
+            self.volume[i, j, l] = acc * self.dtype(self.splat_scale)
+
+    @ti.kernel
+    def _hull(self):
+        for i, j, l in self.volume:
+            lowest = self.dtype(1e30)
+            views = 0
+            for k in range(self.n_proj):
+                value, inside = self._sample(k, i, j, l)
+                if inside:  # a projection that does not see the voxel says nothing about it
+                    lowest = ti.min(lowest, value)
+                    views += 1
+            self.volume[i, j, l] = lowest
+            self.views[i, j, l] = views
+
+    def backproject(self, images: np.ndarray) -> np.ndarray:
+        """Aᵀ·images, the exact transpose of `project`."""
+        self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
+        self._backproject()
+        return self.volume.to_numpy()
+
+    def hull(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per voxel, in one pass: the minimum of the bilinear samples of ``images`` over the
+        projections that see the voxel (1e30 where none does; with masks for images, whether every
+        view that sees it covers it: a visual hull), and how many projections see it."""
+        self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
+        self._hull()
+        return self.volume.to_numpy(), self.views.to_numpy()
 
     def project(self, volume: np.ndarray) -> np.ndarray:
         """A·v: the (n, H, W) projections of ``volume`` (nx, ny, nz) in image units."""
         self.volume.from_numpy(np.ascontiguousarray(volume, dtype=self.np_dtype))
         self._project()
         return self.images.to_numpy()
-
-    def backproject(self, images: np.ndarray, reduction: str = "sum") -> np.ndarray:
-        """Aᵀ·images ('sum', the exact transpose of `project`) or the per-voxel minimum over the
-        projections that see the voxel of the bilinear samples ('min'; 1e30 where none does)."""
-        self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
-        self._backproject(reduction == "min")
-        return self.volume.to_numpy()
 
     def positions(self, index) -> np.ndarray:
         """World positions (Å) of voxel indices (M, 3)."""
