@@ -54,6 +54,16 @@ def test_hull_counts_the_views_and_keeps_what_every_view_covers(arch):
     assert np.all(covered[views == 0] == 1e30)
 
 
+def test_backprojection_in_a_region_is_the_whole_ones_there(arch):
+    projector = make_projector()
+    y = np.random.default_rng(2).normal(size=(projector.n_proj, 30, 34))
+    whole = projector.backproject(y)
+    region = ball(radius=3.5) > 0
+    part = projector.backproject(y, region)
+    assert np.array_equal(part[region], whole[region]) and np.all(part[~region] == 0)
+    assert np.array_equal(projector.backproject(y), whole)  # the next call without a region: everywhere
+
+
 def test_float64_projector_pair_is_adjoint_to_rounding(arch):
     # No exp or log here, so Vulkan runs float64 too where the device has 64-bit floats (lavapipe does).
     angles = np.arange(-60.0, 61.0, 10.0)

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.core.errors import InputError
 from engine.core.geometry import centre_index
-from engine.kernels.volume import local_maxima, projector_for, suppress_close
+from engine.kernels.volume import local_maxima, peak_window, projector_for, suppress_close
 
 
 # An extended specimen's atom outside the always-visible window must be seen by at least this many
@@ -52,12 +52,19 @@ class SeedVolumes:
 
     def set_geometry(self, geometry) -> None:
         """Recompute the support and the data's back-projection in ``geometry`` (after alignment moved)."""
+        from scipy import ndimage
+
         self.projector.set_geometry(geometry)
         self.support = self._support()
+        # Back-projections are read inside the support only (peaks, samples at atoms); the peak test
+        # also looks a peak window beyond it, so they are computed there too and nowhere else.
+        self.region = ndimage.maximum_filter(self.support, size=peak_window(self.d_min, self.projector.voxel))
         self.data_fbp = self.fbp(self.images)
 
     def fbp(self, images: np.ndarray) -> np.ndarray:
-        return self.projector.fbp(images)
+        """The filtered back-projection of ``images`` in the support and a peak window around it (0
+        elsewhere)."""
+        return self.projector.fbp(images, self.region)
 
     def _support(self) -> np.ndarray:
         """Visual hull: voxels whose projection lands on signal (the image smoothed over 2 px, above

@@ -52,6 +52,9 @@ class VoxelProjector:
         self.images = ti.field(self.dtype, (n_proj, self.height, self.width))
         self.volume = ti.field(self.dtype, self.grid_shape)
         self.views = ti.field(ti.i32, self.grid_shape)  # projections that see each voxel (`hull`)
+        self.region = ti.field(ti.i8, self.grid_shape)  # the voxels `backproject` computes
+        self.region.fill(1)
+        self._whole_region = True
 
     def set_geometry(self, geometry: TiltGeometry) -> None:
         self.rot.from_numpy(geometry.rotations.astype(self.np_dtype))
@@ -112,9 +115,10 @@ class VoxelProjector:
     def _backproject(self):
         for i, j, l in self.volume:
             acc = self.dtype(0.0)
-            for k in range(self.n_proj):
-                value, _ = self._sample(k, i, j, l)
-                acc += value
+            if self.region[i, j, l]:
+                for k in range(self.n_proj):
+                    value, _ = self._sample(k, i, j, l)
+                    acc += value
             self.volume[i, j, l] = acc * self.dtype(self.splat_scale)
 
     @ti.kernel
@@ -130,9 +134,16 @@ class VoxelProjector:
             self.volume[i, j, l] = lowest
             self.views[i, j, l] = views
 
-    def backproject(self, images: np.ndarray) -> np.ndarray:
-        """Aᵀ·images, the exact transpose of `project`."""
+    def backproject(self, images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+        """Aᵀ·images, the exact transpose of `project`; with ``region`` (a boolean grid), only at its
+        voxels (0 elsewhere): the work is the region's share of the grid."""
         self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
+        if region is not None:
+            self.region.from_numpy(np.asarray(region, dtype=np.int8))
+            self._whole_region = False
+        elif not self._whole_region:
+            self.region.fill(1)
+            self._whole_region = True
         self._backproject()
         return self.volume.to_numpy()
 
@@ -159,10 +170,11 @@ class VoxelProjector:
         idx = np.rint((np.asarray(positions) - self.origin) / self.voxel).astype(int)
         return np.clip(idx, 0, np.array(self.grid_shape) - 1)
 
-    def fbp(self, images: np.ndarray) -> np.ndarray:
-        """Filtered back-projection, density units (image units per Å)."""
+    def fbp(self, images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+        """Filtered back-projection, density units (image units per Å); only at the voxels of
+        ``region`` when given (`backproject`)."""
         filtered = ramp_filter(images, self.pixel_size)
-        return self.backproject(filtered) * (np.pi / self.n_proj) / self.splat_scale
+        return self.backproject(filtered, region) * (np.pi / self.n_proj) / self.splat_scale
 
     def sirt(self, images: np.ndarray, iterations: int = 50, relaxation: float = 1.0, nonnegative: bool = True,
              callback=None) -> np.ndarray:
@@ -213,14 +225,19 @@ def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dty
     return cache[key]
 
 
+def peak_window(separation: float, voxel: float) -> int:
+    """The side (voxels) of the cube within which a local maximum is the largest: ±separation/2 (Å)."""
+    return max(3, 2 * int(separation / 2 / voxel) + 1)
+
+
 def local_maxima(volume: np.ndarray, projector: VoxelProjector, separation: float, threshold: float,
                  mask: np.ndarray | None = None) -> tuple:
     """Voxels that are the maximum within ±separation/2 (Å), above ``threshold`` and inside ``mask``:
     their positions (Å) and values, brightest first."""
     from scipy import ndimage
 
-    size = max(3, 2 * int(separation / 2 / projector.voxel) + 1)
-    is_peak = (volume == ndimage.maximum_filter(volume, size=size)) & (volume > threshold)
+    is_peak = (volume == ndimage.maximum_filter(volume, size=peak_window(separation, projector.voxel)))
+    is_peak &= volume > threshold
     if mask is not None:
         is_peak &= mask
     idx = np.argwhere(is_peak)
