@@ -77,11 +77,12 @@ class SeedVolumes:
         mask = smooth > max(5 * smoothed_noise, 0.08 * smooth.max())
         mask = ndimage.binary_dilation(mask, iterations=int(math.ceil(self.d_min / self.pixel_size)),
                                        structure=ndimage.generate_binary_structure(3, 1)[1:2])
-        covered, views = self.projector.hull(mask.astype(np.float32))
-        # An atom's back-projection grows with the views that see it: peaks are compared per view.
-        self.view_fraction = np.maximum(views, 1) / len(mask)
+        views = self.projector.hull(mask.astype(np.float32))
+        # An atom's back-projection grows with the views that see it: peaks are compared per view
+        # (inside the hull; outside it, where no peak is taken, as if every view saw it).
+        self.view_fraction = np.where(views > 0, views, len(mask)) / len(mask)
         needed = MIN_VIEWS if self.extended else len(mask)
-        return (covered > 0.5) & (views >= needed)
+        return views >= needed
 
     def in_support(self, positions: np.ndarray) -> np.ndarray:
         bp = self.projector

@@ -30,8 +30,8 @@ class VoxelProjector:
     """Projects a voxel grid into n images and back-projects images onto the grid.
 
     grid_shape : (nx, ny, nz) voxels; origin : world position (Å) of voxel (0, 0, 0); voxel : edge (Å).
-    Back-projection sums (the transpose of `project`); `hull` takes the minimum instead (a voxel is
-    inside a visual hull only if every projection's mask covers it) and counts the views.
+    Back-projection sums (the transpose of `project`); `hull` tests masks instead (a voxel is inside
+    a visual hull only if every projection that sees it covers it) and counts the views.
     ``dtype``: ti.f32 (default) or ti.f64.
     """
 
@@ -122,17 +122,18 @@ class VoxelProjector:
             self.volume[i, j, l] = acc * self.dtype(self.splat_scale)
 
     @ti.kernel
-    def _hull(self):
+    def _hull(self, threshold: ti.f32):
         for i, j, l in self.volume:
-            lowest = self.dtype(1e30)
+            covered = 1
             views = 0
             for k in range(self.n_proj):
                 value, inside = self._sample(k, i, j, l)
                 if inside:  # a projection that does not see the voxel says nothing about it
-                    lowest = ti.min(lowest, value)
                     views += 1
-            self.volume[i, j, l] = lowest
-            self.views[i, j, l] = views
+                    if value <= threshold:
+                        covered = 0
+                        break  # outside the hull: its views are not needed
+            self.views[i, j, l] = views if covered else -1
 
     def backproject(self, images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
         """Aᵀ·images, the exact transpose of `project`; with ``region`` (a boolean grid), only at its
@@ -147,13 +148,13 @@ class VoxelProjector:
         self._backproject()
         return self.volume.to_numpy()
 
-    def hull(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per voxel, in one pass: the minimum of the bilinear samples of ``images`` over the
-        projections that see the voxel (1e30 where none does; with masks for images, whether every
-        view that sees it covers it: a visual hull), and how many projections see it."""
-        self.images.from_numpy(np.ascontiguousarray(images, dtype=self.np_dtype))
-        self._hull()
-        return self.volume.to_numpy(), self.views.to_numpy()
+    def hull(self, masks: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """The visual hull of ``masks`` (n, H, W), in one pass: per voxel, how many projections see
+        it where every one of them covers it (its bilinear sample of the mask above ``threshold``),
+        else −1 (outside the hull; a voxel no projection sees has 0 views)."""
+        self.images.from_numpy(np.ascontiguousarray(masks, dtype=self.np_dtype))
+        self._hull(threshold)
+        return self.views.to_numpy()
 
     def project(self, volume: np.ndarray) -> np.ndarray:
         """A·v: the (n, H, W) projections of ``volume`` (nx, ny, nz) in image units."""
