@@ -229,3 +229,40 @@ def test_hot_pixels_are_removed_and_atoms_kept():
     for r, c in changed:  # replaced by a value among its neighbours'
         ring = np.delete(image[r - 1:r + 2, c - 1:c + 2].ravel(), 4)
         assert ring.min() <= cleaned[r, c] <= ring.max()
+
+
+@pytest.mark.parametrize("kind", ["l2", "poisson"])
+def test_fused_step_is_the_separate_kernels_step(arch, kind, monkeypatch):
+    """The one-kernel step (engine.kernels.step, CPU only) moves atoms, Adam moments and offsets
+    exactly as the kernels launched one by one: bit for bit (the same loops in the same order)."""
+    if arch != "cpu":
+        pytest.skip("the fused step runs on the CPU only")
+    from engine.fit.problem import FitProblem, with_moments
+    from engine.kernels.atommodel import AtomProfile
+    from engine.kernels.projector import project_tilt_series
+
+    angles = np.linspace(-60, 60, 5)
+    geometry = TiltGeometry.from_tilt_angles(angles)
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(-1.5, 1.5, (6, 3))
+    images = project_tilt_series(truth, np.full(6, 0.4), np.full(6, 0.4), geometry, SHAPE, 0.3).astype(np.float64)
+    images += rng.normal(0, DATA.noise, images.shape)
+    start = with_moments({"pos": truth + rng.normal(0, 0.1, truth.shape), "amp": np.full(6, 0.3),
+                          "sigma": np.full(6, 0.5)})
+    lr = {"lr_position": 0.01, "lr_amplitude": 0.02, "lr_width": 0.02}
+    results = []
+    for fused in (True, False):
+        fit = FitProblem(images, geometry, 0.3, DATA, kind, GAIN, AtomProfile(), 1.0)
+        fit.upload(start)
+        assert fit._fusable(False)
+        if not fused:
+            monkeypatch.setattr(fit, "_fusable", lambda align: False)
+        for i in range(12):
+            fit.step(lr, np.arange(5) if i % 2 else np.array([0, 2, 4]), False, kind != "poisson", False)
+        results.append((fit.state(), fit.target.offsets()))
+        del fit
+    (fused, fused_offsets), (separate, separate_offsets) = results
+    for key in ("pos", "amp", "sigma", "m", "v"):
+        np.testing.assert_array_equal(fused[key], separate[key])
+    np.testing.assert_array_equal(fused_offsets, separate_offsets)
+    assert np.abs(fused["pos"] - start["pos"]).max() > 0.01  # the atoms did move

@@ -13,6 +13,7 @@ from engine.kernels.atommodel import AtomModel
 from engine.kernels.loss import FitTarget
 from engine.kernels.neighbours import NeighbourGrid
 from engine.kernels.projector import TiltSeriesProjector
+from engine.kernels.step import fused_step
 
 
 def with_moments(state: dict) -> dict:
@@ -84,8 +85,15 @@ class FitProblem:
         if self.projector.batch_size != len(batch) or not np.array_equal(self.projector.batch_numpy(), batch):
             self.projector.set_batch(batch)
         cloud = self.model.cloud
-        self.projector.forward(cloud)
+        self.projector.ensure_capacity(cloud.capacity)
         batch_scale = self.n_tilts / self.projector.batch_size
+        if self._fusable(align):
+            curvature = self.target.offset_curvature(batch_scale) if fit_offsets else 1.0
+            fused_step(self.projector, self.target, self.model, cloud, self.projector.pair_grad, cloud.count,
+                       self.model.count, self.projector.batch_size, batch_scale, fit_offsets, curvature,
+                       lr["lr_position"], lr["lr_amplitude"], lr["lr_width"])
+            return
+        self.projector.forward(cloud)
         self.target.residual(self.projector.batch_size, batch_scale)
         if fit_offsets:
             self.target.fit_offsets(self.projector.batch_size, batch_scale)
@@ -101,6 +109,13 @@ class FitProblem:
                 turn, translation, gain = self.refiner.fix_gauge()
                 self.model.transform(turn, translation, math.log(gain))
             self.apply_alignment()
+
+    def _fusable(self, align: bool) -> bool:
+        """Whether `step` can run as one kernel (`engine.kernels.step`): on the CPU (where launches
+        cost most; Taichi 1.7.4's SPIR-V code generator fails on the fused kernel), float32, no
+        alignment step, no repulsion, and every Gaussian in one slab of the adjoint scratch."""
+        return (self.projector.on_cpu and not align and self.grid is None and self.projector.np_dtype == np.float32
+                and self.model.cloud.count <= self.projector.slab)
 
     def apply_alignment(self) -> None:
         """Take the refiner's alignment into the projector's geometry and the loss's intensity scales."""

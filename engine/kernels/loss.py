@@ -127,8 +127,11 @@ class FitTarget:
         this way, exactly and without a learning rate, on the device."""
         if self.loss == "poisson":
             raise ValueError("offsets are fitted in closed form for the Gaussian losses only")
-        curvature = self.weight * self.height * self.width * batch_scale
-        _kernels(self.np_dtype.__name__)[2](self, self.batch, nb, curvature)
+        _kernels(self.np_dtype.__name__)[2](self, self.batch, nb, self.offset_curvature(batch_scale))
+
+    def offset_curvature(self, batch_scale: float) -> float:
+        """The curvature of the loss in one projection's offset (`fit_offsets`)."""
+        return self.weight * self.height * self.width * batch_scale
 
     @ti.func
     def _terms(self, image, k, r, c):
@@ -187,6 +190,49 @@ class FitTarget:
                 "rendered": self.rendered_sum.to_numpy().astype(np.float64)}
 
 
+@ti.func
+def residual_loops(target: ti.template(), image: ti.template(), image_grad: ti.template(), batch: ti.template(),
+                   nb, batch_scale):
+    """The `FitTarget.residual` loops, for kernels of their own and for a fused step
+    (`engine.kernels.step`)."""
+    if ti.static(target.on_cpu):
+        # One task per projection: the intensity gradients are sums over its pixels in a fixed
+        # order (identical run to run, no atomics).
+        for item in range(nb * CPU_TASK_SPREAD):
+            if item % CPU_TASK_SPREAD == 0:
+                k = batch[item // CPU_TASK_SPREAD]
+                gc = target.dtype(0.0)
+                gb = target.dtype(0.0)
+                total = target.dtype(0.0)
+                for r, c in ti.ndrange(target.height, target.row_blocks):
+                    dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
+                    gc += dc
+                    gb += db
+                    total += ds
+                target.grad_scale[k] = gc
+                target.grad_offset[k] = gb
+                target.rendered_sum[k] = total
+    else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
+        for b in range(nb):
+            target.grad_scale[batch[b]] = 0.0
+            target.grad_offset[batch[b]] = 0.0
+            target.rendered_sum[batch[b]] = 0.0
+        for b, r, c in ti.ndrange(nb, target.height, target.row_blocks):
+            k = batch[b]
+            dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
+            ti.atomic_add(target.grad_scale[k], dc)
+            ti.atomic_add(target.grad_offset[k], db)
+            ti.atomic_add(target.rendered_sum[k], ds)
+
+
+@ti.func
+def offset_loop(target: ti.template(), batch: ti.template(), nb, curvature):
+    """The `FitTarget.fit_offsets` Newton step of the batch's offsets."""
+    for b in range(nb):
+        k = batch[b]
+        target.intensity_offset[k] -= target.grad_offset[k] / curvature
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(dtype_name: str):
     """The residual and loss kernels for one float type ('float32' or 'float64'). Taichi fixes a
@@ -197,34 +243,7 @@ def _kernels(dtype_name: str):
     @ti.kernel
     def residual(target: ti.template(), image: ti.template(), image_grad: ti.template(), batch: ti.template(),
                  nb: ti.i32, batch_scale: dtype):
-        if ti.static(target.on_cpu):
-            # One task per projection: the intensity gradients are sums over its pixels in a fixed
-            # order (identical run to run, no atomics).
-            for item in range(nb * CPU_TASK_SPREAD):
-                if item % CPU_TASK_SPREAD == 0:
-                    k = batch[item // CPU_TASK_SPREAD]
-                    gc = dtype(0.0)
-                    gb = dtype(0.0)
-                    total = dtype(0.0)
-                    for r, c in ti.ndrange(target.height, target.row_blocks):
-                        dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
-                        gc += dc
-                        gb += db
-                        total += ds
-                    target.grad_scale[k] = gc
-                    target.grad_offset[k] = gb
-                    target.rendered_sum[k] = total
-        else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
-            for b in range(nb):
-                target.grad_scale[batch[b]] = 0.0
-                target.grad_offset[batch[b]] = 0.0
-                target.rendered_sum[batch[b]] = 0.0
-            for b, r, c in ti.ndrange(nb, target.height, target.row_blocks):
-                k = batch[b]
-                dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
-                ti.atomic_add(target.grad_scale[k], dc)
-                ti.atomic_add(target.grad_offset[k], db)
-                ti.atomic_add(target.rendered_sum[k], ds)
+        residual_loops(target, image, image_grad, batch, nb, batch_scale)
 
     @ti.kernel
     def loss(target: ti.template(), image: ti.template(), batch: ti.template(), nb: ti.i32):
@@ -241,8 +260,6 @@ def _kernels(dtype_name: str):
 
     @ti.kernel
     def newton_offsets(target: ti.template(), batch: ti.template(), nb: ti.i32, curvature: dtype):
-        for b in range(nb):
-            k = batch[b]
-            target.intensity_offset[k] -= target.grad_offset[k] / curvature
+        offset_loop(target, batch, nb, curvature)
 
     return residual, loss, newton_offsets

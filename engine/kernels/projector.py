@@ -357,6 +357,10 @@ class TiltSeriesProjector:
 
     @ti.kernel
     def _forward(self, cloud: ti.template(), image: ti.template(), batch: ti.template(), n: ti.i32, nb: ti.i32):
+        self.forward_loops(cloud, image, batch, n, nb)
+
+    @ti.func
+    def forward_loops(self, cloud: ti.template(), image: ti.template(), batch: ti.template(), n, nb):
         """Renders projections batch[0..nb) into ``image`` (packed, indexed by projection). The GPU path
         takes one thread per (projection, Gaussian) pair on purpose: Taichi 1.7.4 on Mesa's lavapipe
         loses atomics issued in loops nested inside parallel loops, so the atomics must sit in the
@@ -469,12 +473,22 @@ class TiltSeriesProjector:
 
     @ti.kernel
     def _backward_pairs(self, cloud: ti.template(), pairs: ti.template(), g0: ti.i32, ng: ti.i32, nb: ti.i32):
+        self.pair_loop(cloud, pairs, g0, ng, nb)
+
+    @ti.func
+    def pair_loop(self, cloud: ti.template(), pairs: ti.template(), g0, ng, nb):
+        """Each (projection, Gaussian) pair's gradient from dL/dimage, for Gaussians g0..g0+ng (a slab)."""
         for b, i in ti.ndrange(nb, ng):
             g = g0 + i
             pairs[b, g] = self._gather(self.batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g], b, i)
 
     @ti.kernel
     def _reduce_per_gaussian(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):
+        self.gaussian_reduction_loop(cloud, pairs, n, nb)
+
+    @ti.func
+    def gaussian_reduction_loop(self, cloud: ti.template(), pairs: ti.template(), n, nb):
+        """The pairs' gradients summed per Gaussian, in the world frame, into the cloud's grad_* fields."""
         for g in range(n):
             gp = ti.Vector.zero(self.dtype, 3)
             ga = self.dtype(0.0)
