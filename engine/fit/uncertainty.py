@@ -28,7 +28,7 @@ from engine.fit.evidence import occam_penalty, visible_volume
 from engine.fit.seeding import residual_dispersion
 from engine.kernels.evidence import LikelihoodGain
 
-COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
+COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "cov_xy", "cov_xz", "cov_yz", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
 COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
 MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
@@ -89,9 +89,19 @@ def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_
     gain, fisher, _, *cross = kernel.evaluate(positions, amplitudes, widths, pairs=pairs)
     covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
+    # The off-diagonal terms: an atom's 95 % ellipsoid is that of the whole 3×3 (eᵀ C⁻¹ e ≤ χ²₃),
+    # tilted wherever the tilt range pins some directions better than the axes.
     return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2],
+            "cov_xy": covariance[:, 0, 1], "cov_xz": covariance[:, 0, 2], "cov_yz": covariance[:, 1, 2],
             "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
             "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
+
+
+def covariance_of(columns: dict) -> np.ndarray:
+    """(N, 3, 3) Å² position covariance of each atom from its atoms.xyz columns (`COLUMNS`)."""
+    (xx, yy, zz), (xy, xz, yz) = ([columns[f"sigma_{a}"] ** 2 for a in "xyz"],
+                                  [columns[f"cov_{a}"] for a in ("xy", "xz", "yz")])
+    return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], -2)
 
 
 def summary(atoms, noise: dict | None = None) -> dict | None:
