@@ -9,6 +9,7 @@ import pytest
 
 from engine.core.errors import InputError
 from engine.evaluate.metrics import evaluate_atoms
+from engine.fit.uncertainty import covariance_of
 from engine.io.tiltseries import TiltSeries
 from engine.measure.datamodel import choose_noise_model
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
@@ -87,6 +88,7 @@ def test_every_atom_of_a_particle_at_20_counts_and_the_background_at_the_border(
     assert frame >= 1.0
     assert np.all(result.atoms.columns["significance"] > 0)
     assert np.all(np.isfinite(result.atoms.columns["sigma_z"])) and result.report["uncertainty"]["atoms_not_significant"] == 0
+    assert np.all(np.linalg.eigvalsh(covariance_of(result.atoms.columns)) > 0)  # the written 3 × 3 per atom
 
 
 def test_tied_and_per_atom_shapes_agree_at_high_dose(arch, particle, tmp_path):

@@ -13,6 +13,8 @@ from engine.evaluate.metrics import evaluate_atoms
 from engine.fit.outputs import write_outputs
 from engine.fit.reconstruct import Reconstruction
 from engine.fit.settings import fit_settings
+from engine.fit.uncertainty import covariance_of
+from engine.io.atoms import read_atoms
 from engine.physics.chemistry import minimum_distance
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
 from engine.physics.structures import build_structure
@@ -47,6 +49,11 @@ def test_small_particle_is_recovered_exactly(arch, small_particle, tmp_path):
     sigma = np.column_stack([atoms.columns[f"sigma_{a}"] for a in "xyz"])
     assert np.all(np.isfinite(sigma)) and np.all(sigma > 0) and np.all(atoms.columns["significance"] > 0)
     assert 0.5 < result["rmsd_pm"] / (100 * np.sqrt(np.mean(np.sum(sigma ** 2, axis=1)))) < 2.0
+    # The whole 3 × 3 per atom reaches atoms.xyz (σ and correlations): positive definite, as fitted.
+    written = read_atoms(tmp_path / "atoms.xyz").columns
+    covariance = covariance_of(written)
+    assert np.all(np.linalg.eigvalsh(covariance) > 0)
+    np.testing.assert_allclose(covariance, covariance_of(atoms.columns), rtol=1e-4, atol=1e-6 * covariance.max())
     assert report["uncertainty"]["median_sigma_pm"]["z"] > 0
 
 

@@ -99,6 +99,55 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
         np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * np.abs(fisher[i]).max())
 
 
+def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arch):
+    """atom_columns' σ and off-diagonal columns rebuild each atom's 3 × 3 position block of the
+    inverse joint information (all three atoms coupled: a NumPy float64 inverse of the kernel's
+    blocks); with tilts on one side of the beam x and z do correlate, so errors drawn from
+    those covariances fall inside the full-matrix 95 % ellipsoid 95 % of the time and the axes' σ
+    alone (Σ (e/σ)² ≤ χ²₃) would cover a different fraction."""
+    import importlib.util
+    from pathlib import Path
+
+    from engine.fit.uncertainty import atom_columns, covariance_of
+
+    dtype = np.float64 if supports_float64() else np.float32
+    g = TiltGeometry.from_tilt_angles([10.0, 25.0, 40.0, 55.0], axis_angle_deg=20.0)  # a wedge around 32°
+    profile = AtomProfile()
+    params = np.column_stack([ATOMS, LOG_AMP, LOG_WIDTH])
+    data = 2.0 + render(params, profile, g)
+    kernel = LikelihoodGain(TiltSeriesProjector(g, SHAPE, PIXEL, BLUR, dtype=dtype), "poisson", profile, free_shape=True)
+    kernel.set_counts(data)
+    kernel.set_model(data)
+    kernel.set_factor(FACTOR)
+    columns = atom_columns(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 100.0, 10.0)
+    pairs = np.array([[0, 1], [0, 2], [1, 2]])
+    _, fisher, _, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)
+    joint = np.zeros((15, 15))
+    for i in range(3):
+        joint[5 * i:5 * i + 5, 5 * i:5 * i + 5] = fisher[i]
+    for (i, j), block in zip(pairs, cross):
+        joint[5 * i:5 * i + 5, 5 * j:5 * j + 5], joint[5 * j:5 * j + 5, 5 * i:5 * i + 5] = block, block.T
+    inverse = np.linalg.inv(joint.astype(np.float64))
+    covariance = covariance_of(columns)
+    for i in range(3):
+        np.testing.assert_allclose(covariance[i], inverse[5 * i:5 * i + 3, 5 * i:5 * i + 3], rtol=1e-3 if dtype == np.float64 else 2e-2,
+                                   atol=1e-3 * inverse[5 * i, 5 * i])
+    sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
+    correlation = np.abs(covariance[:, 0, 2]) / (sigma[:, 0] * sigma[:, 2])
+    assert correlation.min() > 0.5  # x and z are correlated here: the wedge is not about the beam
+    spec = importlib.util.spec_from_file_location("uncertainty_check", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "uncertainty_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    rng = np.random.default_rng(0)
+    atom = int(np.argmax(correlation))
+    cov = np.repeat(covariance[atom][None], 20000, axis=0)
+    errors = rng.multivariate_normal(np.zeros(3), covariance[atom], size=len(cov))
+    scored = check.calibration(errors, np.repeat(sigma[atom][None], len(cov), axis=0), cov)
+    assert scored["coverage_95"] == pytest.approx(0.95, abs=0.005)
+    assert abs(scored["coverage_95_diagonal"] - 0.95) > 0.01
+
+
 def tiny_structure():
     from engine.io.atoms import Atoms
 

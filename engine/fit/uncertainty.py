@@ -28,7 +28,7 @@ from engine.fit.evidence import occam_penalty, visible_volume
 from engine.fit.seeding import residual_dispersion
 from engine.kernels.evidence import LikelihoodGain
 
-COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "pos_uncertainty", "significance")
+COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "corr_xy", "corr_xz", "corr_yz", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
 COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
 MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
@@ -89,9 +89,26 @@ def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_
     gain, fisher, _, *cross = kernel.evaluate(positions, amplitudes, widths, pairs=pairs)
     covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
-    return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2],
+    # The off-diagonal terms as correlations: an atom's 95 % ellipsoid is that of the whole 3×3
+    # (eᵀ C⁻¹ e ≤ χ²₃), and covariances of (pm)² would not survive extxyz's 8 decimals of Å².
+    with np.errstate(invalid="ignore"):
+        correlation = {f"corr_{'xyz'[a]}{'xyz'[b]}": np.nan_to_num(covariance[:, a, b] / (sigma[:, a] * sigma[:, b]),
+                                                                   nan=0.0, posinf=0.0, neginf=0.0)
+                       for a, b in ((0, 1), (0, 2), (1, 2))}
+    return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2], **correlation,
             "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
             "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
+
+
+def covariance_of(columns: dict) -> np.ndarray:
+    """(N, 3, 3) Å² position covariance of each atom from its atoms.xyz columns (`COLUMNS`):
+    C_ab = corr_ab σ_a σ_b."""
+    sigma = np.column_stack([columns[f"sigma_{a}"] for a in "xyz"])
+    correlation = np.repeat(np.eye(3)[None], len(sigma), axis=0)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        correlation[:, a, b] = correlation[:, b, a] = columns[f"corr_{'xyz'[a]}{'xyz'[b]}"]
+    with np.errstate(invalid="ignore"):  # an atom the data do not pin (σ infinite) stays so
+        return np.where(correlation == 0, 0.0, correlation * sigma[:, :, None] * sigma[:, None, :])
 
 
 def summary(atoms, noise: dict | None = None) -> dict | None:
@@ -113,8 +130,11 @@ def summary(atoms, noise: dict | None = None) -> dict | None:
             "least_certain": listing(np.argsort(-np.where(finite, c["pos_uncertainty"], np.inf)), "pos_uncertainty"),
             "weakest": listing(np.argsort(c["significance"]), "significance"),
             "noise": noise,
+            "columns": "atoms.xyz: sigma_x, sigma_y, sigma_z (Å) and corr_xy, corr_xz, corr_yz (the correlations "
+                       "of the position errors): covariance C_ab = corr_ab sigma_a sigma_b; the atom's 95 % "
+                       "ellipsoid is e^T C^-1 e <= 7.815",
             "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
-                        "alignment parameters"}
+                        "alignment parameters; the bias of a misfitting atom profile (not a variance)"}
 
 
 def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:

@@ -41,6 +41,9 @@ KNOWN_COLUMNS = {
     "sigma_x": "1-sigma position uncertainty along x (Cramér-Rao bound of the fit's likelihood), Å",
     "sigma_y": "1-sigma position uncertainty along y, Å",
     "sigma_z": "1-sigma position uncertainty along z, Å",
+    "corr_xy": "correlation of the x and y position errors (the covariance is corr_xy sigma_x sigma_y, Å^2)",
+    "corr_xz": "correlation of the x and z position errors",
+    "corr_yz": "correlation of the y and z position errors",
     "significance": "log-likelihood gain of the atom over its Occam penalty, nats (> 0: the data support it)",
     "inside": "1: seen by every projection (the always-visible window), 0: in the margin of an extended specimen",
 }
