@@ -19,6 +19,9 @@ from engine.kernels.adam import adam_direction
 from engine.kernels.projector import GaussianCloud
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 2.5  # Å
+PACKED = {"pos": slice(0, 3), "log_amp": 3, "log_sigma": 4, "m": slice(5, 10), "v": slice(10, 15), "age": 15}
+"""Columns of an atom's row in `AtomModel.packed` (the step count `age` as a float: exact below 2²⁴)."""
+PACKED_WIDTH = 16
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = math.log(SIGMA_MIN), math.log(SIGMA_MAX)
 
 
@@ -59,6 +62,9 @@ class AtomModel:
         self.v = ti.Vector.field(5, dtype, self.capacity)
         self.age = ti.field(ti.i32, self.capacity)
         self.moved = ti.field(dtype, self.capacity)  # Å each atom moved in the last Adam step
+        # The whole state of an atom in one row (`PACKED`), so the host reads or writes it in one
+        # transfer each way (a density round) instead of one per field.
+        self.packed = ti.Vector.field(PACKED_WIDTH, dtype, self.capacity)
 
     @property
     def numpy_dtype(self):
@@ -71,30 +77,47 @@ class AtomModel:
         n = len(state["pos"])
         if n > self.capacity:
             raise ValueError(f"{n} atoms exceed the model's capacity {self.capacity}")
-        pad = self.capacity - n
-
-        def padded(a):
-            a = np.asarray(a, dtype=self.numpy_dtype)
-            return np.pad(a, ((0, pad),) + (((0, 0),) if a.ndim == 2 else ()))
-
-        self.pos.from_numpy(padded(state["pos"]))
-        self.log_amp.from_numpy(padded(np.log(np.maximum(state["amp"], 1e-30))))
-        self.log_sigma.from_numpy(padded(np.log(np.clip(state["sigma"], SIGMA_MIN, SIGMA_MAX))))
-        self.m.from_numpy(padded(state.get("m", np.zeros((n, 5)))))
-        self.v.from_numpy(padded(state.get("v", np.zeros((n, 5)))))
-        self.age.from_numpy(np.pad(np.asarray(state.get("age", np.zeros(n)), np.int32), (0, pad)))
+        rows = np.zeros((self.capacity, PACKED_WIDTH))
+        rows[:n, PACKED["pos"]] = state["pos"]
+        rows[:n, PACKED["log_amp"]] = np.log(np.maximum(state["amp"], 1e-30))
+        rows[:n, PACKED["log_sigma"]] = np.log(np.clip(state["sigma"], SIGMA_MIN, SIGMA_MAX))
+        rows[:n, PACKED["m"]] = state.get("m", 0.0)
+        rows[:n, PACKED["v"]] = state.get("v", 0.0)
+        rows[:n, PACKED["age"]] = state.get("age", 0)
+        self.packed.from_numpy(rows.astype(self.numpy_dtype))
         self.count = n
         self.cloud.count = n * self.profile.components
-        self._to_cloud(self.cloud, n)
+        self._unpack(self.cloud, n)
 
     def get_state(self) -> dict:
-        """The live atoms as NumPy float64 arrays (pos, amp, sigma, m, v)."""
+        """The live atoms as NumPy float64 arrays (pos, amp, sigma, m, v) and int64 step counts (age)."""
         n = self.count
-        return {"pos": self.pos.to_numpy()[:n].astype(np.float64),
-                "amp": np.exp(self.log_amp.to_numpy()[:n].astype(np.float64)),
-                "sigma": np.clip(np.exp(self.log_sigma.to_numpy()[:n].astype(np.float64)), SIGMA_MIN, SIGMA_MAX),
-                "m": self.m.to_numpy()[:n].astype(np.float64), "v": self.v.to_numpy()[:n].astype(np.float64),
-                "age": self.age.to_numpy()[:n].astype(np.int64)}
+        self._pack(n)
+        rows = self.packed.to_numpy()[:n].astype(np.float64)
+        return {"pos": rows[:, PACKED["pos"]], "amp": np.exp(rows[:, PACKED["log_amp"]]),
+                "sigma": np.clip(np.exp(rows[:, PACKED["log_sigma"]]), SIGMA_MIN, SIGMA_MAX),
+                "m": rows[:, PACKED["m"]], "v": rows[:, PACKED["v"]], "age": rows[:, PACKED["age"]].astype(np.int64)}
+
+    @ti.kernel
+    def _pack(self, n: ti.i32):
+        for i in range(n):
+            p, m, v = self.pos[i], self.m[i], self.v[i]
+            self.packed[i] = ti.Vector([p[0], p[1], p[2], self.log_amp[i], self.log_sigma[i],
+                                        m[0], m[1], m[2], m[3], m[4], v[0], v[1], v[2], v[3], v[4],
+                                        ti.cast(self.age[i], self.dtype)])
+
+    @ti.kernel
+    def _unpack(self, cloud: ti.template(), n: ti.i32):
+        for i in range(self.capacity):  # the padding rows too: what lies beyond ``n`` is zero
+            row = self.packed[i]
+            self.pos[i] = ti.Vector([row[0], row[1], row[2]])
+            self.log_amp[i] = row[3]
+            self.log_sigma[i] = row[4]
+            self.m[i] = ti.Vector([row[5], row[6], row[7], row[8], row[9]])
+            self.v[i] = ti.Vector([row[10], row[11], row[12], row[13], row[14]])
+            self.age[i] = ti.cast(row[15], ti.i32)
+            if i < n:
+                self._render(cloud, i, n)
 
     # ------------------------------------------------------------------ kernels
     @ti.func
@@ -106,11 +129,6 @@ class AtomModel:
             cloud.pos[k * n + i] = self.pos[i]
             cloud.amp[k * n + i] = amp * self.dtype(ti.static(self.profile.weights[k]))
             cloud.sigma[k * n + i] = ti.sqrt(sigma * sigma + self.dtype(ti.static(self.profile.extra_var[k])))
-
-    @ti.kernel
-    def _to_cloud(self, cloud: ti.template(), n: ti.i32):
-        for i in range(n):
-            self._render(cloud, i, n)
 
 
     @ti.kernel
