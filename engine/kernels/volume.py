@@ -200,12 +200,14 @@ class VoxelProjector:
 def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
     """Filter each image row along x' (perpendicular to the tilt axis +y) with a Hann-windowed ramp
     |f| (f in cycles per Å)."""
+    from scipy import fft  # numpy's FFT runs on one core; scipy's takes every one (`workers`)
+
     n = images.shape[-1]
     pad = 1 << int(math.ceil(math.log2(2 * n)))
     freq = np.fft.rfftfreq(pad, d=pixel_size)
     window = 0.5 * (1 + np.cos(np.pi * freq / freq[-1]))
-    filtered = np.fft.irfft(np.fft.rfft(images, n=pad, axis=-1) * (freq * window), n=pad, axis=-1)
-    return filtered[..., :n]
+    spectrum = fft.rfft(images, n=pad, axis=-1, workers=-1) * (freq * window)
+    return fft.irfft(spectrum, n=pad, axis=-1, workers=-1)[..., :n]
 
 
 def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dtype=ti.f32,
