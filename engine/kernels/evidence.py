@@ -101,107 +101,84 @@ class LikelihoodGain:
                                          .astype(self.np_dtype))
 
     @ti.func
-    def _atom_terms(self, proj, k, col, row, r, c, a, sig, s2):
-        """(c, ∇c) of an atom centred at (col, row) px in projection k at pixel (r, c), exp evaluated
-        directly: a partner atom's terms inside the first atom's footprint walk."""
-        weights = ti.static(self.weights)
+    def _footprint(self, proj, k, p, a, sig):
+        """An atom's footprint in projection k: its centre (col, row) and pixel box (the projector's,
+        of the widest component), and per component s² (px²) and peak value f_k a w_j / 2π s_j²."""
         ps = self.dtype(self.pixel_size)
-        dx, dy = c - col, r - row
-        atom = self.dtype(0.0)
-        radial = self.dtype(0.0)
-        widening = self.dtype(0.0)
-        for j in ti.static(range(len(weights))):
-            cj = (self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
-                  * ti.exp(-(dx * dx + dy * dy) * 0.5 / s2[j]))
-            atom += cj
-            radial += cj / s2[j]
-            widening += cj * ((dx * dx + dy * dy) * 0.5 / s2[j] - 1.0) / s2[j]
-        return ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+        widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
+        col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
+        s2 = ti.Vector([(sig * sig + self.dtype(extra + proj.blur_sigma ** 2)) / (ps * ps)
+                        for extra in ti.static(self.extras)])
+        peak = ti.Vector([self.dtype(w / (2.0 * math.pi)) for w in ti.static(self.weights)]) * (
+            self.factor[k] * a / (ps * ps)) / s2
+        return col, row, c_lo, c_hi, r_lo, r_hi, s2, peak
 
     @ti.func
-    def _widths(self, proj, sig):
-        """Per component s² (px²) of an atom of width σ (Å) under the projector's blur."""
+    def _derivatives(self, c, s2, dx, dy, sig):
+        """∇c = (∂u, ∂v per Å, ∂log a, ∂log σ) of an atom whose components are c (vector) at offset
+        (dx, dy) px from its centre."""
         ps = self.dtype(self.pixel_size)
-        return ti.Vector([(sig * sig + self.dtype(self.extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-                          for j in ti.static(range(len(self.weights)))])
+        radial = (c / s2).sum()  # ∂c/∂u = radial · dx
+        widening = (c * ((dx * dx + dy * dy) * 0.5 / s2 - 1.0) / s2).sum()  # ∂c/∂(s² in px²)
+        return ti.Vector([radial * dx / ps, radial * dy / ps, c.sum(), widening * 2.0 * sig * sig / (ps * ps)])
 
     @ti.kernel
     def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
         """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
         Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
-        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ), over the atom's footprint;
-        `evaluate` maps them to the world frame. One thread per (entry, projection), each writing
-        its own slot."""
-        weights = ti.static(self.weights)
-        K = ti.static(len(weights))
-        ps = self.dtype(self.pixel_size)
+        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ); `evaluate` maps them to the
+        world frame. The walk covers the pixels both footprints share (the whole footprint for an
+        atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
+        (entry, projection), each writing its own slot."""
         for i, k in ti.ndrange(n, self.n_proj):
-            p, a, sig = self.pos[i], self.amp[i], self.sigma[i]
-            same = self.partner_is_self[i]
-            widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
-            col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
-            s2 = self._widths(proj, sig)
-            inv2s2 = 0.5 / s2
-            step = ti.exp(-2.0 * inv2s2)
-            peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
-                              for j in ti.static(range(K))])
-            # The partner: its centre, widths, and whether its footprint reaches this one at all.
-            partner_sig, partner_amp = self.partner_sigma[i], self.partner_amp[i]
-            partner_widest = ti.sqrt(partner_sig * partner_sig + self.dtype(self.widest_extra))
-            pcol, prow, ps2_max, _, _, _, _, _, _ = proj._footprint(k, self.partner_pos[i], partner_widest)
-            s2_max = (widest * widest + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-            reach = self.dtype(TRUNCATION_RADIUS_SIGMAS) * (ti.sqrt(s2_max) + ti.sqrt(ps2_max))
-            touches = same == 1 or (col - pcol) ** 2 + (row - prow) ** 2 < reach * reach
-            partner_s2 = self._widths(proj, partner_sig)
-            out = ti.Vector.zero(self.dtype, MOMENTS)
+            sig, partner_sig = self.sigma[i], self.partner_sigma[i]
+            own = self.partner_is_self[i] == 1
+            col, row, c_lo, c_hi, r_lo, r_hi, s2, peak = self._footprint(proj, k, self.pos[i], self.amp[i], sig)
+            pcol, prow, pc_lo, pc_hi, pr_lo, pr_hi, ps2, ppeak = self._footprint(
+                proj, k, self.partner_pos[i], self.partner_amp[i], partner_sig)
+            c_lo, c_hi, r_lo, r_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi), ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi)
+            inv2s2, pinv2s2 = 0.5 / s2, 0.5 / ps2
+            step, pstep = ti.exp(-2.0 * inv2s2), ti.exp(-2.0 * pinv2s2)
+            ey, qy = proj._walk_start(r_lo - row, inv2s2)
+            pey, pqy = proj._walk_start(r_lo - prow, pinv2s2)
+            ex0, qx0 = proj._walk_start(c_lo - col, inv2s2)
+            pex0, pqx0 = proj._walk_start(c_lo - pcol, pinv2s2)
+            block = ti.Matrix.zero(self.dtype, 4, 4)
+            score = ti.Vector.zero(self.dtype, 4)
             total = self.dtype(0.0)
-            ex0 = ti.Vector.zero(self.dtype, K)
-            qx0 = ti.Vector.zero(self.dtype, K)
-            for j in ti.static(range(K)):
-                e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
-                ex0[j] = e0
-                qx0[j] = q0
-            if not touches:
-                r_hi = r_lo - 1  # nothing shared: an empty walk
             for r in range(r_lo, r_hi + 1):
-                dy = r - row
-                ey = ti.exp(-dy * dy * inv2s2)
-                ex, qx = ex0, qx0
+                dy, pdy = r - row, r - prow
+                ry = peak * proj._gaussian(dy, inv2s2, ey)
+                pry = ppeak * proj._gaussian(pdy, pinv2s2, pey)
+                ey, qy, pey, pqy = ey * qy, qy * step, pey * pqy, pqy * pstep
+                ex, qx, pex, pqx = ex0, qx0, pex0, pqx0
                 for c in range(c_lo, c_hi + 1):
-                    dx = c - col
-                    atom = self.dtype(0.0)
-                    radial = self.dtype(0.0)  # Σ_j c_j / s_j²: ∂c/∂u = radial · dx
-                    widening = self.dtype(0.0)  # Σ_j c_j (d²/2s_j⁴ − 1/s_j²) = ∂c/∂(s² in px²)
-                    for j in ti.static(range(K)):
-                        cj = peak[j] * ey[j] * proj._gaussian(dx, inv2s2[j], ex[j])
-                        ex[j] *= qx[j]
-                        qx[j] *= step[j]
-                        atom += cj
-                        radial += cj / s2[j]
-                        widening += cj * ((dx * dx + dy * dy) * inv2s2[j] - 1.0) / s2[j]
+                    dx, pdx = c - col, c - pcol
+                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), s2, dx, dy, sig)
+                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), ps2, pdx, pdy, partner_sig)
+                    ex, qx, pex, pqx = ex * qx, qx * step, pex * pqx, pqx * pstep
+                    atom = g[2]
                     lam = self.model[k, r, c]
                     y = self.data[k, r, c]
                     with_atom = lam + atom if add else lam
-                    weight = self.dtype(0.0)
+                    weight = self.dtype(1.0)  # Gaussian: 1/v_k, applied once after the walk
                     if ti.static(self.noise == "poisson"):
                         with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
                         without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
                         total -= with_atom - without
-                        if y > 0.0:
+                        if own and y > 0.0:
                             total += y * ti.log(with_atom / without)
                         weight = 1.0 / with_atom
                     else:
-                        weight = self.inverse_variance[k]
-                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
-                    g = ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
-                    h = g
-                    if same == 0:
-                        h = self._atom_terms(proj, k, pcol, prow, r, c, partner_amp, partner_sig, partner_s2)
+                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5
                     wg = weight * g
-                    out += ti.Vector([wg[a_] * h[b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
-                                     + [(y - with_atom) * wg[a_] for a_ in ti.static(range(4))] + [0.0])
-            out[MOMENTS - 1] = total
-            self.moments[i, k] = out
+                    block += wg.outer_product(h)
+                    score += (y - with_atom) * wg
+            if ti.static(self.noise != "poisson"):
+                block, score, total = block * self.inverse_variance[k], score * self.inverse_variance[k], \
+                    total * self.inverse_variance[k]
+            self.moments[i, k] = ti.Vector([block[a_, b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
+                                           + [score[a_] for a_ in ti.static(range(4))] + [total])
 
     def _world_frame(self) -> np.ndarray:
         """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
