@@ -66,42 +66,29 @@ class LikelihoodGain:
         self.pixel_size = projector.pixel_size
         self.dtype, self.np_dtype = projector.dtype, projector.np_dtype
         self.capacity = int(capacity)
-        shape = (self.n_proj, self.height, self.width)
-        self.model = ti.field(self.dtype, shape)
-        self.data = ti.field(self.dtype, shape)
-        self.factor = ti.field(self.dtype, self.n_proj)
-        self.inverse_variance = ti.field(self.dtype, self.n_proj)
-        # Entries: an atom and a partner (itself for its own block, a neighbour for a cross block).
-        self.pos = ti.Vector.field(3, self.dtype, self.capacity)
-        self.amp = ti.field(self.dtype, self.capacity)
-        self.sigma = ti.field(self.dtype, self.capacity)
-        self.partner_pos = ti.Vector.field(3, self.dtype, self.capacity)
-        self.partner_amp = ti.field(self.dtype, self.capacity)
-        self.partner_sigma = ti.field(self.dtype, self.capacity)
-        self.partner_is_self = ti.field(ti.i32, self.capacity)
-        self.moments = ti.Vector.field(MOMENTS, self.dtype, (self.capacity, self.n_proj))
-        self.set_factor(np.ones(self.n_proj))
-        self.set_noise_variance(np.ones(self.n_proj))
+        # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
+        # per instance beyond the kernel itself).
+        self.model = self.data = None
+        self.per_projection = np.ones((self.n_proj, 2), self.np_dtype)  # f_k, 1/v_k
 
     def set_counts(self, data: np.ndarray) -> None:
         """The measured data y (n, H, W): counts (Poisson) or image units (Gaussian)."""
-        self.data.from_numpy(np.ascontiguousarray(data, self.np_dtype))
+        self.data = np.ascontiguousarray(data, self.np_dtype)
 
     def set_model(self, expected: np.ndarray) -> None:
         """The model m (n, H, W) that gains are measured against, in the data's units."""
-        self.model.from_numpy(np.ascontiguousarray(expected, self.np_dtype))
+        self.model = np.ascontiguousarray(expected, self.np_dtype)
 
     def set_factor(self, factor) -> None:
         """f_k (n,): what an atom's rendering is multiplied by in projection k (default 1)."""
-        self.factor.from_numpy(np.broadcast_to(np.asarray(factor, self.np_dtype), (self.n_proj,)).copy())
+        self.per_projection[:, 0] = np.broadcast_to(np.asarray(factor, np.float64), (self.n_proj,))
 
     def set_noise_variance(self, variance) -> None:
         """The Gaussian noise variance v_k (n,) per projection, in the data's units squared."""
-        self.inverse_variance.from_numpy(1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
-                                         .astype(self.np_dtype))
+        self.per_projection[:, 1] = 1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
 
     @ti.func
-    def _footprint(self, proj, k, p, a, sig):
+    def _footprint(self, proj, k, p, a, sig, factor):
         """An atom's footprint in projection k: its centre (col, row) and pixel box (the projector's,
         of the widest component), and per component s² (px²) and peak value f_k a w_j / 2π s_j²."""
         ps = self.dtype(self.pixel_size)
@@ -110,7 +97,7 @@ class LikelihoodGain:
         s2 = ti.Vector([(sig * sig + self.dtype(extra + proj.blur_sigma ** 2)) / (ps * ps)
                         for extra in ti.static(self.extras)])
         peak = ti.Vector([self.dtype(w / (2.0 * math.pi)) for w in ti.static(self.weights)]) * (
-            self.factor[k] * a / (ps * ps)) / s2
+            factor * a / (ps * ps)) / s2
         return col, row, c_lo, c_hi, r_lo, r_hi, s2, peak
 
     @ti.func
@@ -123,19 +110,24 @@ class LikelihoodGain:
         return ti.Vector([radial * dx / ps, radial * dy / ps, c.sum(), widening * 2.0 * sig * sig / (ps * ps)])
 
     @ti.kernel
-    def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
+    def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
+             model: ti.types.ndarray(), data: ti.types.ndarray(), per_projection: ti.types.ndarray(),
+             moments: ti.types.ndarray(), add: ti.i32):
         """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
         Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
         Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ); `evaluate` maps them to the
         world frame. The walk covers the pixels both footprints share (the whole footprint for an
         atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
         (entry, projection), each writing its own slot."""
-        for i, k in ti.ndrange(n, self.n_proj):
-            sig, partner_sig = self.sigma[i], self.partner_sigma[i]
-            own = self.partner_is_self[i] == 1
-            col, row, c_lo, c_hi, r_lo, r_hi, s2, peak = self._footprint(proj, k, self.pos[i], self.amp[i], sig)
+        for e, k in ti.ndrange(entries.shape[0], self.n_proj):
+            i, j = entries[e, 0], entries[e, 1]
+            own = i == j
+            sig, partner_sig = atoms[i, 4], atoms[j, 4]
+            col, row, c_lo, c_hi, r_lo, r_hi, s2, peak = self._footprint(
+                proj, k, ti.Vector([atoms[i, 0], atoms[i, 1], atoms[i, 2]]), atoms[i, 3], sig, per_projection[k, 0])
             pcol, prow, pc_lo, pc_hi, pr_lo, pr_hi, ps2, ppeak = self._footprint(
-                proj, k, self.partner_pos[i], self.partner_amp[i], partner_sig)
+                proj, k, ti.Vector([atoms[j, 0], atoms[j, 1], atoms[j, 2]]), atoms[j, 3], partner_sig,
+                per_projection[k, 0])
             c_lo, c_hi, r_lo, r_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi), ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi)
             inv2s2, pinv2s2 = 0.5 / s2, 0.5 / ps2
             step, pstep = ti.exp(-2.0 * inv2s2), ti.exp(-2.0 * pinv2s2)
@@ -158,8 +150,8 @@ class LikelihoodGain:
                     h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), ps2, pdx, pdy, partner_sig)
                     ex, qx, pex, pqx = ex * qx, qx * step, pex * pqx, pqx * pstep
                     atom = g[2]
-                    lam = self.model[k, r, c]
-                    y = self.data[k, r, c]
+                    lam = model[k, r, c]
+                    y = data[k, r, c]
                     with_atom = lam + atom if add else lam
                     weight = self.dtype(1.0)  # Gaussian: 1/v_k, applied once after the walk
                     if ti.static(self.noise == "poisson"):
@@ -175,10 +167,13 @@ class LikelihoodGain:
                     block += wg.outer_product(h)
                     score += (y - with_atom) * wg
             if ti.static(self.noise != "poisson"):
-                block, score, total = block * self.inverse_variance[k], score * self.inverse_variance[k], \
-                    total * self.inverse_variance[k]
-            self.moments[i, k] = ti.Vector([block[a_, b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
-                                           + [score[a_] for a_ in ti.static(range(4))] + [total])
+                block, score, total = block * per_projection[k, 1], score * per_projection[k, 1], \
+                    total * per_projection[k, 1]
+            for a_ in ti.static(range(4)):
+                for b_ in ti.static(range(4)):
+                    moments[e, k, 4 * a_ + b_] = block[a_, b_]
+                moments[e, k, 16 + a_] = score[a_]
+            moments[e, k, MOMENTS - 1] = total
 
     def _world_frame(self) -> np.ndarray:
         """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
@@ -190,21 +185,18 @@ class LikelihoodGain:
             t[:, 3, 2] = t[:, 4, 3] = 1.0
         return t
 
-    def _launch(self, first, second, positions, amplitudes, widths, add: bool) -> np.ndarray:
-        """Moments (E, n, MOMENTS) of the entries (atom ``first[e]``, partner ``second[e]``)."""
-        moments = np.zeros((len(first), self.n_proj, MOMENTS))
-        for start in range(0, len(first), self.capacity):
-            stop = min(start + self.capacity, len(first))
-            pad = self.capacity - (stop - start)
-            for fields, index in (((self.pos, self.amp, self.sigma), first[start:stop]),
-                                  ((self.partner_pos, self.partner_amp, self.partner_sigma), second[start:stop])):
-                fields[0].from_numpy(np.pad(positions[index], ((0, pad), (0, 0))).astype(self.np_dtype))
-                fields[1].from_numpy(np.pad(amplitudes[index], (0, pad)).astype(self.np_dtype))
-                fields[2].from_numpy(np.pad(widths[index], (0, pad), constant_values=1.0).astype(self.np_dtype))
-            self.partner_is_self.from_numpy(np.pad(first[start:stop] == second[start:stop], (0, pad)).astype(np.int32))
-            self._run(self.projector, stop - start, 1 if add else 0)
-            moments[start:stop] = self.moments.to_numpy()[:stop - start]
-        return moments
+    def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> np.ndarray:
+        """Moments (E, n, MOMENTS) of the entries (E, 2): atom ``entries[e, 0]``, partner ``entries[e, 1]``
+        of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries per launch."""
+        if self.model is None or self.data is None:
+            raise RuntimeError("set_model and set_counts first")
+        moments = np.zeros((len(entries), self.n_proj, MOMENTS), self.np_dtype)
+        atoms = np.ascontiguousarray(atoms, self.np_dtype)
+        for start in range(0, len(entries), self.capacity):
+            stop = min(start + self.capacity, len(entries))
+            self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
+                      self.data, self.per_projection, moments[start:stop], 1 if add else 0)
+        return moments.astype(np.float64)
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
@@ -218,8 +210,8 @@ class LikelihoodGain:
         widths = np.broadcast_to(np.asarray(widths, np.float64), (n,))
         atoms = np.arange(n)
         pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
-        moments = self._launch(np.concatenate([atoms, pairs[:, 0]]), np.concatenate([atoms, pairs[:, 1]]),
-                               positions, amplitudes, widths, add)
+        entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
+        moments = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
         t = self._world_frame()
         blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t,
                            optimize=True)
