@@ -101,13 +101,17 @@ class LikelihoodGain:
         return col, row, c_lo, c_hi, r_lo, r_hi, s2, peak
 
     @ti.func
-    def _derivatives(self, c, s2, dx, dy, sig):
-        """∇c = (∂u, ∂v per Å, ∂log a, ∂log σ) of an atom whose components are c (vector) at offset
-        (dx, dy) px from its centre."""
+    def _derivatives(self, c, inv_s2, inv2s2, dx, dy):
+        """(∂u · ps, ∂v · ps, ∂log a, ∂s²) of an atom whose components are c (vector) at offset (dx, dy)
+        px from its centre, s² in px² (`_units` turns them into per Å and per log σ)."""
+        radial = c * inv_s2  # per component: ∂c/∂u = radial · dx
+        return ti.Vector([radial.sum() * dx, radial.sum() * dy, c.sum(), (radial * ((dx * dx + dy * dy) * inv2s2 - 1.0)).sum()])
+
+    @ti.func
+    def _units(self, sig):
+        """What `_derivatives` are multiplied by: 1/ps for the position (px → Å) and ∂s²/∂log σ = 2σ²/ps²."""
         ps = self.dtype(self.pixel_size)
-        radial = (c / s2).sum()  # ∂c/∂u = radial · dx
-        widening = (c * ((dx * dx + dy * dy) * 0.5 / s2 - 1.0) / s2).sum()  # ∂c/∂(s² in px²)
-        return ti.Vector([radial * dx / ps, radial * dy / ps, c.sum(), widening * 2.0 * sig * sig / (ps * ps)])
+        return ti.Vector([1.0 / ps, 1.0 / ps, 1.0, 2.0 * sig * sig / (ps * ps)])
 
     @ti.kernel
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
@@ -129,7 +133,8 @@ class LikelihoodGain:
                 proj, k, ti.Vector([atoms[j, 0], atoms[j, 1], atoms[j, 2]]), atoms[j, 3], partner_sig,
                 per_projection[k, 0])
             c_lo, c_hi, r_lo, r_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi), ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi)
-            inv2s2, pinv2s2 = 0.5 / s2, 0.5 / ps2
+            inv_s2, pinv_s2 = 1.0 / s2, 1.0 / ps2
+            inv2s2, pinv2s2 = 0.5 * inv_s2, 0.5 * pinv_s2
             step, pstep = ti.exp(-2.0 * inv2s2), ti.exp(-2.0 * pinv2s2)
             ey, qy = proj._walk_start(r_lo - row, inv2s2)
             pey, pqy = proj._walk_start(r_lo - prow, pinv2s2)
@@ -146,8 +151,8 @@ class LikelihoodGain:
                 ex, qx, pex, pqx = ex0, qx0, pex0, pqx0
                 for c in range(c_lo, c_hi + 1):
                     dx, pdx = c - col, c - pcol
-                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), s2, dx, dy, sig)
-                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), ps2, pdx, pdy, partner_sig)
+                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), inv_s2, inv2s2, dx, dy)
+                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), pinv_s2, pinv2s2, pdx, pdy)
                     ex, qx, pex, pqx = ex * qx, qx * step, pex * pqx, pqx * pstep
                     atom = g[2]
                     lam = model[k, r, c]
@@ -166,6 +171,9 @@ class LikelihoodGain:
                     wg = weight * g
                     block += wg.outer_product(h)
                     score += (y - with_atom) * wg
+            units, partner_units = self._units(sig), self._units(partner_sig)
+            block = block * units.outer_product(partner_units)
+            score = score * units
             if ti.static(self.noise != "poisson"):
                 block, score, total = block * per_projection[k, 1], score * per_projection[k, 1], \
                     total * per_projection[k, 1]
