@@ -69,7 +69,8 @@ class LikelihoodGain:
         # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
         # per instance beyond the kernel itself).
         self.model = self.data = None
-        self.per_projection = np.ones((self.n_proj, 2), self.np_dtype)  # f_k, 1/v_k
+        self.factor = np.ones(self.n_proj, self.np_dtype)
+        self.inverse_variance = np.ones(self.n_proj)
 
     def set_counts(self, data: np.ndarray) -> None:
         """The measured data y (n, H, W): counts (Poisson) or image units (Gaussian)."""
@@ -81,102 +82,81 @@ class LikelihoodGain:
 
     def set_factor(self, factor) -> None:
         """f_k (n,): what an atom's rendering is multiplied by in projection k (default 1)."""
-        self.per_projection[:, 0] = np.broadcast_to(np.asarray(factor, np.float64), (self.n_proj,))
+        self.factor[:] = np.broadcast_to(np.asarray(factor, np.float64), (self.n_proj,))
 
     def set_noise_variance(self, variance) -> None:
         """The Gaussian noise variance v_k (n,) per projection, in the data's units squared."""
-        self.per_projection[:, 1] = 1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
+        self.inverse_variance[:] = 1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
 
     @ti.func
-    def _footprint(self, proj, k, p, a, sig, factor):
-        """An atom's footprint in projection k: its centre (col, row) and pixel box (the projector's,
-        of the widest component), and per component s² (px²) and peak value f_k a w_j / 2π s_j²."""
-        ps = self.dtype(self.pixel_size)
+    def _footprint(self, proj, k, atoms: ti.template(), i, factor):
+        """Atom i's footprint in projection k: its centre (col, row) and pixel box (the projector's,
+        of the widest component), and per component 1/s² (px⁻²) and the peak f_k a w_j / 2π s_j²."""
+        ps2, sig = self.dtype(self.pixel_size ** 2), atoms[i, 4]
         widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
+        p = ti.Vector([atoms[i, 0], atoms[i, 1], atoms[i, 2]])
         col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
-        s2 = ti.Vector([(sig * sig + self.dtype(extra + proj.blur_sigma ** 2)) / (ps * ps)
-                        for extra in ti.static(self.extras)])
-        peak = ti.Vector([self.dtype(w / (2.0 * math.pi)) for w in ti.static(self.weights)]) * (
-            factor * a / (ps * ps)) / s2
-        return col, row, c_lo, c_hi, r_lo, r_hi, s2, peak
+        inv_s2 = ti.Vector([ps2 / (sig * sig + self.dtype(v + proj.blur_sigma ** 2)) for v in ti.static(self.extras)])
+        peak = ti.Vector([self.dtype(w / (2.0 * math.pi)) for w in ti.static(self.weights)]) * inv_s2
+        return col, row, c_lo, c_hi, r_lo, r_hi, inv_s2, peak * (factor * atoms[i, 3] / ps2)
 
     @ti.func
-    def _derivatives(self, c, inv_s2, inv2s2, dx, dy):
+    def _derivatives(self, c, inv_s2, dx, dy):
         """(∂u · ps, ∂v · ps, ∂log a, ∂s²) of an atom whose components are c (vector) at offset (dx, dy)
-        px from its centre, s² in px² (`_units` turns them into per Å and per log σ)."""
-        radial = c * inv_s2  # per component: ∂c/∂u = radial · dx
-        return ti.Vector([radial.sum() * dx, radial.sum() * dy, c.sum(), (radial * ((dx * dx + dy * dy) * inv2s2 - 1.0)).sum()])
-
-    @ti.func
-    def _units(self, sig):
-        """What `_derivatives` are multiplied by: 1/ps for the position (px → Å) and ∂s²/∂log σ = 2σ²/ps²."""
-        ps = self.dtype(self.pixel_size)
-        return ti.Vector([1.0 / ps, 1.0 / ps, 1.0, 2.0 * sig * sig / (ps * ps)])
+        px from its centre (s² in px²; `evaluate` turns them into per Å and per log σ)."""
+        atom, radial, curvature = c[0], c[0] * inv_s2[0], c[0] * inv_s2[0] * inv_s2[0]
+        for j in ti.static(range(1, len(self.weights))):
+            atom, radial, curvature = atom + c[j], radial + c[j] * inv_s2[j], curvature + c[j] * inv_s2[j] * inv_s2[j]
+        return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
 
     @ti.kernel
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
-             model: ti.types.ndarray(), data: ti.types.ndarray(), per_projection: ti.types.ndarray(),
+             model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
              moments: ti.types.ndarray(), add: ti.i32):
         """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
         Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
-        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ); `evaluate` maps them to the
-        world frame. The walk covers the pixels both footprints share (the whole footprint for an
+        Σ_p W (y − with) ∇c (4) (`_derivatives`; W = 1 for Gaussian noise, its 1/v_k applied by
+        `evaluate`). The walk covers the pixels both footprints share (the whole footprint for an
         atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
         (entry, projection), each writing its own slot."""
         for e, k in ti.ndrange(entries.shape[0], self.n_proj):
             i, j = entries[e, 0], entries[e, 1]
-            own = i == j
-            sig, partner_sig = atoms[i, 4], atoms[j, 4]
-            col, row, c_lo, c_hi, r_lo, r_hi, s2, peak = self._footprint(
-                proj, k, ti.Vector([atoms[i, 0], atoms[i, 1], atoms[i, 2]]), atoms[i, 3], sig, per_projection[k, 0])
-            pcol, prow, pc_lo, pc_hi, pr_lo, pr_hi, ps2, ppeak = self._footprint(
-                proj, k, ti.Vector([atoms[j, 0], atoms[j, 1], atoms[j, 2]]), atoms[j, 3], partner_sig,
-                per_projection[k, 0])
-            c_lo, c_hi, r_lo, r_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi), ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi)
-            inv_s2, pinv_s2 = 1.0 / s2, 1.0 / ps2
+            col, row, c_lo, c_hi, r_lo, r_hi, inv_s2, peak = self._footprint(proj, k, atoms, i, factor[k])
+            pcol, prow, pc_lo, pc_hi, pr_lo, pr_hi, pinv_s2, ppeak = self._footprint(proj, k, atoms, j, factor[k])
+            c_lo, c_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi)
             inv2s2, pinv2s2 = 0.5 * inv_s2, 0.5 * pinv_s2
-            step, pstep = ti.exp(-2.0 * inv2s2), ti.exp(-2.0 * pinv2s2)
-            ey, qy = proj._walk_start(r_lo - row, inv2s2)
-            pey, pqy = proj._walk_start(r_lo - prow, pinv2s2)
+            step, pstep = ti.exp(-inv_s2), ti.exp(-pinv_s2)
+            ey, qy = proj._walk_start(ti.max(r_lo, pr_lo) - row, inv2s2)
+            pey, pqy = proj._walk_start(ti.max(r_lo, pr_lo) - prow, pinv2s2)
             ex0, qx0 = proj._walk_start(c_lo - col, inv2s2)
             pex0, pqx0 = proj._walk_start(c_lo - pcol, pinv2s2)
             block = ti.Matrix.zero(self.dtype, 4, 4)
             score = ti.Vector.zero(self.dtype, 4)
             total = self.dtype(0.0)
-            for r in range(r_lo, r_hi + 1):
+            for r in range(ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi) + 1):
                 dy, pdy = r - row, r - prow
-                ry = peak * proj._gaussian(dy, inv2s2, ey)
-                pry = ppeak * proj._gaussian(pdy, pinv2s2, pey)
+                ry, pry = peak * proj._gaussian(dy, inv2s2, ey), ppeak * proj._gaussian(pdy, pinv2s2, pey)
                 ey, qy, pey, pqy = ey * qy, qy * step, pey * pqy, pqy * pstep
                 ex, qx, pex, pqx = ex0, qx0, pex0, pqx0
                 for c in range(c_lo, c_hi + 1):
                     dx, pdx = c - col, c - pcol
-                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), inv_s2, inv2s2, dx, dy)
-                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), pinv_s2, pinv2s2, pdx, pdy)
+                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), inv_s2, dx, dy)
+                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), pinv_s2, pdx, pdy)
                     ex, qx, pex, pqx = ex * qx, qx * step, pex * pqx, pqx * pstep
-                    atom = g[2]
-                    lam = model[k, r, c]
-                    y = data[k, r, c]
-                    with_atom = lam + atom if add else lam
-                    weight = self.dtype(1.0)  # Gaussian: 1/v_k, applied once after the walk
+                    atom, y = g[2], data[k, r, c]
+                    with_atom = model[k, r, c] + atom * add
+                    weight = self.dtype(1.0)
                     if ti.static(self.noise == "poisson"):
                         with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
                         without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
                         total -= with_atom - without
-                        if own and y > 0.0:
+                        if y > 0.0:
                             total += y * ti.log(with_atom / without)
                         weight = 1.0 / with_atom
                     else:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
-                    wg = weight * g
-                    block += wg.outer_product(h)
-                    score += (y - with_atom) * wg
-            units, partner_units = self._units(sig), self._units(partner_sig)
-            block = block * units.outer_product(partner_units)
-            score = score * units
-            if ti.static(self.noise != "poisson"):
-                block, score, total = block * per_projection[k, 1], score * per_projection[k, 1], \
-                    total * per_projection[k, 1]
+                    block += (weight * g).outer_product(h)
+                    score += (y - with_atom) * weight * g
             for a_ in ti.static(range(4)):
                 for b_ in ti.static(range(4)):
                     moments[e, k, 4 * a_ + b_] = block[a_, b_]
@@ -195,7 +175,8 @@ class LikelihoodGain:
 
     def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> np.ndarray:
         """Moments (E, n, MOMENTS) of the entries (E, 2): atom ``entries[e, 0]``, partner ``entries[e, 1]``
-        of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries per launch."""
+        of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries per launch, with
+        the derivatives per Å and per log σ and the Gaussian weight 1/v_k."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
         moments = np.zeros((len(entries), self.n_proj, MOMENTS), self.np_dtype)
@@ -203,8 +184,17 @@ class LikelihoodGain:
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
-                      self.data, self.per_projection, moments[start:stop], 1 if add else 0)
-        return moments.astype(np.float64)
+                      self.data, self.factor, moments[start:stop], 1 if add else 0)
+        moments = moments.astype(np.float64)
+        if self.noise == "gaussian":
+            moments *= self.inverse_variance[:, None]
+        units = np.ones((len(atoms), 4))
+        units[:, :2] = 1.0 / self.pixel_size  # px → Å
+        units[:, 3] = 2.0 * atoms[:, 4].astype(np.float64) ** 2 / self.pixel_size ** 2  # s² (px²) → log σ
+        first, second = units[entries[:, 0]], units[entries[:, 1]]
+        moments[..., :16] *= (first[:, :, None] * second[:, None, :]).reshape(-1, 1, 16)
+        moments[..., 16:20] *= first[:, None, :]
+        return moments
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
