@@ -1,0 +1,74 @@
+"""The vectorised pieces of the per-atom uncertainty pass against plain references: each atom's
+position covariance from its neighbourhood's joint information (batched) against a loop over atoms
+that assembles and inverts every joint matrix, and the residual correlation area (FFT) against the
+autocorrelation summed by shifted products."""
+
+import numpy as np
+import pytest
+
+from engine.fit.seeding import residual_dispersion
+from engine.fit.uncertainty import coupled_pairs, position_covariance
+
+
+def covariance_loop(fisher, pairs, cross):
+    """The reference: for each atom, the joint information of it and its neighbours (in the order
+    of ``pairs``) assembled block by block, inverted, read at the atom."""
+    n, p = fisher.shape[:2]
+    neighbours, blocks = [[] for _ in range(n)], {}
+    for (i, j), block in zip(pairs, cross):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+        blocks[i, j], blocks[j, i] = block, block.T
+    out = np.full((n, 3, 3), np.inf)
+    for i in range(n):
+        ring = [i] + neighbours[i]
+        joint = np.zeros((len(ring) * p, len(ring) * p))
+        for a, u in enumerate(ring):
+            for b, v in enumerate(ring):
+                block = fisher[u] if a == b else blocks.get((u, v))
+                if block is not None:
+                    joint[a * p:(a + 1) * p, b * p:(b + 1) * p] = block
+        try:
+            inverse = np.linalg.inv(joint)[:3, :3]
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse) > 0):
+            out[i] = inverse
+    return out
+
+
+def test_position_covariance_matches_the_loop():
+    rng = np.random.default_rng(3)
+    for n, p, radius in [(1, 5, 3.0), (40, 5, 3.0), (150, 3, 2.5)]:
+        positions = rng.uniform(0.0, 8.0, (n, 3))
+        pairs = coupled_pairs(positions, radius)
+        fisher = np.stack([a @ a.T + p * np.eye(p) for a in rng.normal(size=(n, p, p))])
+        cross = 0.3 * rng.normal(size=(len(pairs), p, p))
+        np.testing.assert_array_equal(position_covariance(fisher, pairs, cross), covariance_loop(fisher, pairs, cross))
+        np.testing.assert_array_equal(position_covariance(fisher), covariance_loop(fisher, [], []))
+    # A singular atom (no information) and a neighbour whose joint matrix is indefinite.
+    fisher[2] = 0.0
+    np.testing.assert_array_equal(position_covariance(fisher, pairs, cross), covariance_loop(fisher, pairs, cross))
+    assert np.isinf(position_covariance(fisher, pairs, cross)[2]).all()
+
+
+def test_correlation_area_is_the_summed_autocorrelation():
+    rng = np.random.default_rng(4)
+    for shape, lag in [((3, 17, 23), 4), ((2, 9, 12), 1)]:
+        noise = rng.normal(size=shape)
+        noise[:, 1:, :] += 0.6 * noise[:, :-1, :]  # correlated along rows and columns
+        noise[:, :, 1:] += 0.4 * noise[:, :, :-1]
+        centred = noise - noise.mean(axis=(1, 2), keepdims=True)
+        h, w = shape[1:]
+        total = 0.0
+        for dy in range(-lag, lag + 1):
+            for dx in range(-lag, lag + 1):
+                a = centred[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+                b = centred[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+                total += np.sum(a * b)
+        variance, area = residual_dispersion(noise, lag)
+        assert variance == np.mean(centred ** 2)
+        assert area > 1.5  # the correlation is seen
+        assert area == pytest.approx(total / np.sum(centred ** 2), rel=1e-12)
+        assert residual_dispersion(noise.astype(np.float32), lag)[1] == pytest.approx(area, rel=1e-6)
+    assert residual_dispersion(np.zeros((2, 5, 5))) == (0.0, 1.0)
