@@ -101,11 +101,12 @@ class LikelihoodGain:
         return col, row, c_lo, c_hi, r_lo, r_hi, inv_s2, peak * (factor * atoms[i, 3] / ps2)
 
     @ti.func
-    def _derivatives(self, c, inv_s2, dx, dy):
-        """(∂u · ps, ∂v · ps, ∂log a, ∂s²) of an atom whose components are c (vector) at offset (dx, dy)
-        px from its centre (s² in px²; `evaluate` turns them into per Å and per log σ)."""
-        atom, radial, curvature = c[0], c[0] * inv_s2[0], c[0] * inv_s2[0] * inv_s2[0]
-        for j in ti.static(range(1, len(self.weights))):
+    def _derivatives(self, c, inv_s2, dx, dy, first: ti.template()):
+        """(∂u · ps, ∂v · ps, ∂log a, ∂s²) of the atom whose components are c[first:first + K] (1/s²
+        px⁻² inv_s2[first:first + K]) at offset (dx, dy) px from its centre (s² in px²; `evaluate`
+        turns them into per Å and per log σ)."""
+        atom, radial, curvature = c[first], c[first] * inv_s2[first], c[first] * inv_s2[first] * inv_s2[first]
+        for j in ti.static(range(first + 1, first + len(self.weights))):
             atom, radial, curvature = atom + c[j], radial + c[j] * inv_s2[j], curvature + c[j] * inv_s2[j] * inv_s2[j]
         return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
 
@@ -119,30 +120,42 @@ class LikelihoodGain:
         `evaluate`). The walk covers the pixels both footprints share (the whole footprint for an
         atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
         (entry, projection), each writing its own slot."""
+        K = ti.static(len(self.weights))
         for e, k in ti.ndrange(entries.shape[0], self.n_proj):
-            i, j = entries[e, 0], entries[e, 1]
-            col, row, c_lo, c_hi, r_lo, r_hi, inv_s2, peak = self._footprint(proj, k, atoms, i, factor[k])
-            pcol, prow, pc_lo, pc_hi, pr_lo, pr_hi, pinv_s2, ppeak = self._footprint(proj, k, atoms, j, factor[k])
-            c_lo, c_hi = ti.max(c_lo, pc_lo), ti.min(c_hi, pc_hi)
-            inv2s2, pinv2s2 = 0.5 * inv_s2, 0.5 * pinv_s2
-            step, pstep = ti.exp(-inv_s2), ti.exp(-pinv_s2)
-            ey, qy = proj._walk_start(ti.max(r_lo, pr_lo) - row, inv2s2)
-            pey, pqy = proj._walk_start(ti.max(r_lo, pr_lo) - prow, pinv2s2)
-            ex0, qx0 = proj._walk_start(c_lo - col, inv2s2)
-            pex0, pqx0 = proj._walk_start(c_lo - pcol, pinv2s2)
+            # The atom's and the partner's footprints (a loop, so that its code is compiled once):
+            # centres (col, row) px, per component 1/s² and peak (the atom's K, then the partner's),
+            # and the box of the pixels both cover.
+            centre = ti.Matrix.zero(self.dtype, 2, 2)
+            inv_s2 = ti.Vector.zero(self.dtype, 2 * K)
+            peak = ti.Vector.zero(self.dtype, 2 * K)
+            box = ti.Vector([0, self.width - 1, 0, self.height - 1])
+            for t in range(2):
+                col, row, c_lo, c_hi, r_lo, r_hi, one_inv_s2, one_peak = self._footprint(
+                    proj, k, atoms, entries[e, t], factor[k])
+                centre[t, 0] = col
+                centre[t, 1] = row
+                box = ti.Vector([ti.max(box[0], c_lo), ti.min(box[1], c_hi), ti.max(box[2], r_lo), ti.min(box[3], r_hi)])
+                for j in ti.static(range(K)):
+                    inv_s2[t * K + j] = one_inv_s2[j]
+                    peak[t * K + j] = one_peak[j]
+            col = ti.Vector([centre[j // K, 0] for j in ti.static(range(2 * K))])  # per component
+            row = ti.Vector([centre[j // K, 1] for j in ti.static(range(2 * K))])
+            inv2s2 = 0.5 * inv_s2
+            step = ti.exp(-inv_s2)
+            ey, qy = proj._walk_start(box[2] - row, inv2s2)
+            ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
             block = ti.Matrix.zero(self.dtype, 4, 4)
             score = ti.Vector.zero(self.dtype, 4)
             total = self.dtype(0.0)
-            for r in range(ti.max(r_lo, pr_lo), ti.min(r_hi, pr_hi) + 1):
-                dy, pdy = r - row, r - prow
-                ry, pry = peak * proj._gaussian(dy, inv2s2, ey), ppeak * proj._gaussian(pdy, pinv2s2, pey)
-                ey, qy, pey, pqy = ey * qy, qy * step, pey * pqy, pqy * pstep
-                ex, qx, pex, pqx = ex0, qx0, pex0, pqx0
-                for c in range(c_lo, c_hi + 1):
-                    dx, pdx = c - col, c - pcol
-                    g = self._derivatives(ry * proj._gaussian(dx, inv2s2, ex), inv_s2, dx, dy)
-                    h = self._derivatives(pry * proj._gaussian(pdx, pinv2s2, pex), pinv_s2, pdx, pdy)
-                    ex, qx, pex, pqx = ex * qx, qx * step, pex * pqx, pqx * pstep
+            for r in range(box[2], box[3] + 1):
+                ry = peak * proj._gaussian(r - row, inv2s2, ey)
+                ey, qy = ey * qy, qy * step
+                ex, qx = ex0, qx0
+                for c in range(box[0], box[1] + 1):
+                    components = ry * proj._gaussian(c - col, inv2s2, ex)
+                    ex, qx = ex * qx, qx * step
+                    g = self._derivatives(components, inv_s2, c - col[0], r - row[0], 0)
+                    h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
                     atom, y = g[2], data[k, r, c]
                     with_atom = model[k, r, c] + atom * add
                     weight = self.dtype(1.0)
@@ -157,10 +170,10 @@ class LikelihoodGain:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
                     block += (weight * g).outer_product(h)
                     score += (y - with_atom) * weight * g
-            for a_ in ti.static(range(4)):
-                for b_ in ti.static(range(4)):
-                    moments[e, k, 4 * a_ + b_] = block[a_, b_]
-                moments[e, k, 16 + a_] = score[a_]
+            for m in range(16):
+                moments[e, k, m] = block[m // 4, m % 4]
+            for m in range(4):
+                moments[e, k, 16 + m] = score[m]
             moments[e, k, MOMENTS - 1] = total
 
     def _world_frame(self) -> np.ndarray:
