@@ -67,13 +67,14 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
             index = np.where((u != v) & (keys[found] == u * n + v), numbers[found], index)
         k = (size + 1) * p
         joint = blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
+        position = np.eye(k)[:, :3]  # the atom's x, y, z: the columns of the inverse wanted
         try:
-            inverse = np.linalg.inv(joint)[:, :3, :3]
+            inverse = np.linalg.solve(joint, position)[:, :3]
         except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
             inverse = np.full((len(atoms), 3, 3), np.inf)
             for g in range(len(atoms)):
                 try:
-                    inverse[g] = np.linalg.inv(joint[g])[:3, :3]
+                    inverse[g] = np.linalg.solve(joint[g], position)[:3]
                 except np.linalg.LinAlgError:
                     pass
         good = np.all(np.isfinite(inverse), axis=(1, 2)) & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1)

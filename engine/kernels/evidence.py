@@ -224,10 +224,13 @@ class LikelihoodGain:
         entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
         moments = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
         t = self._world_frame()
-        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t,
-                           optimize=True)
+        # Σ_k T_k M_k T_kᵀ and Σ_k T_k s_k as single matrix products over (k, a, b) and (k, a).
+        pq = self.n_params
+        frame = np.einsum("kpa,kqb->kabpq", t, t).reshape(-1, pq * pq)
+        blocks = (moments[..., :16].reshape(len(moments), -1) @ frame).reshape(-1, pq, pq)
         own = moments[:n]
-        result = (own[..., 20].sum(axis=1), blocks[:n], np.einsum("kpa,ika->ip", t, own[..., 16:20]))
+        score = own[..., 16:20].reshape(n, -1) @ t.transpose(0, 2, 1).reshape(-1, pq)
+        result = (own[..., 20].sum(axis=1), blocks[:n], score)
         return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
