@@ -125,9 +125,9 @@ class LikelihoodGain:
             # The atom's and the partner's footprints (a loop, so that its code is compiled once):
             # centres (col, row) px, per component 1/s² and peak (the atom's K, then the partner's),
             # and the box of the pixels both cover.
-            centre = ti.Matrix.zero(self.dtype, 2, 2)
-            inv_s2 = ti.Vector.zero(self.dtype, 2 * K)
-            peak = ti.Vector.zero(self.dtype, 2 * K)
+            centre = ti.Matrix([[0.0, 0.0], [0.0, 0.0]], self.dtype)
+            inv_s2 = ti.Vector([0.0] * (2 * K), self.dtype)
+            peak = ti.Vector([0.0] * (2 * K), self.dtype)
             box = ti.Vector([0, self.width - 1, 0, self.height - 1])
             for t in range(2):
                 col, row, c_lo, c_hi, r_lo, r_hi, one_inv_s2, one_peak = self._footprint(
@@ -144,8 +144,8 @@ class LikelihoodGain:
             step = ti.exp(-inv_s2)
             ey, qy = proj._walk_start(box[2] - row, inv2s2)
             ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
-            block = ti.Matrix.zero(self.dtype, 4, 4)
-            score = ti.Vector.zero(self.dtype, 4)
+            block = ti.Matrix([[0.0] * 4] * 4, self.dtype)
+            score = ti.Vector([0.0] * 4, self.dtype)
             total = self.dtype(0.0)
             for r in range(box[2], box[3] + 1):
                 ry = peak * proj._gaussian(r - row, inv2s2, ey)
