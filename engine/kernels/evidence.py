@@ -113,13 +113,14 @@ class LikelihoodGain:
     @ti.kernel
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
              model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
-             moments: ti.types.ndarray(), add: ti.i32):
+             moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32):
         """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
         Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
         Σ_p W (y − with) ∇c (4) (`_derivatives`; W = 1 for Gaussian noise, its 1/v_k applied by
         `evaluate`). The walk covers the pixels both footprints share (the whole footprint for an
         atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
-        (entry, projection), each writing its own slot."""
+        (entry, projection), each writing its own slot; the first entry's also writes the image axes
+        u, v of projection k in the world frame (the rows of its rotation) into ``axes``."""
         K = ti.static(len(self.weights))
         for e, k in ti.ndrange(entries.shape[0], self.n_proj):
             # The atom's and the partner's footprints (a loop, so that its code is compiled once):
@@ -175,29 +176,34 @@ class LikelihoodGain:
             for m in range(4):
                 moments[e, k, 16 + m] = score[m]
             moments[e, k, MOMENTS - 1] = total
+            if e == 0:
+                rotation = proj.rot[k]
+                for m in range(6):
+                    axes[k, m // 3, m % 3] = rotation[m // 3, m % 3]
 
-    def _world_frame(self) -> np.ndarray:
-        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
-        projector's current geometry."""
-        rot = self.projector.rot.to_numpy().astype(np.float64)
+    def _world_frame(self, axes: np.ndarray) -> np.ndarray:
+        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, given the image
+        axes u, v (n, 2, 3) of the geometry the moments were taken in."""
         t = np.zeros((self.n_proj, self.n_params, 4))
-        t[:, :3, :2] = rot[:, :2, :].transpose(0, 2, 1)
+        t[:, :3, :2] = axes.transpose(0, 2, 1)
         if self.free_shape:
             t[:, 3, 2] = t[:, 4, 3] = 1.0
         return t
 
-    def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> np.ndarray:
+    def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> tuple[np.ndarray, np.ndarray]:
         """Moments (E, n, MOMENTS) of the entries (E, 2): atom ``entries[e, 0]``, partner ``entries[e, 1]``
         of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries per launch, with
-        the derivatives per Å and per log σ and the Gaussian weight 1/v_k."""
+        the derivatives per Å and per log σ and the Gaussian weight 1/v_k; and the world frame T_k
+        (`_world_frame`) they are mapped by."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
         moments = np.zeros((len(entries), self.n_proj, MOMENTS), self.np_dtype)
+        axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
-                      self.data, self.factor, moments[start:stop], 1 if add else 0)
+                      self.data, self.factor, moments[start:stop], axes, 1 if add else 0)
         moments = moments.astype(np.float64)
         if self.noise == "gaussian":
             moments *= self.inverse_variance[:, None]
@@ -207,7 +213,7 @@ class LikelihoodGain:
         first, second = units[entries[:, 0]], units[entries[:, 1]]
         moments[..., :16] *= (first[:, :, None] * second[:, None, :]).reshape(-1, 1, 16)
         moments[..., 16:20] *= first[:, None, :]
-        return moments
+        return moments, self._world_frame(axes.astype(np.float64))
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
@@ -222,8 +228,7 @@ class LikelihoodGain:
         atoms = np.arange(n)
         pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
         entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
-        moments = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
-        t = self._world_frame()
+        moments, t = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
         # Σ_k T_k M_k T_kᵀ and Σ_k T_k s_k as single matrix products over (k, a, b) and (k, a).
         pq = self.n_params
         frame = np.einsum("kpa,kqb->kabpq", t, t).reshape(-1, pq * pq)
