@@ -66,6 +66,9 @@ class LikelihoodGain:
         self.pixel_size = projector.pixel_size
         self.dtype, self.np_dtype = projector.dtype, projector.np_dtype
         self.capacity = int(capacity)
+        # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `_launch`
+        # sums into the four derivatives (`_separable_block`); counts, the four.
+        self.block_side = 4 if noise == "poisson" else 5
         # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
         # per instance beyond the kernel itself).
         self.model = self.data = None
@@ -110,6 +113,47 @@ class LikelihoodGain:
             atom, radial, curvature = atom + c[j], radial + c[j] * inv_s2[j], curvature + c[j] * inv_s2[j] * inv_s2[j]
         return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
 
+    @ti.func
+    def _pieces(self, across, linear, square):
+        """One atom's five derivative pieces' factors along one image axis (``across``: columns, else
+        rows), given its d/s² (``linear``) and d²/2s⁴ (+ −1/s² along the rows, ``square``): the
+        pieces are radial · dx, radial · dy, the component, and the widening's dx and dy halves, each
+        a column factor times a row factor of the component."""
+        return ti.Vector([ti.select(across, linear, 1.0), ti.select(across, 1.0, linear), 1.0,
+                          ti.select(across, square, 1.0), ti.select(across, 1.0, square)])
+
+    @ti.func
+    def _separable_block(self, proj, box, centre, inv_s2, peak):
+        """Σ_p P P'ᵀ (5 × 5, W = 1) over the pixel box of the atom's and the partner's derivative
+        pieces (`_pieces`; `_launch` sums the last two into the widening) from sums along the
+        columns and along the rows alone: every component is a peak times a column profile times a
+        row profile and every piece a column factor times a row factor, so each sum over the box is
+        a column sum times a row sum, O(width + height) per pair instead of O(width · height). The
+        profiles by the projector's recurrence."""
+        K = ti.static(len(self.weights))
+        block = ti.Matrix([[0.0] * 5] * 5, self.dtype)
+        for jl in range(K * K):  # component j of the atom, l of the partner (loops: compiled once)
+            j, l = jl // K, K + jl % K
+            inv = ti.Vector([inv_s2[j], inv_s2[l]])
+            half = 0.5 * inv
+            product = ti.Matrix([[peak[j] * peak[l]] * 5] * 5, self.dtype)
+            for axis in range(2):  # columns, then rows
+                centres = ti.Vector([centre[0, axis], centre[1, axis]])
+                offset = -inv * axis  # the widening's −1/s² goes with the row factor
+                e, q = proj._walk_start(box[2 * axis] - centres, half)
+                step = ti.exp(-inv)
+                sums = ti.Matrix([[0.0] * 5] * 5, self.dtype)
+                for x in range(box[2 * axis], box[2 * axis + 1] + 1):
+                    d = x - centres
+                    g = proj._gaussian(d, half, e)
+                    e, q = e * q, q * step
+                    linear, square = inv * d, half * inv * d * d + offset
+                    first = self._pieces(axis == 0, linear[0], square[0]) * g[0]
+                    sums += first.outer_product(self._pieces(axis == 0, linear[1], square[1]) * g[1])
+                product *= sums
+            block += product
+        return block
+
     @ti.kernel
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
              model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
@@ -145,10 +189,13 @@ class LikelihoodGain:
             step = ti.exp(-inv_s2)
             ey, qy = proj._walk_start(box[2] - row, inv2s2)
             ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
-            block = ti.Matrix([[0.0] * 4] * 4, self.dtype)
+            block = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # Poisson
             score = ti.Vector([0.0] * 4, self.dtype)
             total = self.dtype(0.0)
-            for r in range(box[2], box[3] + 1):
+            walk = entries[e, 0] == entries[e, 1]  # Gaussian noise: a cross block needs no pixel walk
+            if ti.static(self.noise == "poisson"):
+                walk = True
+            for r in range(box[2], box[3] + 1 if walk else box[2]):
                 ry = peak * proj._gaussian(r - row, inv2s2, ey)
                 ey, qy = ey * qy, qy * step
                 ex, qx = ex0, qx0
@@ -156,7 +203,6 @@ class LikelihoodGain:
                     components = ry * proj._gaussian(c - col, inv2s2, ex)
                     ex, qx = ex * qx, qx * step
                     g = self._derivatives(components, inv_s2, c - col[0], r - row[0], 0)
-                    h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
                     atom, y = g[2], data[k, r, c]
                     with_atom = model[k, r, c] + atom * add
                     weight = self.dtype(1.0)
@@ -167,15 +213,22 @@ class LikelihoodGain:
                         if y > 0.0:
                             total += y * ti.log(with_atom / without)
                         weight = 1.0 / with_atom
+                        h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
+                        block += (weight * g).outer_product(h)
                     else:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
-                    block += (weight * g).outer_product(h)
                     score += (y - with_atom) * weight * g
-            for m in range(16):
-                moments[e, k, m] = block[m // 4, m % 4]
+            side = ti.static(self.block_side)
+            if ti.static(self.noise != "poisson"):
+                pieces = self._separable_block(proj, box, centre, inv_s2, peak)
+                for m in range(side * side):
+                    moments[e, k, m] = pieces[m // side, m % side]
+            else:
+                for m in range(side * side):
+                    moments[e, k, m] = block[m // side, m % side]
             for m in range(4):
-                moments[e, k, 16 + m] = score[m]
-            moments[e, k, MOMENTS - 1] = total
+                moments[e, k, side * side + m] = score[m]
+            moments[e, k, side * side + 4] = total
             if e == 0:
                 rotation = proj.rot[k]
                 for m in range(6):
@@ -197,14 +250,22 @@ class LikelihoodGain:
         (`_world_frame`) they are mapped by."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
-        moments = np.zeros((len(entries), self.n_proj, MOMENTS), self.np_dtype)
+        side = self.block_side
+        written = np.zeros((len(entries), self.n_proj, side * side + 5), self.np_dtype)
         axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
-                      self.data, self.factor, moments[start:stop], axes, 1 if add else 0)
-        moments = moments.astype(np.float64)
+                      self.data, self.factor, written[start:stop], axes, 1 if add else 0)
+        written = written.astype(np.float64)
+        block = written[..., :side * side].reshape(len(entries), self.n_proj, side, side)
+        if side == 5:  # Gaussian: the five derivative pieces, the last two summing to the widening
+            pieces, block = block, block[..., :4, :4].copy()
+            block[..., 3, :] += pieces[..., 4, :4]
+            block[..., :, 3] += pieces[..., :4, 4]
+            block[..., 3, 3] += pieces[..., 4, 4]
+        moments = np.concatenate([block.reshape(len(entries), self.n_proj, 16), written[..., side * side:]], axis=-1)
         if self.noise == "gaussian":
             moments *= self.inverse_variance[:, None]
         units = np.ones((len(atoms), 4))
