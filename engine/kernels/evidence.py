@@ -21,11 +21,17 @@ the world frame (the first two rows of the rotation for the position). Parameter
 (3), or the position, log a and log σ (5) with ``free_shape``.
 
 The footprints are the projector's own (`TiltSeriesProjector._footprint`, the widest component's,
-with its truncation, geometry and blur) and the row profile is the projector's recurrence. One
-thread per (atom, projection) pair writes that pair's gain and in-plane moments (no atomics: safe on
-every backend); the host maps them to the world frame and sums them. The cost is about one forward
-projection of the atoms. The evidence rule of the counted fit (`engine.fit.evidence`) and
-the per-atom uncertainties of every fit (`engine.fit.uncertainty`) both run this kernel.
+with its truncation, geometry and blur) and the profiles are the projector's recurrence. An entry is
+an atom with itself (its gain, score and Fisher block) or with a coupled neighbour (a cross block,
+over the pixels both footprints cover); one thread per (entry, projection) writes that pair's
+in-plane moments into its own slot (no atomics: safe on every backend), and the host maps them to
+the world frame and sums them. Under Gaussian noise W is constant per projection, so every block is
+a product of sums along the columns and along the rows (`_separable_block`, O(width + height)) and
+only an atom's gain and score walk its pixels: the cost is about one forward projection of the
+atoms. The data, model and atoms go to the kernel as arguments (no fields: a new instance compiles
+nothing but its kernel, which Taichi's offline cache keeps between runs). The evidence rule of the
+counted fit (`engine.fit.evidence`) and the per-atom uncertainties of every fit
+(`engine.fit.uncertainty`) both run this kernel.
 """
 
 import math
@@ -38,7 +44,6 @@ from engine.kernels.atommodel import AtomProfile
 from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
 
 NOISE_MODELS = ("poisson", "gaussian")
-MOMENTS = 21  # per (entry, projection): Σ W ∇c ∇c'ᵀ (16), Σ W (y − with) ∇c (4), the gain
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
 
 
@@ -158,13 +163,13 @@ class LikelihoodGain:
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
              model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
              moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32):
-        """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
-        Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
-        Σ_p W (y − with) ∇c (4) (`_derivatives`; W = 1 for Gaussian noise, its 1/v_k applied by
-        `evaluate`). The walk covers the pixels both footprints share (the whole footprint for an
-        atom's own block), both atoms' Gaussians by the projector's recurrence. One thread per
-        (entry, projection), each writing its own slot; the first entry's also writes the image axes
-        u, v of projection k in the world frame (the rows of its rotation) into ``axes``."""
+        """Per (entry, projection): the in-plane moments of the entry's atom and partner (the atom
+        itself on the diagonal) over the pixels both footprints cover: Σ_p W ∇c ∇c'ᵀ (W = 1 for
+        Gaussian noise, its 1/v_k applied by `_launch`; there as the 5 × 5 block of derivative
+        pieces, `_separable_block`), and for an atom's own entry Σ_p W (y − with) ∇c and its gain,
+        ∇c = `_derivatives`. Layout per slot: the block (row-major), the score (4), the gain. The
+        first entry's thread also writes the image axes u, v of projection k in the world frame (the
+        rows of its rotation) into ``axes``."""
         K = ti.static(len(self.weights))
         for e, k in ti.ndrange(entries.shape[0], self.n_proj):
             # The atom's and the partner's footprints (a loop, so that its code is compiled once):
@@ -244,9 +249,10 @@ class LikelihoodGain:
         return t
 
     def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Moments (E, n, MOMENTS) of the entries (E, 2): atom ``entries[e, 0]``, partner ``entries[e, 1]``
-        of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries per launch, with
-        the derivatives per Å and per log σ and the Gaussian weight 1/v_k; and the world frame T_k
+        """Moments (E, n, 21) of the entries (E, 2), atom ``entries[e, 0]`` with partner
+        ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
+        per launch: Σ W ∇c ∇c'ᵀ (16, row-major), Σ W (y − with) ∇c (4), the gain, with the
+        derivatives per Å and per log σ and the Gaussian weight 1/v_k; and the world frame T_k
         (`_world_frame`) they are mapped by."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
