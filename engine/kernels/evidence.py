@@ -240,47 +240,30 @@ class LikelihoodGain:
                     axes[k, m // 3, m % 3] = rotation[m // 3, m % 3]
 
     def _world_frame(self, axes: np.ndarray) -> np.ndarray:
-        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, given the image
-        axes u, v (n, 2, 3) of the geometry the moments were taken in."""
-        t = np.zeros((self.n_proj, self.n_params, 4))
+        """T_k (n, P, side): the kernel's in-plane derivatives (u, v px, log a, s² px²; under Gaussian
+        noise the five pieces, the last two the widening's halves) → the parameters (before their
+        units), given the image axes u, v (n, 2, 3) of the geometry they were taken in."""
+        t = np.zeros((self.n_proj, self.n_params, self.block_side))
         t[:, :3, :2] = axes.transpose(0, 2, 1)
         if self.free_shape:
-            t[:, 3, 2] = t[:, 4, 3] = 1.0
+            t[:, 3, 2] = 1.0
+            t[:, 4, 3:] = 1.0
         return t
 
     def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Moments (E, n, 21) of the entries (E, 2), atom ``entries[e, 0]`` with partner
+        """What the kernel writes (`_run`) for the entries (E, 2), atom ``entries[e, 0]`` with partner
         ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
-        per launch: Σ W ∇c ∇c'ᵀ (16, row-major), Σ W (y − with) ∇c (4), the gain, with the
-        derivatives per Å and per log σ and the Gaussian weight 1/v_k; and the world frame T_k
-        (`_world_frame`) they are mapped by."""
+        per launch: (E, n, side² + 5) and the image axes (n, 2, 3)."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
-        side = self.block_side
-        written = np.zeros((len(entries), self.n_proj, side * side + 5), self.np_dtype)
+        written = np.zeros((len(entries), self.n_proj, self.block_side ** 2 + 5), self.np_dtype)
         axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
                       self.data, self.factor, written[start:stop], axes, 1 if add else 0)
-        written = written.astype(np.float64)
-        block = written[..., :side * side].reshape(len(entries), self.n_proj, side, side)
-        if side == 5:  # Gaussian: the five derivative pieces, the last two summing to the widening
-            pieces, block = block, block[..., :4, :4].copy()
-            block[..., 3, :] += pieces[..., 4, :4]
-            block[..., :, 3] += pieces[..., :4, 4]
-            block[..., 3, 3] += pieces[..., 4, 4]
-        moments = np.concatenate([block.reshape(len(entries), self.n_proj, 16), written[..., side * side:]], axis=-1)
-        if self.noise == "gaussian":
-            moments *= self.inverse_variance[:, None]
-        units = np.ones((len(atoms), 4))
-        units[:, :2] = 1.0 / self.pixel_size  # px → Å
-        units[:, 3] = 2.0 * atoms[:, 4].astype(np.float64) ** 2 / self.pixel_size ** 2  # s² (px²) → log σ
-        first, second = units[entries[:, 0]], units[entries[:, 1]]
-        moments[..., :16] *= (first[:, :, None] * second[:, None, :]).reshape(-1, 1, 16)
-        moments[..., 16:20] *= first[:, None, :]
-        return moments, self._world_frame(axes.astype(np.float64))
+        return written, axes.astype(np.float64)
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
@@ -295,14 +278,23 @@ class LikelihoodGain:
         atoms = np.arange(n)
         pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
         entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
-        moments, t = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
-        # Σ_k T_k M_k T_kᵀ and Σ_k T_k s_k as single matrix products over (k, a, b) and (k, a).
-        pq = self.n_params
-        frame = np.einsum("kpa,kqb->kabpq", t, t).reshape(-1, pq * pq)
-        blocks = (moments[..., :16].reshape(len(moments), -1) @ frame).reshape(-1, pq, pq)
-        own = moments[:n]
-        score = own[..., 16:20].reshape(n, -1) @ t.transpose(0, 2, 1).reshape(-1, pq)
-        result = (own[..., 20].sum(axis=1), blocks[:n], score)
+        written, axes = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
+        # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
+        # over (k, a, b) and (k, a), then the units: px → Å for the position, s² (px²) → log σ.
+        side, pq = self.block_side, self.n_params
+        t = self._world_frame(axes)
+        weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
+        frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
+        blocks = (written[..., :side * side].reshape(len(entries), -1) @ frame).reshape(-1, pq, pq)
+        units = np.ones((n, pq))
+        units[:, :3] = 1.0 / self.pixel_size
+        if self.free_shape:
+            units[:, 4] = 2.0 * widths ** 2 / self.pixel_size ** 2
+        blocks *= units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
+        own = written[:n]
+        score = own[..., side * side:side * side + 4].reshape(n, -1) @ (
+            t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq) * units
+        result = (own[..., -1] @ weight, blocks[:n], score)
         return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
