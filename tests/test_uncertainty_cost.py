@@ -75,3 +75,16 @@ def test_correlation_area_is_the_summed_autocorrelation():
         assert area == pytest.approx(total / np.sum(centred ** 2), rel=1e-12)
         assert residual_dispersion(noise.astype(np.float32), lag)[1] == pytest.approx(area, rel=1e-6)
     assert residual_dispersion(np.zeros((2, 5, 5))) == (0.0, 1.0)
+
+
+def test_no_atoms_give_empty_answers(arch):
+    from engine.core.geometry import TiltGeometry
+    from engine.kernels.evidence import LikelihoodGain
+    from engine.kernels.projector import TiltSeriesProjector
+
+    kernel = LikelihoodGain(TiltSeriesProjector(TiltGeometry.from_tilt_angles([-30.0, 30.0]), (12, 12), 0.3),
+                            "gaussian", free_shape=True)
+    kernel.set_counts(np.ones((2, 12, 12)))
+    kernel.set_model(np.ones((2, 12, 12)))
+    gain, fisher, score = kernel.evaluate(np.zeros((0, 3)), 1.0, 0.4)
+    assert gain.shape == (0,) and fisher.shape == (0, 5, 5) and score.shape == (0, 5)

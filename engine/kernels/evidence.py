@@ -184,7 +184,8 @@ class LikelihoodGain:
                     proj, k, atoms, entries[e, t], factor[k])
                 centre[t, 0] = col
                 centre[t, 1] = row
-                box = ti.Vector([ti.max(box[0], c_lo), ti.min(box[1], c_hi), ti.max(box[2], r_lo), ti.min(box[3], r_hi)])
+                box = ti.Vector([ti.max(box[0], c_lo), ti.min(box[1], c_hi),
+                                 ti.max(box[2], r_lo), ti.min(box[3], r_hi)])
                 for j in ti.static(range(K)):
                     inv_s2[t * K + j] = one_inv_s2[j]
                     peak[t * K + j] = one_peak[j]
@@ -285,14 +286,15 @@ class LikelihoodGain:
         t = self._world_frame(axes)
         weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
         frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
-        blocks = (written[..., :side * side].reshape(len(entries), -1) @ frame).reshape(-1, pq, pq)
+        moments = written[..., :side * side].reshape(len(entries), self.n_proj * side * side)
+        blocks = (moments @ frame).reshape(-1, pq, pq)
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
         if self.free_shape:
             units[:, 4] = 2.0 * widths ** 2 / self.pixel_size ** 2
         blocks *= units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
         own = written[:n]
-        score = own[..., side * side:side * side + 4].reshape(n, -1) @ (
+        score = own[..., side * side:side * side + 4].reshape(n, self.n_proj * 4) @ (
             t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq) * units
         result = (own[..., -1] @ weight, blocks[:n], score)
         return result + (blocks[n:],) if len(pairs) else result
