@@ -8,6 +8,7 @@ import math
 from statistics import NormalDist
 
 import numpy as np
+from scipy import fft
 
 from engine.core.errors import InputError
 from engine.core.geometry import centre_index
@@ -135,9 +136,11 @@ def residual_dispersion(residual: np.ndarray, max_lag: int = 4) -> tuple[float, 
     variance = float(np.mean(centred ** 2))
     if not variance > 0:
         return 0.0, 1.0
-    h, w = residual.shape[1:]
-    power = np.abs(np.fft.rfft2(centred, s=(2 * h, 2 * w))) ** 2  # zero-padded: no wrap-around
-    autocorrelation = np.fft.irfft2(power, s=(2 * h, 2 * w)).sum(axis=0)
+    # Zero-padded by the largest lag (to a fast FFT length): no wrap-around at the lags used.
+    padded = tuple(fft.next_fast_len(size + max_lag, real=True) for size in residual.shape[1:])
+    spectrum = fft.rfft2(centred.astype(np.float64), s=padded, workers=-1)
+    power = (spectrum.real ** 2 + spectrum.imag ** 2).sum(axis=0)  # summed over images before the inverse
+    autocorrelation = fft.irfft2(power, s=padded, workers=-1)
     autocorrelation /= autocorrelation[0, 0]
     lags = np.r_[0:max_lag + 1, -max_lag:0]
     return variance, float(max(autocorrelation[np.ix_(lags, lags)].sum(), 1.0))

@@ -43,27 +43,42 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
     farther out are taken as known). Infinite where that is singular."""
     fisher = np.asarray(fisher, np.float64)
     n, p = fisher.shape[:2]
-    neighbours = [[] for _ in range(n)]
-    blocks = {}
-    for (i, j), block in zip(np.zeros((0, 2), int) if pairs is None else pairs, () if cross is None else cross):
-        neighbours[i].append(j)
-        neighbours[j].append(i)
-        blocks[i, j], blocks[j, i] = block, block.T
+    pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
+    cross = np.zeros((0, p, p)) if cross is None else np.asarray(cross, np.float64)
+    m = len(pairs)
+    # Every block by number: own blocks, cross blocks (i, j), their transposes (j, i), a zero block.
+    blocks = np.concatenate([fisher, cross, cross.transpose(0, 2, 1), np.zeros((1, p, p))])
+    # Directed couplings (i, j), (j, i) pair by pair: each atom's neighbours in the order of ``pairs``.
+    source, target = pairs.ravel(), pairs[:, ::-1].ravel()
+    number = n + np.column_stack([np.arange(m), m + np.arange(m)]).ravel()
+    order = np.argsort(source * n + target)
+    keys, numbers = (source * n + target)[order], number[order]  # the block of (u, v) by binary search
+    degree = np.bincount(source, minlength=n)
+    first = np.cumsum(degree) - degree
+    by_source = np.argsort(source, kind="stable")
     out = np.full((n, 3, 3), np.inf)
-    for i in range(n):
-        ring = [i] + neighbours[i]
-        joint = np.zeros((len(ring) * p, len(ring) * p))
-        for a, u in enumerate(ring):
-            for b, v in enumerate(ring):
-                block = fisher[u] if a == b else blocks.get((u, v))
-                if block is not None:
-                    joint[a * p:(a + 1) * p, b * p:(b + 1) * p] = block
+    for size in np.unique(degree):  # atoms with as many neighbours at once: batched inverses
+        atoms = np.flatnonzero(degree == size)
+        ring = np.column_stack([atoms, target[by_source[first[atoms, None] + np.arange(size)]]])  # (G, size + 1)
+        u, v = ring[:, :, None], ring[:, None, :]
+        index = np.where(u == v, u, len(blocks) - 1)
+        if m:
+            found = np.searchsorted(keys, u * n + v).clip(max=2 * m - 1)
+            index = np.where((u != v) & (keys[found] == u * n + v), numbers[found], index)
+        k = (size + 1) * p
+        joint = blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
+        position = np.eye(k)[:, :3]  # the atom's x, y, z: the columns of the inverse wanted
         try:
-            inverse = np.linalg.inv(joint)[:3, :3]
-        except np.linalg.LinAlgError:
-            continue
-        if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse) > 0):
-            out[i] = inverse
+            inverse = np.linalg.solve(joint, position)[:, :3]
+        except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
+            inverse = np.full((len(atoms), 3, 3), np.inf)
+            for g in range(len(atoms)):
+                try:
+                    inverse[g] = np.linalg.solve(joint[g], position)[:3]
+                except np.linalg.LinAlgError:
+                    pass
+        good = np.all(np.isfinite(inverse), axis=(1, 2)) & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1)
+        out[atoms[good]] = inverse[good]
     return out
 
 

@@ -21,11 +21,17 @@ the world frame (the first two rows of the rotation for the position). Parameter
 (3), or the position, log a and log σ (5) with ``free_shape``.
 
 The footprints are the projector's own (`TiltSeriesProjector._footprint`, the widest component's,
-with its truncation, geometry and blur) and the row profile is the projector's recurrence. One
-thread per (atom, projection) pair writes that pair's gain and in-plane moments (no atomics: safe on
-every backend); the host maps them to the world frame and sums them. The cost is about one forward
-projection of the atoms. The evidence rule of the counted fit (`engine.fit.evidence`) and
-the per-atom uncertainties of every fit (`engine.fit.uncertainty`) both run this kernel.
+with its truncation, geometry and blur) and the profiles are the projector's recurrence. An entry is
+an atom with itself (its gain, score and Fisher block) or with a coupled neighbour (a cross block,
+over the pixels both footprints cover); one thread per (entry, projection) writes that pair's
+in-plane moments into its own slot (no atomics: safe on every backend), and the host maps them to
+the world frame and sums them. Under Gaussian noise W is constant per projection, so every block is
+a product of sums along the columns and along the rows (`_separable_block`, O(width + height)) and
+only an atom's gain and score walk its pixels: the cost is about one forward projection of the
+atoms. The data, model and atoms go to the kernel as arguments (no fields: a new instance compiles
+nothing but its kernel, which Taichi's offline cache keeps between runs). The evidence rule of the
+counted fit (`engine.fit.evidence`) and the per-atom uncertainties of every fit
+(`engine.fit.uncertainty`) both run this kernel.
 """
 
 import math
@@ -38,7 +44,6 @@ from engine.kernels.atommodel import AtomProfile
 from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
 
 NOISE_MODELS = ("poisson", "gaussian")
-MOMENTS = 21  # per (entry, projection): Σ W ∇c ∇c'ᵀ (16), Σ W (y − with) ∇c (4), the gain
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
 
 
@@ -66,123 +71,147 @@ class LikelihoodGain:
         self.pixel_size = projector.pixel_size
         self.dtype, self.np_dtype = projector.dtype, projector.np_dtype
         self.capacity = int(capacity)
-        shape = (self.n_proj, self.height, self.width)
-        self.model = ti.field(self.dtype, shape)
-        self.data = ti.field(self.dtype, shape)
-        self.factor = ti.field(self.dtype, self.n_proj)
-        self.inverse_variance = ti.field(self.dtype, self.n_proj)
-        # Entries: an atom and a partner (itself for its own block, a neighbour for a cross block).
-        self.pos = ti.Vector.field(3, self.dtype, self.capacity)
-        self.amp = ti.field(self.dtype, self.capacity)
-        self.sigma = ti.field(self.dtype, self.capacity)
-        self.partner_pos = ti.Vector.field(3, self.dtype, self.capacity)
-        self.partner_amp = ti.field(self.dtype, self.capacity)
-        self.partner_sigma = ti.field(self.dtype, self.capacity)
-        self.partner_is_self = ti.field(ti.i32, self.capacity)
-        self.moments = ti.Vector.field(MOMENTS, self.dtype, (self.capacity, self.n_proj))
-        self.set_factor(np.ones(self.n_proj))
-        self.set_noise_variance(np.ones(self.n_proj))
+        # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `_launch`
+        # sums into the four derivatives (`_separable_block`); counts, the four.
+        self.block_side = 4 if noise == "poisson" else 5
+        # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
+        # per instance beyond the kernel itself).
+        self.model = self.data = None
+        self.factor = np.ones(self.n_proj, self.np_dtype)
+        self.inverse_variance = np.ones(self.n_proj)
 
     def set_counts(self, data: np.ndarray) -> None:
         """The measured data y (n, H, W): counts (Poisson) or image units (Gaussian)."""
-        self.data.from_numpy(np.ascontiguousarray(data, self.np_dtype))
+        self.data = np.ascontiguousarray(data, self.np_dtype)
 
     def set_model(self, expected: np.ndarray) -> None:
         """The model m (n, H, W) that gains are measured against, in the data's units."""
-        self.model.from_numpy(np.ascontiguousarray(expected, self.np_dtype))
+        self.model = np.ascontiguousarray(expected, self.np_dtype)
 
     def set_factor(self, factor) -> None:
         """f_k (n,): what an atom's rendering is multiplied by in projection k (default 1)."""
-        self.factor.from_numpy(np.broadcast_to(np.asarray(factor, self.np_dtype), (self.n_proj,)).copy())
+        self.factor[:] = np.broadcast_to(np.asarray(factor, np.float64), (self.n_proj,))
 
     def set_noise_variance(self, variance) -> None:
         """The Gaussian noise variance v_k (n,) per projection, in the data's units squared."""
-        self.inverse_variance.from_numpy(1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
-                                         .astype(self.np_dtype))
+        self.inverse_variance[:] = 1.0 / np.broadcast_to(np.asarray(variance, np.float64), (self.n_proj,))
 
     @ti.func
-    def _atom_terms(self, proj, k, col, row, r, c, a, sig, s2):
-        """(c, ∇c) of an atom centred at (col, row) px in projection k at pixel (r, c), exp evaluated
-        directly: a partner atom's terms inside the first atom's footprint walk."""
-        weights = ti.static(self.weights)
-        ps = self.dtype(self.pixel_size)
-        dx, dy = c - col, r - row
-        atom = self.dtype(0.0)
-        radial = self.dtype(0.0)
-        widening = self.dtype(0.0)
-        for j in ti.static(range(len(weights))):
-            cj = (self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
-                  * ti.exp(-(dx * dx + dy * dy) * 0.5 / s2[j]))
-            atom += cj
-            radial += cj / s2[j]
-            widening += cj * ((dx * dx + dy * dy) * 0.5 / s2[j] - 1.0) / s2[j]
-        return ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
+    def _footprint(self, proj, k, atoms: ti.template(), i, factor):
+        """Atom i's footprint in projection k: its centre (col, row) and pixel box (the projector's,
+        of the widest component), and per component 1/s² (px⁻²) and the peak f_k a w_j / 2π s_j²."""
+        ps2, sig = self.dtype(self.pixel_size ** 2), atoms[i, 4]
+        widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
+        p = ti.Vector([atoms[i, 0], atoms[i, 1], atoms[i, 2]])
+        col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
+        inv_s2 = ti.Vector([ps2 / (sig * sig + self.dtype(v + proj.blur_sigma ** 2)) for v in ti.static(self.extras)])
+        peak = ti.Vector([self.dtype(w / (2.0 * math.pi)) for w in ti.static(self.weights)]) * inv_s2
+        return col, row, c_lo, c_hi, r_lo, r_hi, inv_s2, peak * (factor * atoms[i, 3] / ps2)
 
     @ti.func
-    def _widths(self, proj, sig):
-        """Per component s² (px²) of an atom of width σ (Å) under the projector's blur."""
-        ps = self.dtype(self.pixel_size)
-        return ti.Vector([(sig * sig + self.dtype(self.extras[j]) + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-                          for j in ti.static(range(len(self.weights)))])
+    def _derivatives(self, c, inv_s2, dx, dy, first: ti.template()):
+        """(∂u · ps, ∂v · ps, ∂log a, ∂s²) of the atom whose components are c[first:first + K] (1/s²
+        px⁻² inv_s2[first:first + K]) at offset (dx, dy) px from its centre (s² in px²; `evaluate`
+        turns them into per Å and per log σ)."""
+        atom, radial, curvature = c[first], c[first] * inv_s2[first], c[first] * inv_s2[first] * inv_s2[first]
+        for j in ti.static(range(first + 1, first + len(self.weights))):
+            atom, radial, curvature = atom + c[j], radial + c[j] * inv_s2[j], curvature + c[j] * inv_s2[j] * inv_s2[j]
+        return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
+
+    @ti.func
+    def _pieces(self, across, linear, square):
+        """One atom's five derivative pieces' factors along one image axis (``across``: columns, else
+        rows), given its d/s² (``linear``) and d²/2s⁴ (+ −1/s² along the rows, ``square``): the
+        pieces are radial · dx, radial · dy, the component, and the widening's dx and dy halves, each
+        a column factor times a row factor of the component."""
+        return ti.Vector([ti.select(across, linear, 1.0), ti.select(across, 1.0, linear), 1.0,
+                          ti.select(across, square, 1.0), ti.select(across, 1.0, square)])
+
+    @ti.func
+    def _separable_block(self, proj, box, centre, inv_s2, peak):
+        """Σ_p P P'ᵀ (5 × 5, W = 1) over the pixel box of the atom's and the partner's derivative
+        pieces (`_pieces`; `_launch` sums the last two into the widening) from sums along the
+        columns and along the rows alone: every component is a peak times a column profile times a
+        row profile and every piece a column factor times a row factor, so each sum over the box is
+        a column sum times a row sum, O(width + height) per pair instead of O(width · height). The
+        profiles by the projector's recurrence."""
+        K = ti.static(len(self.weights))
+        block = ti.Matrix([[0.0] * 5] * 5, self.dtype)
+        for jl in range(K * K):  # component j of the atom, l of the partner (loops: compiled once)
+            j, l = jl // K, K + jl % K
+            inv = ti.Vector([inv_s2[j], inv_s2[l]])
+            half = 0.5 * inv
+            product = ti.Matrix([[peak[j] * peak[l]] * 5] * 5, self.dtype)
+            for axis in range(2):  # columns, then rows
+                centres = ti.Vector([centre[0, axis], centre[1, axis]])
+                offset = -inv * axis  # the widening's −1/s² goes with the row factor
+                e, q = proj._walk_start(box[2 * axis] - centres, half)
+                step = ti.exp(-inv)
+                sums = ti.Matrix([[0.0] * 5] * 5, self.dtype)
+                for x in range(box[2 * axis], box[2 * axis + 1] + 1):
+                    d = x - centres
+                    g = proj._gaussian(d, half, e)
+                    e, q = e * q, q * step
+                    linear, square = inv * d, half * inv * d * d + offset
+                    first = self._pieces(axis == 0, linear[0], square[0]) * g[0]
+                    sums += first.outer_product(self._pieces(axis == 0, linear[1], square[1]) * g[1])
+                product *= sums
+            block += product
+        return block
 
     @ti.kernel
-    def _run(self, proj: ti.template(), n: ti.i32, add: ti.i32):
-        """Per (entry, projection): the gain of the entry's atom, and the in-plane moments
-        Σ_p W ∇c ∇c'ᵀ (16, c' the entry's partner atom, the atom itself on the diagonal) and
-        Σ_p W (y − with) ∇c (4), ∇c = (∂u, ∂v per Å, ∂log a, ∂log σ), over the atom's footprint;
-        `evaluate` maps them to the world frame. One thread per (entry, projection), each writing
-        its own slot."""
-        weights = ti.static(self.weights)
-        K = ti.static(len(weights))
-        ps = self.dtype(self.pixel_size)
-        for i, k in ti.ndrange(n, self.n_proj):
-            p, a, sig = self.pos[i], self.amp[i], self.sigma[i]
-            same = self.partner_is_self[i]
-            widest = ti.sqrt(sig * sig + self.dtype(self.widest_extra))
-            col, row, _, _, _, c_lo, c_hi, r_lo, r_hi = proj._footprint(k, p, widest)
-            s2 = self._widths(proj, sig)
-            inv2s2 = 0.5 / s2
-            step = ti.exp(-2.0 * inv2s2)
-            peak = ti.Vector([self.factor[k] * a * self.dtype(weights[j] / (2.0 * math.pi)) / (s2[j] * ps * ps)
-                              for j in ti.static(range(K))])
-            # The partner: its centre, widths, and whether its footprint reaches this one at all.
-            partner_sig, partner_amp = self.partner_sigma[i], self.partner_amp[i]
-            partner_widest = ti.sqrt(partner_sig * partner_sig + self.dtype(self.widest_extra))
-            pcol, prow, ps2_max, _, _, _, _, _, _ = proj._footprint(k, self.partner_pos[i], partner_widest)
-            s2_max = (widest * widest + self.dtype(proj.blur_sigma ** 2)) / (ps * ps)
-            reach = self.dtype(TRUNCATION_RADIUS_SIGMAS) * (ti.sqrt(s2_max) + ti.sqrt(ps2_max))
-            touches = same == 1 or (col - pcol) ** 2 + (row - prow) ** 2 < reach * reach
-            partner_s2 = self._widths(proj, partner_sig)
-            out = ti.Vector.zero(self.dtype, MOMENTS)
+    def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
+             model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
+             moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32):
+        """Per (entry, projection): the in-plane moments of the entry's atom and partner (the atom
+        itself on the diagonal) over the pixels both footprints cover: Σ_p W ∇c ∇c'ᵀ (W = 1 for
+        Gaussian noise, its 1/v_k applied by `_launch`; there as the 5 × 5 block of derivative
+        pieces, `_separable_block`), and for an atom's own entry Σ_p W (y − with) ∇c and its gain,
+        ∇c = `_derivatives`. Layout per slot: the block (row-major), the score (4), the gain. The
+        first entry's thread also writes the image axes u, v of projection k in the world frame (the
+        rows of its rotation) into ``axes``."""
+        K = ti.static(len(self.weights))
+        for e, k in ti.ndrange(entries.shape[0], self.n_proj):
+            # The atom's and the partner's footprints (a loop, so that its code is compiled once):
+            # centres (col, row) px, per component 1/s² and peak (the atom's K, then the partner's),
+            # and the box of the pixels both cover.
+            centre = ti.Matrix([[0.0, 0.0], [0.0, 0.0]], self.dtype)
+            inv_s2 = ti.Vector([0.0] * (2 * K), self.dtype)
+            peak = ti.Vector([0.0] * (2 * K), self.dtype)
+            box = ti.Vector([0, self.width - 1, 0, self.height - 1])
+            for t in range(2):
+                col, row, c_lo, c_hi, r_lo, r_hi, one_inv_s2, one_peak = self._footprint(
+                    proj, k, atoms, entries[e, t], factor[k])
+                centre[t, 0] = col
+                centre[t, 1] = row
+                box = ti.Vector([ti.max(box[0], c_lo), ti.min(box[1], c_hi),
+                                 ti.max(box[2], r_lo), ti.min(box[3], r_hi)])
+                for j in ti.static(range(K)):
+                    inv_s2[t * K + j] = one_inv_s2[j]
+                    peak[t * K + j] = one_peak[j]
+            col = ti.Vector([centre[j // K, 0] for j in ti.static(range(2 * K))])  # per component
+            row = ti.Vector([centre[j // K, 1] for j in ti.static(range(2 * K))])
+            inv2s2 = 0.5 * inv_s2
+            step = ti.exp(-inv_s2)
+            ey, qy = proj._walk_start(box[2] - row, inv2s2)
+            ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
+            block = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # Poisson
+            score = ti.Vector([0.0] * 4, self.dtype)
             total = self.dtype(0.0)
-            ex0 = ti.Vector.zero(self.dtype, K)
-            qx0 = ti.Vector.zero(self.dtype, K)
-            for j in ti.static(range(K)):
-                e0, q0 = proj._walk_start(c_lo - col, inv2s2[j])
-                ex0[j] = e0
-                qx0[j] = q0
-            if not touches:
-                r_hi = r_lo - 1  # nothing shared: an empty walk
-            for r in range(r_lo, r_hi + 1):
-                dy = r - row
-                ey = ti.exp(-dy * dy * inv2s2)
+            walk = entries[e, 0] == entries[e, 1]  # Gaussian noise: a cross block needs no pixel walk
+            if ti.static(self.noise == "poisson"):
+                walk = True
+            for r in range(box[2], box[3] + 1 if walk else box[2]):
+                ry = peak * proj._gaussian(r - row, inv2s2, ey)
+                ey, qy = ey * qy, qy * step
                 ex, qx = ex0, qx0
-                for c in range(c_lo, c_hi + 1):
-                    dx = c - col
-                    atom = self.dtype(0.0)
-                    radial = self.dtype(0.0)  # Σ_j c_j / s_j²: ∂c/∂u = radial · dx
-                    widening = self.dtype(0.0)  # Σ_j c_j (d²/2s_j⁴ − 1/s_j²) = ∂c/∂(s² in px²)
-                    for j in ti.static(range(K)):
-                        cj = peak[j] * ey[j] * proj._gaussian(dx, inv2s2[j], ex[j])
-                        ex[j] *= qx[j]
-                        qx[j] *= step[j]
-                        atom += cj
-                        radial += cj / s2[j]
-                        widening += cj * ((dx * dx + dy * dy) * inv2s2[j] - 1.0) / s2[j]
-                    lam = self.model[k, r, c]
-                    y = self.data[k, r, c]
-                    with_atom = lam + atom if add else lam
-                    weight = self.dtype(0.0)
+                for c in range(box[0], box[1] + 1):
+                    components = ry * proj._gaussian(c - col, inv2s2, ex)
+                    ex, qx = ex * qx, qx * step
+                    g = self._derivatives(components, inv_s2, c - col[0], r - row[0], 0)
+                    atom, y = g[2], data[k, r, c]
+                    with_atom = model[k, r, c] + atom * add
+                    weight = self.dtype(1.0)
                     if ti.static(self.noise == "poisson"):
                         with_atom = ti.max(with_atom, self.dtype(POISSON_FLOOR))
                         without = ti.max(with_atom - atom, self.dtype(POISSON_FLOOR))
@@ -190,44 +219,52 @@ class LikelihoodGain:
                         if y > 0.0:
                             total += y * ti.log(with_atom / without)
                         weight = 1.0 / with_atom
+                        h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
+                        block += (weight * g).outer_product(h)
                     else:
-                        weight = self.inverse_variance[k]
-                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5 * weight
-                    g = ti.Vector([radial * dx / ps, radial * dy / ps, atom, widening * 2.0 * sig * sig / (ps * ps)])
-                    h = g
-                    if same == 0:
-                        h = self._atom_terms(proj, k, pcol, prow, r, c, partner_amp, partner_sig, partner_s2)
-                    wg = weight * g
-                    out += ti.Vector([wg[a_] * h[b_] for a_ in ti.static(range(4)) for b_ in ti.static(range(4))]
-                                     + [(y - with_atom) * wg[a_] for a_ in ti.static(range(4))] + [0.0])
-            out[MOMENTS - 1] = total
-            self.moments[i, k] = out
+                        total += (2.0 * (y - with_atom) + atom) * atom * 0.5
+                    score += (y - with_atom) * weight * g
+            side = ti.static(self.block_side)
+            if ti.static(self.noise != "poisson"):
+                pieces = self._separable_block(proj, box, centre, inv_s2, peak)
+                for m in range(side * side):
+                    moments[e, k, m] = pieces[m // side, m % side]
+            else:
+                for m in range(side * side):
+                    moments[e, k, m] = block[m // side, m % side]
+            for m in range(4):
+                moments[e, k, side * side + m] = score[m]
+            moments[e, k, side * side + 4] = total
+            if e == 0:
+                rotation = proj.rot[k]
+                for m in range(6):
+                    axes[k, m // 3, m % 3] = rotation[m // 3, m % 3]
 
-    def _world_frame(self) -> np.ndarray:
-        """T_k (n, P, 4): in-plane (u, v, log a, log σ) derivatives → the parameters, for the
-        projector's current geometry."""
-        rot = self.projector.rot.to_numpy().astype(np.float64)
-        t = np.zeros((self.n_proj, self.n_params, 4))
-        t[:, :3, :2] = rot[:, :2, :].transpose(0, 2, 1)
+    def _world_frame(self, axes: np.ndarray) -> np.ndarray:
+        """T_k (n, P, side): the kernel's in-plane derivatives (u, v px, log a, s² px²; under Gaussian
+        noise the five pieces, the last two the widening's halves) → the parameters (before their
+        units), given the image axes u, v (n, 2, 3) of the geometry they were taken in."""
+        t = np.zeros((self.n_proj, self.n_params, self.block_side))
+        t[:, :3, :2] = axes.transpose(0, 2, 1)
         if self.free_shape:
-            t[:, 3, 2] = t[:, 4, 3] = 1.0
+            t[:, 3, 2] = 1.0
+            t[:, 4, 3:] = 1.0
         return t
 
-    def _launch(self, first, second, positions, amplitudes, widths, add: bool) -> np.ndarray:
-        """Moments (E, n, MOMENTS) of the entries (atom ``first[e]``, partner ``second[e]``)."""
-        moments = np.zeros((len(first), self.n_proj, MOMENTS))
-        for start in range(0, len(first), self.capacity):
-            stop = min(start + self.capacity, len(first))
-            pad = self.capacity - (stop - start)
-            for fields, index in (((self.pos, self.amp, self.sigma), first[start:stop]),
-                                  ((self.partner_pos, self.partner_amp, self.partner_sigma), second[start:stop])):
-                fields[0].from_numpy(np.pad(positions[index], ((0, pad), (0, 0))).astype(self.np_dtype))
-                fields[1].from_numpy(np.pad(amplitudes[index], (0, pad)).astype(self.np_dtype))
-                fields[2].from_numpy(np.pad(widths[index], (0, pad), constant_values=1.0).astype(self.np_dtype))
-            self.partner_is_self.from_numpy(np.pad(first[start:stop] == second[start:stop], (0, pad)).astype(np.int32))
-            self._run(self.projector, stop - start, 1 if add else 0)
-            moments[start:stop] = self.moments.to_numpy()[:stop - start]
-        return moments
+    def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> tuple[np.ndarray, np.ndarray]:
+        """What the kernel writes (`_run`) for the entries (E, 2), atom ``entries[e, 0]`` with partner
+        ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
+        per launch: (E, n, side² + 5) and the image axes (n, 2, 3)."""
+        if self.model is None or self.data is None:
+            raise RuntimeError("set_model and set_counts first")
+        written = np.zeros((len(entries), self.n_proj, self.block_side ** 2 + 5), self.np_dtype)
+        axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
+        atoms = np.ascontiguousarray(atoms, self.np_dtype)
+        for start in range(0, len(entries), self.capacity):
+            stop = min(start + self.capacity, len(entries))
+            self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
+                      self.data, self.factor, written[start:stop], axes, 1 if add else 0)
+        return written, axes.astype(np.float64)
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
@@ -241,13 +278,25 @@ class LikelihoodGain:
         widths = np.broadcast_to(np.asarray(widths, np.float64), (n,))
         atoms = np.arange(n)
         pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
-        moments = self._launch(np.concatenate([atoms, pairs[:, 0]]), np.concatenate([atoms, pairs[:, 1]]),
-                               positions, amplitudes, widths, add)
-        t = self._world_frame()
-        blocks = np.einsum("kpa,ekab,kqb->epq", t, moments[..., :16].reshape(len(moments), self.n_proj, 4, 4), t,
-                           optimize=True)
-        own = moments[:n]
-        result = (own[..., 20].sum(axis=1), blocks[:n], np.einsum("kpa,ika->ip", t, own[..., 16:20]))
+        entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
+        written, axes = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
+        # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
+        # over (k, a, b) and (k, a), then the units: px → Å for the position, s² (px²) → log σ.
+        side, pq = self.block_side, self.n_params
+        t = self._world_frame(axes)
+        weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
+        frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
+        moments = written[..., :side * side].reshape(len(entries), self.n_proj * side * side)
+        blocks = (moments @ frame).reshape(-1, pq, pq)
+        units = np.ones((n, pq))
+        units[:, :3] = 1.0 / self.pixel_size
+        if self.free_shape:
+            units[:, 4] = 2.0 * widths ** 2 / self.pixel_size ** 2
+        blocks *= units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
+        own = written[:n]
+        score = own[..., side * side:side * side + 4].reshape(n, self.n_proj * 4) @ (
+            t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq) * units
+        result = (own[..., -1] @ weight, blocks[:n], score)
         return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
