@@ -90,7 +90,8 @@ class FitProblem:
         if self._fusable(align):
             curvature = self.target.offset_curvature(batch_scale) if fit_offsets else 1.0
             fused_step(self.projector, self.target, self.model, cloud, self.projector.pair_grad, cloud.count,
-                       self.model.count, self.projector.batch_size, batch_scale, fit_offsets, curvature,
+                       self.model.count, self.projector.batch_size, batch_scale,
+                       self.projector.batch_size if fit_offsets else 0, curvature,
                        lr["lr_position"], lr["lr_amplitude"], lr["lr_width"])
             return
         self.projector.forward(cloud)

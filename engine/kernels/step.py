@@ -14,16 +14,17 @@ from engine.kernels.loss import offset_loop, residual_loops
 
 @ti.kernel
 def fused_step(projector: ti.template(), target: ti.template(), model: ti.template(), cloud: ti.template(),
-               pairs: ti.template(), n_gaussians: ti.i32, n_atoms: ti.i32, nb: ti.i32, batch_scale: ti.f32, fit_offsets: ti.template(),
-               curvature: ti.f32, lr_pos: ti.f32, lr_amp: ti.f32, lr_sigma: ti.f32):
+               pairs: ti.template(), n_gaussians: ti.i32, n_atoms: ti.i32, nb: ti.i32, batch_scale: ti.f32,
+               n_offsets: ti.i32, curvature: ti.f32, lr_pos: ti.f32, lr_amp: ti.f32, lr_sigma: ti.f32):
     """The step of `engine.fit.problem.FitProblem.step` without alignment or repulsion, for float32
     fields and a cloud that fits in one slab of the projector's adjoint scratch. ``pairs`` is the
     projector's ``pair_grad``, given as an argument because it is replaced when the capacity grows (and
-    with it the kernel then compiled for it, which reads the new scratch too)."""
+    with it the kernel then compiled for it, which reads the new scratch too). ``n_offsets``: the
+    batch size when the offsets are fitted, else 0 (an argument, not a template: one compiled kernel
+    serves the fit and its B-factor refits)."""
     projector.forward_loops(cloud, projector.image, projector.batch, n_gaussians, nb)
     residual_loops(target, projector.image, projector.image_grad, projector.batch, nb, batch_scale)
-    if ti.static(fit_offsets):
-        offset_loop(target, projector.batch, nb, curvature)
+    offset_loop(target, projector.batch, n_offsets, curvature)
     projector.pair_loop(cloud, pairs, 0, n_gaussians, nb)
     projector.gaussian_reduction_loop(cloud, pairs, n_gaussians, nb)
     model.adam_loop(cloud, n_atoms, lr_pos, lr_amp, lr_sigma, 1.0)
