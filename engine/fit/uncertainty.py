@@ -33,6 +33,7 @@ COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "corr_xy", "corr_xz", "corr_yz", "po
 COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
 MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
+BATCH_ATOMS = 2048  # joint matrices built at once (each up to 65² float64: about 70 MB a batch)
 
 
 def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarray:
@@ -57,28 +58,32 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
     first = np.cumsum(degree) - degree
     by_source = np.argsort(source, kind="stable")
     out = np.full((n, 3, 3), np.inf)
-    for size in np.unique(degree):  # atoms with as many neighbours at once: batched inverses
-        atoms = np.flatnonzero(degree == size)
-        ring = np.column_stack([atoms, target[by_source[first[atoms, None] + np.arange(size)]]])  # (G, size + 1)
-        u, v = ring[:, :, None], ring[:, None, :]
-        index = np.where(u == v, u, len(blocks) - 1)
-        if m:
-            found = np.searchsorted(keys, u * n + v).clip(max=2 * m - 1)
-            index = np.where((u != v) & (keys[found] == u * n + v), numbers[found], index)
-        k = (size + 1) * p
-        joint = blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
-        position = np.eye(k)[:, :3]  # the atom's x, y, z: the columns of the inverse wanted
-        try:
-            inverse = np.linalg.solve(joint, position)[:, :3]
-        except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
-            inverse = np.full((len(atoms), 3, 3), np.inf)
-            for g in range(len(atoms)):
-                try:
-                    inverse[g] = np.linalg.solve(joint[g], position)[:3]
-                except np.linalg.LinAlgError:
-                    pass
-        good = np.all(np.isfinite(inverse), axis=(1, 2)) & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1)
-        out[atoms[good]] = inverse[good]
+    for size in np.unique(degree):  # atoms with as many neighbours at once: batched solves,
+        group = np.flatnonzero(degree == size)
+        for start in range(0, len(group), BATCH_ATOMS):  # in batches of bounded memory
+            atoms = group[start:start + BATCH_ATOMS]
+            # (G, size + 1): each atom and its neighbours
+            ring = np.column_stack([atoms, target[by_source[first[atoms, None] + np.arange(size)]]])
+            u, v = ring[:, :, None], ring[:, None, :]
+            index = np.where(u == v, u, len(blocks) - 1)
+            if m:
+                found = np.searchsorted(keys, u * n + v).clip(max=2 * m - 1)
+                index = np.where((u != v) & (keys[found] == u * n + v), numbers[found], index)
+            k = (size + 1) * p
+            joint = blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
+            position = np.eye(k)[:, :3]  # the atom's x, y, z: the columns of the inverse wanted
+            try:
+                inverse = np.linalg.solve(joint, position)[:, :3]
+            except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
+                inverse = np.full((len(atoms), 3, 3), np.inf)
+                for g in range(len(atoms)):
+                    try:
+                        inverse[g] = np.linalg.solve(joint[g], position)[:3]
+                    except np.linalg.LinAlgError:
+                        pass
+            good = (np.all(np.isfinite(inverse), axis=(1, 2))
+                    & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1))
+            out[atoms[good]] = inverse[good]
     return out
 
 

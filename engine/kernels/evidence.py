@@ -41,7 +41,6 @@ import taichi as ti
 
 from engine.core.backend import session_cache
 from engine.kernels.atommodel import AtomProfile
-from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
 
 NOISE_MODELS = ("poisson", "gaussian")
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
@@ -71,7 +70,7 @@ class LikelihoodGain:
         self.pixel_size = projector.pixel_size
         self.dtype, self.np_dtype = projector.dtype, projector.np_dtype
         self.capacity = int(capacity)
-        # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `_launch`
+        # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `evaluate`
         # sums into the four derivatives (`_separable_block`); counts, the four.
         self.block_side = 4 if noise == "poisson" else 5
         # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
@@ -130,7 +129,7 @@ class LikelihoodGain:
     @ti.func
     def _separable_block(self, proj, box, centre, inv_s2, peak):
         """Σ_p P P'ᵀ (5 × 5, W = 1) over the pixel box of the atom's and the partner's derivative
-        pieces (`_pieces`; `_launch` sums the last two into the widening) from sums along the
+        pieces (`_pieces`; `evaluate` sums the last two into the widening) from sums along the
         columns and along the rows alone: every component is a peak times a column profile times a
         row profile and every piece a column factor times a row factor, so each sum over the box is
         a column sum times a row sum, O(width + height) per pair instead of O(width · height). The
@@ -165,7 +164,7 @@ class LikelihoodGain:
              moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32):
         """Per (entry, projection): the in-plane moments of the entry's atom and partner (the atom
         itself on the diagonal) over the pixels both footprints cover: Σ_p W ∇c ∇c'ᵀ (W = 1 for
-        Gaussian noise, its 1/v_k applied by `_launch`; there as the 5 × 5 block of derivative
+        Gaussian noise, its 1/v_k applied by `evaluate`; there as the 5 × 5 block of derivative
         pieces, `_separable_block`), and for an atom's own entry Σ_p W (y − with) ∇c and its gain,
         ∇c = `_derivatives`. Layout per slot: the block (row-major), the score (4), the gain. The
         first entry's thread also writes the image axes u, v of projection k in the world frame (the
@@ -251,20 +250,22 @@ class LikelihoodGain:
             t[:, 4, 3:] = 1.0
         return t
 
-    def _launch(self, entries: np.ndarray, atoms: np.ndarray, add: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _launches(self, entries: np.ndarray, atoms: np.ndarray, add: bool):
         """What the kernel writes (`_run`) for the entries (E, 2), atom ``entries[e, 0]`` with partner
         ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
-        per launch: (E, n, side² + 5) and the image axes (n, 2, 3)."""
+        per launch: yields (start, stop, what entries start..stop wrote (stop − start, n, side² + 5),
+        the image axes (n, 2, 3)). The buffer is reused: take what is needed before the next launch
+        (held whole, it would grow as atoms × projections: gigabytes at 10⁵ atoms)."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
-        written = np.zeros((len(entries), self.n_proj, self.block_side ** 2 + 5), self.np_dtype)
+        written = np.zeros((min(len(entries), self.capacity), self.n_proj, self.block_side ** 2 + 5), self.np_dtype)
         axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
-                      self.data, self.factor, written[start:stop], axes, 1 if add else 0)
-        return written, axes.astype(np.float64)
+                      self.data, self.factor, written[:stop - start], axes, 1 if add else 0)
+            yield start, stop, written[:stop - start], axes.astype(np.float64)
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
         """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
@@ -279,24 +280,27 @@ class LikelihoodGain:
         atoms = np.arange(n)
         pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
         entries = np.concatenate([np.column_stack([atoms, atoms]), pairs])
-        written, axes = self._launch(entries, np.column_stack([positions, amplitudes, widths]), add)
-        # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
-        # over (k, a, b) and (k, a), then the units: px → Å for the position, s² (px²) → log σ.
         side, pq = self.block_side, self.n_params
-        t = self._world_frame(axes)
         weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
-        frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
-        moments = written[..., :side * side].reshape(len(entries), self.n_proj * side * side)
-        blocks = (moments @ frame).reshape(-1, pq, pq)
+        blocks, gain, score = np.zeros((len(entries), pq, pq)), np.zeros(n), np.zeros((n, pq))
+        for start, stop, written, axes in self._launches(entries, np.column_stack([positions, amplitudes, widths]),
+                                                         add):
+            # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
+            # over (k, a, b) and (k, a); the units follow below.
+            t = self._world_frame(axes)
+            frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
+            blocks[start:stop] = (written[..., :side * side].reshape(stop - start, -1) @ frame).reshape(-1, pq, pq)
+            own = written[:max(0, min(stop, n) - start)]  # the first n entries are the atoms themselves
+            gain[start:start + len(own)] = own[..., -1] @ weight
+            score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ (
+                t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
+        # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
         if self.free_shape:
             units[:, 4] = 2.0 * widths ** 2 / self.pixel_size ** 2
         blocks *= units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
-        own = written[:n]
-        score = own[..., side * side:side * side + 4].reshape(n, self.n_proj * 4) @ (
-            t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq) * units
-        result = (own[..., -1] @ weight, blocks[:n], score)
+        result = (gain, blocks[:n], score * units)
         return result + (blocks[n:],) if len(pairs) else result
 
     def run(self, positions, amplitude: float, width: float, add: bool):
