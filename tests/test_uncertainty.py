@@ -59,7 +59,9 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
     params = np.column_stack([ATOMS, LOG_AMP, LOG_WIDTH])
     background = 2.0
     data = background + render(params, profile, g)
-    kernel = LikelihoodGain(TiltSeriesProjector(g, SHAPE, PIXEL, BLUR, dtype=dtype), noise, profile, free_shape=True)
+    # Two entries a launch: 3 atoms and 2 pairs take three launches, one holding an atom and a pair.
+    kernel = LikelihoodGain(TiltSeriesProjector(g, SHAPE, PIXEL, BLUR, dtype=dtype), noise, profile, free_shape=True,
+                            capacity=2)
     kernel.set_counts(data)
     kernel.set_model(data)
     kernel.set_factor(FACTOR)

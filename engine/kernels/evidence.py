@@ -291,9 +291,10 @@ class LikelihoodGain:
             frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
             blocks[start:stop] = (written[..., :side * side].reshape(stop - start, -1) @ frame).reshape(-1, pq, pq)
             own = written[:max(0, min(stop, n) - start)]  # the first n entries are the atoms themselves
-            gain[start:start + len(own)] = own[..., -1] @ weight
-            score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ (
-                t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
+            if len(own):
+                gain[start:start + len(own)] = own[..., -1] @ weight
+                score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ (
+                    t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
         # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
