@@ -200,18 +200,7 @@ def residual_loops(target: ti.template(), image: ti.template(), image_grad: ti.t
         # order (identical run to run, no atomics).
         for item in range(nb * CPU_TASK_SPREAD):
             if item % CPU_TASK_SPREAD == 0:
-                k = batch[item // CPU_TASK_SPREAD]
-                gc = target.dtype(0.0)
-                gb = target.dtype(0.0)
-                total = target.dtype(0.0)
-                for r, c in ti.ndrange(target.height, target.row_blocks):
-                    dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
-                    gc += dc
-                    gb += db
-                    total += ds
-                target.grad_scale[k] = gc
-                target.grad_offset[k] = gb
-                target.rendered_sum[k] = total
+                residual_projection(target, image, image_grad, batch[item // CPU_TASK_SPREAD], batch_scale)
     else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
         for b in range(nb):
             target.grad_scale[batch[b]] = 0.0
@@ -226,11 +215,32 @@ def residual_loops(target: ti.template(), image: ti.template(), image_grad: ti.t
 
 
 @ti.func
+def residual_projection(target: ti.template(), image: ti.template(), image_grad: ti.template(), k, batch_scale):
+    """dL/dimage of projection k and its dL/dc_k, dL/db_k and Σ I_k, by one thread."""
+    gc = target.dtype(0.0)
+    gb = target.dtype(0.0)
+    total = target.dtype(0.0)
+    for r, c in ti.ndrange(target.height, target.row_blocks):
+        dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
+        gc += dc
+        gb += db
+        total += ds
+    target.grad_scale[k] = gc
+    target.grad_offset[k] = gb
+    target.rendered_sum[k] = total
+
+
+@ti.func
+def offset_step(target: ti.template(), k, curvature):
+    """The `FitTarget.fit_offsets` Newton step of projection k's offset."""
+    target.intensity_offset[k] -= target.grad_offset[k] / curvature
+
+
+@ti.func
 def offset_loop(target: ti.template(), batch: ti.template(), nb, curvature):
     """The `FitTarget.fit_offsets` Newton step of the batch's offsets."""
     for b in range(nb):
-        k = batch[b]
-        target.intensity_offset[k] -= target.grad_offset[k] / curvature
+        offset_step(target, batch[b], curvature)
 
 
 @functools.lru_cache(maxsize=None)

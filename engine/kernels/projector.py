@@ -368,16 +368,20 @@ class TiltSeriesProjector:
         if ti.static(self.on_cpu):
             for item in range(nb * CPU_TASK_SPREAD):
                 if item % CPU_TASK_SPREAD == 0:
-                    k = batch[item // CPU_TASK_SPREAD]
-                    for r, c in ti.ndrange(self.height, self.row_blocks):
-                        image[k, r, c] = ti.Vector.zero(self.dtype, LANES)
-                    for g in range(n):
-                        self._splat(image, k, cloud.pos[g], cloud.amp[g], cloud.sigma[g])
+                    self.render_projection(cloud, image, batch[item // CPU_TASK_SPREAD], n)
         else:
             for b, r, c in ti.ndrange(nb, self.height, self.row_blocks):
                 image[batch[b], r, c] = ti.Vector.zero(self.dtype, LANES)
             for b, g in ti.ndrange(nb, n):
                 self._splat(image, batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g])
+
+    @ti.func
+    def render_projection(self, cloud: ti.template(), image: ti.template(), k, n):
+        """Projection k of the first n Gaussians into ``image``, by one thread (plain adds, a fixed order)."""
+        for r, c in ti.ndrange(self.height, self.row_blocks):
+            image[k, r, c] = ti.Vector.zero(self.dtype, LANES)
+        for g in range(n):
+            self._splat(image, k, cloud.pos[g], cloud.amp[g], cloud.sigma[g])
 
     def forward(self, cloud: GaussianCloud) -> None:
         """Render the current batch of projections of ``cloud`` into ``image``."""
@@ -481,6 +485,12 @@ class TiltSeriesProjector:
         for b, i in ti.ndrange(nb, ng):
             g = g0 + i
             pairs[b, g] = self._gather(self.batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g], b, i)
+
+    @ti.func
+    def gather_projection(self, cloud: ti.template(), pairs: ti.template(), b, n):
+        """`pair_loop`'s pairs of batch slot b and the first n Gaussians (one slab), by one thread."""
+        for g in range(n):
+            pairs[b, g] = self._gather(self.batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g], b, g)
 
     @ti.kernel
     def _reduce_per_gaussian(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):

@@ -9,7 +9,8 @@ Taichi 1.7.4's SPIR-V code generator fails on this kernel ("value does not yet e
 
 import taichi as ti
 
-from engine.kernels.loss import offset_loop, residual_loops
+from engine.kernels.loss import offset_step, residual_projection
+from engine.kernels.projector import CPU_TASK_SPREAD
 
 
 @ti.kernel
@@ -22,9 +23,16 @@ def fused_step(projector: ti.template(), target: ti.template(), model: ti.templa
     with it the kernel then compiled for it, which reads the new scratch too). ``n_offsets``: the
     batch size when the offsets are fitted, else 0 (an argument, not a template: one compiled kernel
     serves the fit and its B-factor refits)."""
-    projector.forward_loops(cloud, projector.image, projector.batch, n_gaussians, nb)
-    residual_loops(target, projector.image, projector.image_grad, projector.batch, nb, batch_scale)
-    offset_loop(target, projector.batch, n_offsets, curvature)
-    projector.pair_loop(cloud, pairs, 0, n_gaussians, nb)
+    # One task per projection renders it, takes its residual (and offset) and its adjoint pairs while
+    # its images are in the cache; then the pairs' sums per Gaussian, then Adam per atom.
+    for item in range(nb * CPU_TASK_SPREAD):
+        if item % CPU_TASK_SPREAD == 0:
+            b = item // CPU_TASK_SPREAD
+            k = projector.batch[b]
+            projector.render_projection(cloud, projector.image, k, n_gaussians)
+            residual_projection(target, projector.image, projector.image_grad, k, batch_scale)
+            if b < n_offsets:
+                offset_step(target, k, curvature)
+            projector.gather_projection(cloud, pairs, b, n_gaussians)
     projector.gaussian_reduction_loop(cloud, pairs, n_gaussians, nb)
     model.adam_loop(cloud, n_atoms, lr_pos, lr_amp, lr_sigma, 1.0)
