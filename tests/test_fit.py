@@ -231,8 +231,8 @@ def test_hot_pixels_are_removed_and_atoms_kept():
         assert ring.min() <= cleaned[r, c] <= ring.max()
 
 
-@pytest.mark.parametrize("kind", ["l2", "poisson"])
-def test_fused_step_is_the_separate_kernels_step(arch, kind, monkeypatch):
+@pytest.mark.parametrize("kind,components", [("l2", 1), ("poisson", 1), ("l2", 2)])
+def test_fused_step_is_the_separate_kernels_step(arch, kind, components, monkeypatch):
     """The one-kernel step (engine.kernels.step, CPU only) moves atoms, Adam moments and offsets
     exactly as the kernels launched one by one: bit for bit (the same loops in the same order)."""
     if arch != "cpu":
@@ -252,7 +252,8 @@ def test_fused_step_is_the_separate_kernels_step(arch, kind, monkeypatch):
     lr = {"lr_position": 0.01, "lr_amplitude": 0.02, "lr_width": 0.02}
     results = []
     for fused in (True, False):
-        fit = FitProblem(images, geometry, 0.3, DATA, kind, GAIN, AtomProfile(), 1.0)
+        profile = AtomProfile() if components == 1 else AtomProfile((0.7, 0.3), (0.0, 0.2))  # a core and a tail
+        fit = FitProblem(images, geometry, 0.3, DATA, kind, GAIN, profile, 1.0)
         fit.upload(start)
         assert fit._fusable(False)
         if not fused:

@@ -140,29 +140,34 @@ class AtomModel:
     def adam_loop(self, cloud: ti.template(), n, lr_pos, lr_amp, lr_sigma, grad_scale):
         """`adam_step`'s loop, for its kernel and for a fused step (`engine.kernels.step`)."""
         for i in range(n):
-            self.age[i] += 1
-            # Sums over the atom's Gaussians: d/dlog a = Σ a_k dL/da_k; with σ_k² = σ² + Δ_k²,
-            # d/dlog σ = Σ (σ²/σ_k) dL/dσ_k.
-            gp = ti.Vector.zero(self.dtype, 3)
-            ga = ti.cast(0.0, self.dtype)
-            gs = ti.cast(0.0, self.dtype)
-            sigma2 = ti.exp(2.0 * self.log_sigma[i])
-            for k in ti.static(range(self.profile.components)):
-                c = k * n + i
-                gp += cloud.grad_pos[c]
-                ga += cloud.grad_amp[c] * cloud.amp[c]
-                gs += cloud.grad_sigma[c] * sigma2 / cloud.sigma[c]
-            g = ti.Vector([gp[0], gp[1], gp[2], ga, gs]) * grad_scale
-            step, m, v = adam_direction(g, self.m[i], self.v[i], self.age[i], self.dtype)
-            self.m[i] = m
-            self.v[i] = v
-            move = lr_pos * ti.Vector([step[0], step[1], step[2]])
-            self.pos[i] -= move
-            self.moved[i] = move.norm()
-            self.log_amp[i] -= lr_amp * step[3]
-            self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], self.dtype(LOG_SIGMA_MIN)),
-                                       self.dtype(LOG_SIGMA_MAX))
-            self._render(cloud, i, n)  # right away: one kernel launch per step instead of two
+            self.adam_atom(cloud, i, n, lr_pos, lr_amp, lr_sigma, grad_scale)
+
+    @ti.func
+    def adam_atom(self, cloud: ti.template(), i, n, lr_pos, lr_amp, lr_sigma, grad_scale):
+        """Atom i's Adam step (of n atoms) from its Gaussians' gradients, and its new Gaussians."""
+        self.age[i] += 1
+        # Sums over the atom's Gaussians: d/dlog a = Σ a_k dL/da_k; with σ_k² = σ² + Δ_k²,
+        # d/dlog σ = Σ (σ²/σ_k) dL/dσ_k.
+        gp = ti.Vector.zero(self.dtype, 3)
+        ga = ti.cast(0.0, self.dtype)
+        gs = ti.cast(0.0, self.dtype)
+        sigma2 = ti.exp(2.0 * self.log_sigma[i])
+        for k in ti.static(range(self.profile.components)):
+            c = k * n + i
+            gp += cloud.grad_pos[c]
+            ga += cloud.grad_amp[c] * cloud.amp[c]
+            gs += cloud.grad_sigma[c] * sigma2 / cloud.sigma[c]
+        g = ti.Vector([gp[0], gp[1], gp[2], ga, gs]) * grad_scale
+        step, m, v = adam_direction(g, self.m[i], self.v[i], self.age[i], self.dtype)
+        self.m[i] = m
+        self.v[i] = v
+        move = lr_pos * ti.Vector([step[0], step[1], step[2]])
+        self.pos[i] -= move
+        self.moved[i] = move.norm()
+        self.log_amp[i] -= lr_amp * step[3]
+        self.log_sigma[i] = ti.min(ti.max(self.log_sigma[i] - lr_sigma * step[4], self.dtype(LOG_SIGMA_MIN)),
+                                   self.dtype(LOG_SIGMA_MAX))
+        self._render(cloud, i, n)  # right away: one kernel launch per step instead of two
 
     @ti.kernel
     def _set_shape(self, cloud: ti.template(), n: ti.i32, log_amp: ti.f32, log_sigma: ti.f32):

@@ -500,19 +500,24 @@ class TiltSeriesProjector:
     def gaussian_reduction_loop(self, cloud: ti.template(), pairs: ti.template(), n, nb):
         """The pairs' gradients summed per Gaussian, in the world frame, into the cloud's grad_* fields."""
         for g in range(n):
-            gp = ti.Vector.zero(self.dtype, 3)
-            ga = self.dtype(0.0)
-            gs2 = self.dtype(0.0)
-            for b in range(nb):
-                k = self.batch[b]
-                d = pairs[b, g]
-                gp += d[0] * ti.Vector([self.rot[k][0, 0], self.rot[k][0, 1], self.rot[k][0, 2]])
-                gp += d[1] * ti.Vector([self.rot[k][1, 0], self.rot[k][1, 1], self.rot[k][1, 2]])
-                ga += d[2]
-                gs2 += d[3]
-            cloud.grad_pos[g] = gp
-            cloud.grad_amp[g] = ga
-            cloud.grad_sigma[g] = gs2 * 2.0 * cloud.sigma[g]
+            self.reduce_gaussian(cloud, pairs, g, nb)
+
+    @ti.func
+    def reduce_gaussian(self, cloud: ti.template(), pairs: ti.template(), g, nb):
+        """Gaussian g's pairs of the batch's nb projections summed, in the world frame, into grad_*[g]."""
+        gp = ti.Vector.zero(self.dtype, 3)
+        ga = self.dtype(0.0)
+        gs2 = self.dtype(0.0)
+        for b in range(nb):
+            k = self.batch[b]
+            d = pairs[b, g]
+            gp += d[0] * ti.Vector([self.rot[k][0, 0], self.rot[k][0, 1], self.rot[k][0, 2]])
+            gp += d[1] * ti.Vector([self.rot[k][1, 0], self.rot[k][1, 1], self.rot[k][1, 2]])
+            ga += d[2]
+            gs2 += d[3]
+        cloud.grad_pos[g] = gp
+        cloud.grad_amp[g] = ga
+        cloud.grad_sigma[g] = gs2 * 2.0 * cloud.sigma[g]
 
     @ti.func
     def _reduce_projection(self, cloud, pairs, n, b):

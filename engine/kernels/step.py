@@ -24,7 +24,7 @@ def fused_step(projector: ti.template(), target: ti.template(), model: ti.templa
     batch size when the offsets are fitted, else 0 (an argument, not a template: one compiled kernel
     serves the fit and its B-factor refits)."""
     # One task per projection renders it, takes its residual (and offset) and its adjoint pairs while
-    # its images are in the cache; then the pairs' sums per Gaussian, then Adam per atom.
+    # its images are in the cache; then, per atom, the pairs' sums and Adam.
     for item in range(nb * CPU_TASK_SPREAD):
         if item % CPU_TASK_SPREAD == 0:
             b = item // CPU_TASK_SPREAD
@@ -34,5 +34,7 @@ def fused_step(projector: ti.template(), target: ti.template(), model: ti.templa
             if b < n_offsets:
                 offset_step(target, k, curvature)
             projector.gather_projection(cloud, pairs, b, n_gaussians)
-    projector.gaussian_reduction_loop(cloud, pairs, n_gaussians, nb)
-    model.adam_loop(cloud, n_atoms, lr_pos, lr_amp, lr_sigma, 1.0)
+    for i in range(n_atoms):  # each atom sums its Gaussians' pairs, then steps
+        for component in ti.static(range(model.profile.components)):
+            projector.reduce_gaussian(cloud, pairs, component * n_atoms + i, nb)
+        model.adam_atom(cloud, i, n_atoms, lr_pos, lr_amp, lr_sigma, 1.0)
