@@ -1,11 +1,14 @@
-"""One optimisation step of the atoms as one kernel: render the batch, the loss's dL/dimage (and the
-background offsets' Newton step), the adjoint per (projection, Gaussian) pair, its sum per
-Gaussian, and Adam. The same loops as the separate kernels of `TiltSeriesProjector`, `FitTarget`
-and `AtomModel` (their `ti.func` bodies), launched once instead of five or six times a step: on small
-fits the launches cost a tenth of the step (measured: 3.6 against 4.1 ms a step on a 147-atom,
-60-tilt, 96² series). Taichi runs a kernel's top-level loops one after the other, each in parallel,
-so the order and the sums are those of the separate kernels (bit for bit on the CPU). CPU only:
-Taichi 1.7.4's SPIR-V code generator fails on this kernel ("value does not yet exist")."""
+"""One optimisation step of the atoms as one CPU kernel: render the batch, the loss's dL/dimage (and
+the background offsets' Newton step), the adjoint per (projection, Gaussian) pair, its sum per
+Gaussian, and Adam, from the `ti.func` bodies the separate kernels of `TiltSeriesProjector`,
+`FitTarget` and `AtomModel` are made of. Two parallel loops instead of six kernels: one task per
+projection does its rendering, residual, offset and adjoint while that projection's images are in
+the cache, then one pass per atom sums its pairs and takes its Adam step. On a 2-core CPU the
+thread pool's start of each parallel loop costs a few tenths of a millisecond, as much as the work
+of a small fit's loop, and the separate kernels each read the images again. Every sum keeps its
+order, so the step is bit for bit that of the separate kernels (tested). CPU only: Taichi 1.7.4's
+SPIR-V code generator fails on the fused kernel ("value does not yet exist"), and GPUs want a
+thread per (projection, Gaussian) pair."""
 
 import taichi as ti
 
