@@ -1,14 +1,15 @@
 """One optimisation step of the atoms as one CPU kernel: render the batch, the loss's dL/dimage (and
 the background offsets' Newton step), the adjoint per (projection, Gaussian) pair, its sum per
 Gaussian, and Adam, from the `ti.func` bodies the separate kernels of `TiltSeriesProjector`,
-`FitTarget` and `AtomModel` are made of. Two parallel loops instead of six kernels: one task per
-projection does its rendering, residual, offset and adjoint while that projection's images are in
-the cache, then one pass per atom sums its pairs and takes its Adam step. On a 2-core CPU the
-thread pool's start of each parallel loop costs a few tenths of a millisecond, as much as the work
-of a small fit's loop, and the separate kernels each read the images again. Every sum keeps its
-order, so the step is bit for bit that of the separate kernels (tested). CPU only: Taichi 1.7.4's
-SPIR-V code generator fails on the fused kernel ("value does not yet exist"), and GPUs want a
-thread per (projection, Gaussian) pair."""
+`FitTarget` and `AtomModel` are made of. Three parallel loops instead of six kernels: one task per
+projection renders it and takes its residual and offset while its image is in the cache; one task
+per projection takes its adjoint pairs; one pass per atom sums its pairs and takes its Adam step.
+On a 2-core CPU the thread pool's start of each parallel loop costs a few tenths of a millisecond,
+as much as a small fit's loop. (The adjoint in the first loop's tasks would save a little more a
+step, but one function that large takes LLVM 1.8 s longer to compile, on every new image size.)
+Every sum keeps its order, so the step is bit for bit that of the separate kernels (tested). CPU
+only: Taichi 1.7.4's SPIR-V code generator fails on the fused kernel ("value does not yet exist"),
+and GPUs want a thread per (projection, Gaussian) pair."""
 
 import taichi as ti
 
@@ -26,8 +27,8 @@ def fused_step(projector: ti.template(), target: ti.template(), model: ti.templa
     with it the kernel then compiled for it, which reads the new scratch too). ``n_offsets``: the
     batch size when the offsets are fitted, else 0 (an argument, not a template: one compiled kernel
     serves the fit and its B-factor refits)."""
-    # One task per projection renders it, takes its residual (and offset) and its adjoint pairs while
-    # its images are in the cache; then, per atom, the pairs' sums and Adam.
+    # One task per projection renders it and takes its residual (and offset) while its image is in the
+    # cache; one per projection takes its adjoint pairs; then, per atom, the pairs' sums and Adam.
     for item in range(nb * CPU_TASK_SPREAD):
         if item % CPU_TASK_SPREAD == 0:
             b = item // CPU_TASK_SPREAD
@@ -36,7 +37,9 @@ def fused_step(projector: ti.template(), target: ti.template(), model: ti.templa
             residual_projection(target, projector.image, projector.image_grad, k, batch_scale)
             if b < n_offsets:
                 offset_step(target, k, curvature)
-            projector.gather_projection(cloud, pairs, b, n_gaussians)
+    for item in range(nb * CPU_TASK_SPREAD):
+        if item % CPU_TASK_SPREAD == 0:
+            projector.gather_projection(cloud, pairs, item // CPU_TASK_SPREAD, n_gaussians)
     for i in range(n_atoms):  # each atom sums its Gaussians' pairs, then steps
         for component in ti.static(range(model.profile.components)):
             projector.reduce_gaussian(cloud, pairs, component * n_atoms + i, nb)
