@@ -134,17 +134,13 @@ class AtomModel:
     @ti.kernel
     def _adam_step(self, cloud: ti.template(), n: ti.i32, lr_pos: ti.f32, lr_amp: ti.f32, lr_sigma: ti.f32,
                    grad_scale: ti.f32):
-        self.adam_loop(cloud, n, lr_pos, lr_amp, lr_sigma, grad_scale)
-
-    @ti.func
-    def adam_loop(self, cloud: ti.template(), n, lr_pos, lr_amp, lr_sigma, grad_scale):
-        """`adam_step`'s loop, for its kernel and for a fused step (`engine.kernels.step`)."""
         for i in range(n):
             self.adam_atom(cloud, i, n, lr_pos, lr_amp, lr_sigma, grad_scale)
 
     @ti.func
     def adam_atom(self, cloud: ti.template(), i, n, lr_pos, lr_amp, lr_sigma, grad_scale):
-        """Atom i's Adam step (of n atoms) from its Gaussians' gradients, and its new Gaussians."""
+        """Atom i's Adam step (of n atoms) from its Gaussians' gradients, and its new Gaussians (for
+        `adam_step` and the fused step, `engine.kernels.step`)."""
         self.age[i] += 1
         # Sums over the atom's Gaussians: d/dlog a = Σ a_k dL/da_k; with σ_k² = σ² + Δ_k²,
         # d/dlog σ = Σ (σ²/σ_k) dL/dσ_k.

@@ -283,18 +283,20 @@ class LikelihoodGain:
         side, pq = self.block_side, self.n_params
         weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
         blocks, gain, score = np.zeros((len(entries), pq, pq)), np.zeros(n), np.zeros((n, pq))
+        frame = None
         for start, stop, written, axes in self._launches(entries, np.column_stack([positions, amplitudes, widths]),
                                                          add):
             # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
-            # over (k, a, b) and (k, a); the units follow below.
-            t = self._world_frame(axes)
-            frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
+            # over (k, a, b) and (k, a); the units follow below. Every launch sees the same geometry.
+            if frame is None:
+                t = self._world_frame(axes)
+                frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
+                score_frame = (t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
             blocks[start:stop] = (written[..., :side * side].reshape(stop - start, -1) @ frame).reshape(-1, pq, pq)
             own = written[:max(0, min(stop, n) - start)]  # the first n entries are the atoms themselves
             if len(own):
                 gain[start:start + len(own)] = own[..., -1] @ weight
-                score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ (
-                    t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
+                score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ score_frame
         # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size

@@ -191,32 +191,9 @@ class FitTarget:
 
 
 @ti.func
-def residual_loops(target: ti.template(), image: ti.template(), image_grad: ti.template(), batch: ti.template(),
-                   nb, batch_scale):
-    """The `FitTarget.residual` loops, for kernels of their own and for a fused step
-    (`engine.kernels.step`)."""
-    if ti.static(target.on_cpu):
-        # One task per projection: the intensity gradients are sums over its pixels in a fixed
-        # order (identical run to run, no atomics).
-        for item in range(nb * CPU_TASK_SPREAD):
-            if item % CPU_TASK_SPREAD == 0:
-                residual_projection(target, image, image_grad, batch[item // CPU_TASK_SPREAD], batch_scale)
-    else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
-        for b in range(nb):
-            target.grad_scale[batch[b]] = 0.0
-            target.grad_offset[batch[b]] = 0.0
-            target.rendered_sum[batch[b]] = 0.0
-        for b, r, c in ti.ndrange(nb, target.height, target.row_blocks):
-            k = batch[b]
-            dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
-            ti.atomic_add(target.grad_scale[k], dc)
-            ti.atomic_add(target.grad_offset[k], db)
-            ti.atomic_add(target.rendered_sum[k], ds)
-
-
-@ti.func
 def residual_projection(target: ti.template(), image: ti.template(), image_grad: ti.template(), k, batch_scale):
-    """dL/dimage of projection k and its dL/dc_k, dL/db_k and Σ I_k, by one thread."""
+    """dL/dimage of projection k and its dL/dc_k, dL/db_k and Σ I_k, by one thread (the residual
+    kernel's CPU task, and the fused step's: `engine.kernels.step`)."""
     gc = target.dtype(0.0)
     gb = target.dtype(0.0)
     total = target.dtype(0.0)
@@ -236,13 +213,6 @@ def offset_step(target: ti.template(), k, curvature):
     target.intensity_offset[k] -= target.grad_offset[k] / curvature
 
 
-@ti.func
-def offset_loop(target: ti.template(), batch: ti.template(), nb, curvature):
-    """The `FitTarget.fit_offsets` Newton step of the batch's offsets."""
-    for b in range(nb):
-        offset_step(target, batch[b], curvature)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernels(dtype_name: str):
     """The residual and loss kernels for one float type ('float32' or 'float64'). Taichi fixes a
@@ -253,7 +223,23 @@ def _kernels(dtype_name: str):
     @ti.kernel
     def residual(target: ti.template(), image: ti.template(), image_grad: ti.template(), batch: ti.template(),
                  nb: ti.i32, batch_scale: dtype):
-        residual_loops(target, image, image_grad, batch, nb, batch_scale)
+        if ti.static(target.on_cpu):
+            # One task per projection: the intensity gradients are sums over its pixels in a fixed
+            # order (identical run to run, no atomics).
+            for item in range(nb * CPU_TASK_SPREAD):
+                if item % CPU_TASK_SPREAD == 0:
+                    residual_projection(target, image, image_grad, batch[item // CPU_TASK_SPREAD], batch_scale)
+        else:  # GPUs: a thread per block, sums by atomics (issued by the block's own thread, not in a nested loop)
+            for b in range(nb):
+                target.grad_scale[batch[b]] = 0.0
+                target.grad_offset[batch[b]] = 0.0
+                target.rendered_sum[batch[b]] = 0.0
+            for b, r, c in ti.ndrange(nb, target.height, target.row_blocks):
+                k = batch[b]
+                dc, db, ds = target._residual_block(image, image_grad, k, r, c, batch_scale)
+                ti.atomic_add(target.grad_scale[k], dc)
+                ti.atomic_add(target.grad_offset[k], db)
+                ti.atomic_add(target.rendered_sum[k], ds)
 
     @ti.kernel
     def loss(target: ti.template(), image: ti.template(), batch: ti.template(), nb: ti.i32):
@@ -270,6 +256,7 @@ def _kernels(dtype_name: str):
 
     @ti.kernel
     def newton_offsets(target: ti.template(), batch: ti.template(), nb: ti.i32, curvature: dtype):
-        offset_loop(target, batch, nb, curvature)
+        for b in range(nb):
+            offset_step(target, batch[b], curvature)
 
     return residual, loss, newton_offsets

@@ -357,10 +357,6 @@ class TiltSeriesProjector:
 
     @ti.kernel
     def _forward(self, cloud: ti.template(), image: ti.template(), batch: ti.template(), n: ti.i32, nb: ti.i32):
-        self.forward_loops(cloud, image, batch, n, nb)
-
-    @ti.func
-    def forward_loops(self, cloud: ti.template(), image: ti.template(), batch: ti.template(), n, nb):
         """Renders projections batch[0..nb) into ``image`` (packed, indexed by projection). The GPU path
         takes one thread per (projection, Gaussian) pair on purpose: Taichi 1.7.4 on Mesa's lavapipe
         loses atomics issued in loops nested inside parallel loops, so the atomics must sit in the
@@ -477,10 +473,6 @@ class TiltSeriesProjector:
 
     @ti.kernel
     def _backward_pairs(self, cloud: ti.template(), pairs: ti.template(), g0: ti.i32, ng: ti.i32, nb: ti.i32):
-        self.pair_loop(cloud, pairs, g0, ng, nb)
-
-    @ti.func
-    def pair_loop(self, cloud: ti.template(), pairs: ti.template(), g0, ng, nb):
         """Each (projection, Gaussian) pair's gradient from dL/dimage, for Gaussians g0..g0+ng (a slab)."""
         for b, i in ti.ndrange(nb, ng):
             g = g0 + i
@@ -488,16 +480,12 @@ class TiltSeriesProjector:
 
     @ti.func
     def gather_projection(self, cloud: ti.template(), pairs: ti.template(), b, n):
-        """`pair_loop`'s pairs of batch slot b and the first n Gaussians (one slab), by one thread."""
+        """`_backward_pairs`' pairs of batch slot b and the first n Gaussians (one slab), by one thread."""
         for g in range(n):
             pairs[b, g] = self._gather(self.batch[b], cloud.pos[g], cloud.amp[g], cloud.sigma[g], b, g)
 
     @ti.kernel
     def _reduce_per_gaussian(self, cloud: ti.template(), pairs: ti.template(), n: ti.i32, nb: ti.i32):
-        self.gaussian_reduction_loop(cloud, pairs, n, nb)
-
-    @ti.func
-    def gaussian_reduction_loop(self, cloud: ti.template(), pairs: ti.template(), n, nb):
         """The pairs' gradients summed per Gaussian, in the world frame, into the cloud's grad_* fields."""
         for g in range(n):
             self.reduce_gaussian(cloud, pairs, g, nb)
