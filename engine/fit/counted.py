@@ -82,7 +82,7 @@ class CountedFit:
         self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
         self.iteration, self.reason, self.stop = 0, None, None
-        self.last_atoms = None  # what `atoms` last gave (its error bars cost a kernel pass)
+        self.error_bars = None  # per-atom σ, significance (`engine.fit.uncertainty`) once done, `positions` order
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
         self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
@@ -196,7 +196,7 @@ class CountedFit:
         if not np.any(self.counts > 0):
             self.reason = "the series holds no counts"
             self._upload(np.zeros((0, 3)))
-            return self.atoms()
+            return self.finish()
         self._upload(self.seed())
         self._em_scalars(self.render(), 10)
         self._upload(self.positions())
@@ -229,9 +229,10 @@ class CountedFit:
         self.phase_seconds["detect"] = time.perf_counter() - t0
         if self.model.count == 0:
             self.reason = "no atom passes the evidence rule: the data support none"
+        atoms = self.finish()
         if observer is not None:
             observer(self)
-        return self.atoms()
+        return atoms
 
     def _merge(self) -> int:
         pos, merged = self.selection.merge(self.counts, self.expected(), self.render, self.positions(),
@@ -242,22 +243,30 @@ class CountedFit:
     # ------------------------------------------------------------------ results
     def atoms(self) -> Atoms:
         """Positions (Å), amplitude (data units · Å², shared), width (the footprint σ, Å, blur
-        included), significance (log-likelihood gain over its penalty, nats), species when given."""
+        included), species when given; once the fit is done, each atom's error bars and significance
+        (log-likelihood gain over its penalty, nats; `finish`)."""
         pos = self.positions()
         order = np.lexsort(pos.T[::-1]) if len(pos) else np.zeros(0, int)
         n = len(pos)
         columns = {"amplitude": np.full(n, self.amplitude * self.pixel_size ** 2 / self.gain),
                    "width": np.full(n, self.shape_width)}
-        if n:  # the evidence pass that decides detection also gives the position covariance
+        if self.error_bars is not None and len(self.error_bars["sigma_x"]) == n:
+            columns.update({name: values[order] for name, values in self.error_bars.items()})
+        species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES
+        return Atoms(np.full(n, species), pos[order], columns)
+
+    def finish(self) -> Atoms:
+        """The fitted atoms with their error bars: one pass of the evidence kernel that decides
+        detection, which also gives the position covariance (once, at the end: not per frame of a
+        live view)."""
+        pos = self.positions()
+        if len(pos):
             t0 = time.perf_counter()
             self.selection.gain.set_model(self.expected())
-            found = atom_columns(self.selection.gain, pos, self.amplitude * self.pixel_size ** 2, self.shape_width,
-                                 self.selection.volume, COUPLING_PER_D_MIN * self.d_min)
-            columns.update({name: values[order] for name, values in found.items()})
+            self.error_bars = atom_columns(self.selection.gain, pos, self.amplitude * self.pixel_size ** 2,
+                                           self.shape_width, self.selection.volume, COUPLING_PER_D_MIN * self.d_min)
             self.phase_seconds["uncertainty"] = time.perf_counter() - t0
-        species = self.settings.species[0] if self.settings.species else UNKNOWN_SPECIES
-        self.last_atoms = Atoms(np.full(n, species), pos[order], columns)
-        return self.last_atoms
+        return self.atoms()
 
     def forward_model(self) -> ForwardModel:
         """Data units: the backgrounds as per-projection offsets (B_k / gain)."""
@@ -276,5 +285,5 @@ class CountedFit:
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
                 "background_counts": self.background.tolist(), "empty_reason": self.reason,
                 "stopped": {"reason": self.stop, "iteration": self.iteration},
-                "uncertainty": summary(self.last_atoms or self.atoms(), {"kind": "poisson", "gain": self.gain})}
+                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain})}
 

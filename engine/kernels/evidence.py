@@ -296,7 +296,8 @@ class LikelihoodGain:
             own = written[:max(0, min(stop, n) - start)]  # the first n entries are the atoms themselves
             if len(own):
                 gain[start:start + len(own)] = own[..., -1] @ weight
-                score[start:start + len(own)] = own[..., side * side:side * side + 4].reshape(len(own), -1) @ score_frame
+                own_score = own[..., side * side:side * side + 4].reshape(len(own), -1)
+                score[start:start + len(own)] = own_score @ score_frame
         # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
