@@ -7,13 +7,16 @@ compares the fitted positions with the truth, in units of their σ (atoms.xyz's 
   the off-diagonal columns), and the matched atoms off by more than 4 σ on an axis;
 - achieved against possible: the fit's RMSD beside the Cramér–Rao RMSD of `atomsplat plan` with the
   true structure and the data's conditions (`engine.api.plan`, ``like`` the series);
-- cost: the seconds the uncertainties took as a share of the fit's wall time (same process);
+- cost: the seconds the uncertainties took as a share of the fit's wall time (same process), and
+  beside them those of the profile correction (`engine.fit.profile_misfit`, a step of the fit);
 - with ``--coupling``: what the written σ (each atom with its nearest neighbours) and each atom's
   own Fisher block leave out, against the joint Fisher information of all atoms (an independent
   float64 NumPy sparse Jacobian of the fitted model): median ratios of the joint σ to those, and the
   calibration the joint σ would give;
-- with ``--misfit``: the bias the fit's atom profile leaves (`misfit_shift`): how large against σ,
-  how it correlates with the actual errors, and the calibration with it removed;
+- with ``--misfit``: the bias the fit's atom profile still leaves (`misfit_shift`, a stacked mean of
+  the residual and the joint information of all atoms: after the fit's own profile correction, what
+  that misses): how large against σ, how it correlates with the actual errors, and the calibration
+  with it removed;
 - with ``--reuse``: the fits already in ``--out`` are scored, not refitted.
 
     python scripts/uncertainty_check.py [--data ../shared/data] [--sets dev_au_cubo_small,...]
@@ -223,7 +226,9 @@ def check(name: str, data: Path, out: Path, coupling: bool, misfit: bool, reuse:
            "median_sigma_pm": {a: float(np.median(sigma[:, i]) * 100) for i, a in enumerate("xyz")},
            "rmsd_pm": metrics["rmsd_pm"], "rmsd_z_pm": metrics["rmsd_axis_pm"]["z"],
            "bound_rmsd_pm": bound["rmsd_pm"], "bound_rmsd_z_pm": bound["rmsd_axis_pm"]["z"],
-           "uncertainty_seconds": report["phase_seconds"].get("uncertainty"), "fit_seconds": report["wall_seconds"]}
+           "uncertainty_seconds": report["phase_seconds"].get("uncertainty"), "fit_seconds": report["wall_seconds"],
+           "correction_seconds": report["phase_seconds"].get("profile_correction", 0.0),
+           "correction_shift_pm": (report.get("profile_correction") or {}).get("shift_pm")}
     row["achieved_over_bound"] = row["rmsd_pm"] / row["bound_rmsd_pm"]
     row["cost_share"] = row["uncertainty_seconds"] / row["fit_seconds"]
     if coupling:
@@ -260,14 +265,15 @@ def main() -> int:
         rows.append(check(name, args.data, args.out, args.coupling, args.misfit, args.reuse, overrides))
         print(f"done {name}", file=sys.stderr)
     print("| set | matched | std z (x, y, z) | 95 % coverage, axes σ only | 95 % coverage, full 3×3 | > 4 σ "
-          "| median σ pm (x, y, z) | uncertainty s / fit s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| median σ pm (x, y, z) | uncertainty s / fit s | profile correction s, median shift pm |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         z, s = r["std_z"], r["median_sigma_pm"]
         print(f"| {r['set']} | {r['matched']} | {z['x']:.2f}, {z['y']:.2f}, {z['z']:.2f} "
               f"| {100 * r['coverage_95_diagonal']:.1f} % | {100 * r['coverage_95']:.1f} % | {r['outliers']['count']} | "
               f"{s['x']:.3g}, {s['y']:.3g}, {s['z']:.3g} | {r['uncertainty_seconds']:.2f} / {r['fit_seconds']:.1f} "
-              f"({100 * r['cost_share']:.1f} %) |")
+              f"({100 * r['cost_share']:.1f} %) | {r['correction_seconds']:.2f}, "
+              f"{(r['correction_shift_pm'] or {}).get('median', 0.0):.3g} |")
     print("\n| set | RMSD pm (z) | Cramér–Rao RMSD pm (z) | ratio |")
     print("| --- | --- | --- | --- |")
     for r in rows:

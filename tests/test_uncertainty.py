@@ -110,7 +110,7 @@ def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arc
     import importlib.util
     from pathlib import Path
 
-    from engine.fit.uncertainty import atom_columns, covariance_of
+    from engine.fit.uncertainty import atom_columns, covariance_of, joint_information
 
     dtype = np.float64 if supports_float64() else np.float32
     g = TiltGeometry.from_tilt_angles([10.0, 25.0, 40.0, 55.0], axis_angle_deg=20.0)  # a wedge around 32°
@@ -121,7 +121,7 @@ def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arc
     kernel.set_counts(data)
     kernel.set_model(data)
     kernel.set_factor(FACTOR)
-    columns = atom_columns(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 100.0, 10.0)
+    columns = atom_columns(joint_information(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 10.0), 100.0)
     pairs = np.array([[0, 1], [0, 2], [1, 2]])
     _, fisher, _, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)
     joint = np.zeros((15, 15))

@@ -25,8 +25,10 @@ import numpy as np
 
 from engine.fit.convergence import CAPPED, CHECK_EVERY, CONVERGED, Convergence
 from engine.fit.evidence import EvidenceSelection, visible_volume
+from engine.fit.profile_misfit import footprint_radius_px
 from engine.fit.seeding import mlem_with_background, visible_everywhere, warm_start
-from engine.fit.uncertainty import COUPLING_PER_D_MIN, atom_columns, summary
+from engine.fit.uncertainty import (COUPLING_PER_D_MIN, atom_columns, correction_summary, finish_correction,
+                                    joint_information, profile_correction, summary)
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.kernels.adam import SharedParameters
 from engine.kernels.atommodel import AtomModel, AtomProfile
@@ -82,6 +84,7 @@ class CountedFit:
         self.shared_width = SharedParameters([math.log(START_WIDTH)])  # one compile for every refinement
         self.background = np.zeros(self.n)
         self.iteration, self.reason, self.stop = 0, None, None
+        self.profile_correction = None  # what the profile correction did (`correction_summary`), once done
         self.error_bars = None  # per-atom σ, significance (`engine.fit.uncertainty`) once done, `positions` order
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
@@ -262,10 +265,21 @@ class CountedFit:
         pos = self.positions()
         if len(pos):
             t0 = time.perf_counter()
-            self.selection.gain.set_model(self.expected())
-            self.error_bars = atom_columns(self.selection.gain, pos, self.amplitude * self.pixel_size ** 2,
-                                           self.shape_width, self.selection.volume, COUPLING_PER_D_MIN * self.d_min)
-            self.phase_seconds["uncertainty"] = time.perf_counter() - t0
+            kernel, amplitude = self.selection.gain, self.amplitude * self.pixel_size ** 2
+            kernel.set_model(self.expected())
+            correction = None
+            if self.settings.profile_correction:
+                correction = profile_correction(kernel.data - kernel.model, self.geometry, pos, np.zeros(len(pos), int),
+                                                footprint_radius_px(self.shape_width, AtomProfile(), 0.0,
+                                                                    self.pixel_size), self.pixel_size)
+            information = joint_information(kernel, pos, amplitude, self.shape_width, COUPLING_PER_D_MIN * self.d_min)
+            self.error_bars = atom_columns(information, self.selection.volume)
+            if correction is not None:  # the columns keep the atoms' order
+                self._upload(pos + finish_correction(correction, kernel, pos, amplitude, self.shape_width, information))
+                self.phase_seconds["profile_correction"] = correction["seconds"]
+            self.profile_correction = correction_summary(correction)
+            self.phase_seconds["uncertainty"] = time.perf_counter() - t0 - (0.0 if correction is None
+                                                                          else correction["seconds"])
         return self.atoms()
 
     def forward_model(self) -> ForwardModel:
@@ -285,5 +299,6 @@ class CountedFit:
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
                 "background_counts": self.background.tolist(), "empty_reason": self.reason,
                 "stopped": {"reason": self.stop, "iteration": self.iteration},
-                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain})}
+                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain}),
+                "profile_correction": self.profile_correction}
 

@@ -28,7 +28,7 @@ from engine.fit.seeding import SeedVolumes, extended_margin, initial_atoms, warm
 from engine.fit.settings import FitSettings, requested_noise
 from engine.fit.strategy import DensityControl
 from engine.fit.trainer import CHECKPOINT, Trainer, data_fingerprint
-from engine.fit.uncertainty import per_atom_fit_uncertainty, summary
+from engine.fit.uncertainty import correction_summary, per_atom_fit_uncertainty, summary
 from engine.io.atoms import UNKNOWN_SPECIES, Atoms
 from engine.io.tiltseries import TiltSeries
 from engine.measure.alignment import prealign, require_single_axis
@@ -105,6 +105,7 @@ class Reconstruction:
         self.b_factors = None  # per-atom B (Å²), in the model's order, once calibrated
         self.uncertainty = None  # per-atom σ and significance (`engine.fit.uncertainty`), model order, at the end
         self.uncertainty_noise, self.uncertainty_seconds = None, None
+        self.profile_correction = None  # what the profile correction did (`correction_summary`), at the end
         self.alignment_selection = None  # with refinement: whether the refined alignment was kept, and why
         self.thermal_seconds = None
         self.started = False  # atoms on the device: seeded, resumed or given
@@ -131,6 +132,8 @@ class Reconstruction:
     def phase_seconds(self) -> dict:
         thermal = {} if self.thermal_seconds is None else {"thermal": self.thermal_seconds}
         uncertainty = {} if self.uncertainty_seconds is None else {"uncertainty": self.uncertainty_seconds}
+        if self.profile_correction is not None:
+            uncertainty["profile_correction"] = self.profile_correction["seconds"]
         return {"prepare": self.prepare_seconds, **self.trainer.phase_seconds, **thermal, **uncertainty}
 
     def report_extra(self) -> dict:
@@ -139,7 +142,8 @@ class Reconstruction:
                 "extended": self.extended, "alignment_selection": self.alignment_selection,
                 "stopped": {"reason": self.trainer.stop_reason, "iteration": self.iteration,
                             "density_rounds": self.trainer.schedule["rounds"]},
-                "uncertainty": None if self.uncertainty is None else summary(self.atoms(), self.uncertainty_noise)}
+                "uncertainty": None if self.uncertainty is None else summary(self.atoms(), self.uncertainty_noise),
+                "profile_correction": self.profile_correction}
 
     # ------------------------------------------------------------------ running
     def resume(self, checkpoint) -> None:
@@ -188,8 +192,13 @@ class Reconstruction:
             self.thermal_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         state = self.problem.state()
-        self.uncertainty, self.uncertainty_noise = per_atom_fit_uncertainty(self, state)
-        self.uncertainty_seconds = time.perf_counter() - t0
+        self.uncertainty, self.uncertainty_noise, correction = per_atom_fit_uncertainty(self, state)
+        if correction is not None:  # the same atom order: the columns stay theirs
+            state["pos"] = state["pos"] + correction["shift"]
+            self.problem.upload(state, sort=False)
+            self.trainer.save_checkpoint()  # the checkpoint holds the atoms written
+        self.profile_correction = correction_summary(correction)
+        self.uncertainty_seconds = time.perf_counter() - t0 - (0.0 if correction is None else correction["seconds"])
         if observer is not None:
             observer(self)
         return self.atoms()

@@ -45,6 +45,8 @@ FIT_SCHEMA = Schema("FitSettings", [
             "atoms of one element share them, 3 free parameters per atom)"),
     Setting("profile", str, "gaussian", "atom shape: one Gaussian, or a core and tail from the species' "
             "scattering factors (peng: needs species; more accurate, about 2x slower)", choices=("gaussian", "peng")),
+    Setting("profile_correction", bool, True, "correct each position, to first order, for the bias the atom "
+            "profile's misfit leaves (the misfit's radial profile fitted to the fit's residual)"),
     Setting("blur", float, None, "microscope blur σ (not set: from the file, else 0)", "Å", check=non_negative),
     Setting("extended", str, "auto", "specimen larger than the field of view (film, support, needle): atoms are "
             "also fitted in the margin the tilted beam sees, and marked outside the always-visible window; auto: "

@@ -21,10 +21,14 @@ the atoms beyond them, the shared and the alignment parameters held at their fit
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple
+
 import numpy as np
 from scipy.spatial import cKDTree
 
 from engine.fit.evidence import occam_penalty, visible_volume
+from engine.fit.profile_misfit import fit_misfit, footprint_radius_px, misfit_score
 from engine.fit.seeding import residual_dispersion
 from engine.kernels.evidence import LikelihoodGain
 
@@ -33,6 +37,7 @@ COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "corr_xy", "corr_xz", "corr_yz", "po
 COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
 MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
+LINEAR_REACH = 0.5  # the longest profile-correction step, in footprint widths (`misfit_shift`)
 BATCH_ATOMS = 2048  # joint matrices built at once (each up to 65² float64: about 70 MB a batch)
 
 
@@ -42,6 +47,13 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
     cross blocks ``cross`` (M, P, P), over its coupled neighbours' parameters: the inverse of the
     joint information of the atom and its neighbours (a principal submatrix of the whole; atoms
     farther out are taken as known). Infinite where that is singular."""
+    return neighbourhood_solve(fisher, pairs, cross)[0]
+
+
+def neighbourhood_solve(fisher: np.ndarray, pairs=None, cross=None, score=None):
+    """`position_covariance`, and with ``score`` (N, P) the Gauss–Newton step of each atom's position
+    (N, 3) Å over the same joint information, (F⁻¹ g) read at the atom with g the scores of the atom
+    and its neighbours (None without ``score``; 0 where the joint information is singular)."""
     fisher = np.asarray(fisher, np.float64)
     n, p = fisher.shape[:2]
     pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
@@ -58,6 +70,8 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
     first = np.cumsum(degree) - degree
     by_source = np.argsort(source, kind="stable")
     out = np.full((n, 3, 3), np.inf)
+    steps = None if score is None else np.zeros((n, 3))
+    score = np.zeros((n, p)) if score is None else np.asarray(score, np.float64)
     for size in np.unique(degree):  # atoms with as many neighbours at once: batched solves,
         group = np.flatnonzero(degree == size)
         for start in range(0, len(group), BATCH_ATOMS):  # in batches of bounded memory
@@ -71,20 +85,25 @@ def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarra
                 index = np.where((u != v) & (keys[found] == u * n + v), numbers[found], index)
             k = (size + 1) * p
             joint = blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
-            position = np.eye(k)[:, :3]  # the atom's x, y, z: the columns of the inverse wanted
+            # Right-hand sides: the atom's x, y, z (the columns of the inverse wanted) and the scores.
+            rhs = np.concatenate([np.broadcast_to(np.eye(k)[:, :3], (len(atoms), k, 3)),
+                                  score[ring].reshape(len(atoms), k, 1)], axis=2)
             try:
-                inverse = np.linalg.solve(joint, position)[:, :3]
+                solution = np.linalg.solve(joint, rhs)[:, :3]
             except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
-                inverse = np.full((len(atoms), 3, 3), np.inf)
+                solution = np.full((len(atoms), 3, 4), np.inf)
                 for g in range(len(atoms)):
                     try:
-                        inverse[g] = np.linalg.solve(joint[g], position)[:3]
+                        solution[g] = np.linalg.solve(joint[g], rhs[g])[:3]
                     except np.linalg.LinAlgError:
                         pass
+            inverse = solution[..., :3]
             good = (np.all(np.isfinite(inverse), axis=(1, 2))
                     & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1))
             out[atoms[good]] = inverse[good]
-    return out
+            if steps is not None:
+                steps[atoms[good]] = solution[good, :, 3]
+    return out, steps
 
 
 def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
@@ -101,13 +120,30 @@ def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
     return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), int)
 
 
-def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_radius: float) -> dict:
-    """The per-atom columns (`COLUMNS`) from one pass of ``kernel`` (a `LikelihoodGain` holding the
-    data and the fitted model) over the atoms (positions Å, amplitudes image units · Å², widths Å)
-    and their neighbours within ``coupling_radius`` Å; ``volume`` Å³ the atoms' prior volume."""
+class JointInformation(NamedTuple):
+    """One pass of the likelihood-gain kernel over the atoms and their coupled neighbours: each
+    atom's gain (N,) nats and Fisher block (N, P, P), the coupled ``pairs`` (M, 2) and their cross
+    blocks ``cross`` (M, P, P) (None without pairs)."""
+    gain: np.ndarray
+    fisher: np.ndarray
+    pairs: np.ndarray
+    cross: np.ndarray | None
+
+
+def joint_information(kernel, positions, amplitudes, widths, coupling_radius: float) -> JointInformation:
+    """`JointInformation` of the atoms (positions Å, amplitudes image units · Å², widths Å) against
+    ``kernel`` (a `LikelihoodGain` holding the data and the fitted model), neighbours within
+    ``coupling_radius`` Å coupled."""
     pairs = coupled_pairs(positions, coupling_radius)
     gain, fisher, _, *cross = kernel.evaluate(positions, amplitudes, widths, pairs=pairs)
-    covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
+    return JointInformation(gain, fisher, pairs, cross[0] if cross else None)
+
+
+def atom_columns(information: JointInformation, volume: float) -> dict:
+    """The per-atom columns (`COLUMNS`) from the atoms' `JointInformation`; ``volume`` Å³ their prior
+    volume."""
+    gain, fisher = information.gain, information.fisher
+    covariance = position_covariance(fisher, information.pairs, information.cross)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     # The off-diagonal terms as correlations: an atom's 95 % ellipsoid is that of the whole 3×3
     # (eᵀ C⁻¹ e ≤ χ²₃), and covariances of (pm)² would not survive extxyz's 8 decimals of Å².
@@ -118,6 +154,23 @@ def atom_columns(kernel, positions, amplitudes, widths, volume: float, coupling_
     return {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2], **correlation,
             "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
             "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
+
+
+def misfit_shift(kernel, misfit: np.ndarray, positions, amplitudes, widths, information: JointInformation):
+    """(N, 3) Å each position's first-order correction for the bias the atom profile's ``misfit``
+    leaves (n, H, W in the kernel's units, `engine.fit.profile_misfit.fit_misfit`): the step of the
+    positions towards the data with the misfit drawn, F⁻¹ Jᵀ W (r − m) = −F⁻¹ Jᵀ W m (Jᵀ W r = 0 at
+    the fit), over each atom and its coupled neighbours, amplitudes and widths held (the misfit
+    drawn is what their profile lacks)."""
+    score = -misfit_score(kernel, misfit, positions, amplitudes, widths)[:, :3]
+    cross = None if information.cross is None else information.cross[:, :3, :3]
+    shift = neighbourhood_solve(information.fisher[:, :3, :3], information.pairs, cross, score)[1]
+    # A first-order step holds while a Gaussian's gradient is about linear in the displacement: up to
+    # half its width (the footprint's: atom, widest component and blur). A longer one (an ill-pinned
+    # atom, a neighbourhood the misfit does not describe) is not taken.
+    footprint = np.sqrt(np.asarray(widths, np.float64) ** 2 + kernel.widest_extra + kernel.projector.blur_sigma ** 2)
+    shift[np.linalg.norm(shift, axis=1) > LINEAR_REACH * footprint] = 0.0
+    return shift
 
 
 def covariance_of(columns: dict) -> np.ndarray:
@@ -154,40 +207,89 @@ def summary(atoms, noise: dict | None = None) -> dict | None:
                        "of the position errors): covariance C_ab = corr_ab sigma_a sigma_b; the atom's 95 % "
                        "ellipsoid is e^T C^-1 e <= 7.815",
             "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
-                        "alignment parameters; the bias of a misfitting atom profile (not a variance)"}
+                        "alignment parameters; the bias of a misfitting atom profile, a bias rather than a variance, "
+                        "which the profile correction (report.json profile_correction) removes to first order"}
 
 
-def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict]:
+def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]:
     """The `COLUMNS` (in ``state``'s atom order) of a per-atom `Reconstruction` at ``state`` (its
-    atoms: pos, amp, sigma), and what noise was assumed."""
+    atoms: pos, amp, sigma), what noise was assumed, and, when the settings ask for it, the profile
+    correction (`profile_correction`; classes: the species assigned, else one)."""
     problem, data = fit.problem, fit.data
     n = problem.n_tilts
     predicted = problem.predicted(np.arange(n)).astype(np.float64)
     measured = fit.normalised
     scale = np.ones(n) if fit.refiner is None else np.asarray(fit.refiner.alignment.intensity_scale, np.float64)
-    if fit.loss == "poisson":
+    poisson = fit.loss == "poisson"
+    kernel = LikelihoodGain(problem.projector, "poisson" if poisson else "gaussian", fit.profile, free_shape=True)
+    if poisson:
         counts = fit.gain * data.scale
-        kernel = LikelihoodGain(problem.projector, "poisson", fit.profile, free_shape=True)
         kernel.set_model(counts * predicted + fit.gain * data.background)
         kernel.set_counts(counts * measured + fit.gain * data.background)
         kernel.set_factor(counts * scale)
+    else:
+        kernel.set_model(predicted)
+        kernel.set_counts(measured)
+        kernel.set_factor(scale)
+    residual = kernel.data - kernel.model
+    correction = None
+    if fit.settings.profile_correction:
+        labels = (fit._species(state["amp"] * data.scale, state["sigma"])[0] if fit.settings.species
+                  else np.zeros(len(state["pos"]), int))
+        correction = profile_correction(residual, problem.geometry, state["pos"], np.unique(labels, return_inverse=True)[1],
+                                        footprint_radius_px(state["sigma"], fit.profile, data.blur, fit.series.pixel_size),
+                                        fit.series.pixel_size)
+        residual = residual - correction["misfit"]  # the misfit is the model's, not noise
+    if poisson:
         noise = {"kind": "poisson", "gain": fit.gain}
     else:
-        residual = measured - predicted
         pixels = residual[0].size
         free = 5 * len(state["pos"]) / n  # the atoms' parameters, shared among the projections
         # Correlated residual (model error, filtered data) carries less information than as many
         # independent pixels: the variance is scaled by the correlation area (1 for white noise).
         _, area = residual_dispersion(residual)
         variance = np.sum(residual ** 2, axis=(1, 2)) / max(pixels - free, 1.0) * area
-        kernel = LikelihoodGain(problem.projector, "gaussian", fit.profile, free_shape=True)
-        kernel.set_model(predicted)
-        kernel.set_counts(measured)
-        kernel.set_factor(scale)
         kernel.set_noise_variance(variance)
         noise = {"kind": "gaussian", "from": "the fit's residual, per projection",
                  "sigma_data_units_median": float(np.sqrt(np.median(variance)) * data.scale),
                  "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise),
                  "correlation_area_px": area}
-    return atom_columns(kernel, state["pos"], state["amp"], state["sigma"],
-                        visible_volume(measured.shape[1:], fit.series.pixel_size), COUPLING_PER_D_MIN * fit.d_min), noise
+    information = joint_information(kernel, state["pos"], state["amp"], state["sigma"], COUPLING_PER_D_MIN * fit.d_min)
+    columns = atom_columns(information, visible_volume(measured.shape[1:], fit.series.pixel_size))
+    if correction is not None:
+        finish_correction(correction, kernel, state["pos"], state["amp"], state["sigma"], information)
+    return columns, noise, correction
+
+
+def profile_correction(residual, geometry, positions, classes, radius_px: float, pixel_size: float) -> dict:
+    """The atom profile's misfit fitted to ``residual`` (`fit_misfit`): ``{"profile": the
+    `MisfitProfile`, "misfit": its rendering, "seconds": the time taken}``; `finish_correction`
+    adds the positions' shift."""
+    t0 = time.perf_counter()
+    profile, misfit = fit_misfit(residual, geometry, positions, classes, radius_px, pixel_size)
+    return {"profile": profile, "misfit": misfit, "seconds": time.perf_counter() - t0}
+
+
+def finish_correction(correction: dict, kernel, positions, amplitudes, widths, information) -> np.ndarray:
+    """Adds to a `profile_correction` the positions' "shift" (N, 3) Å (`misfit_shift`), its time
+    included, and drops the rendered misfit; returns the shift."""
+    t0 = time.perf_counter()
+    correction["shift"] = misfit_shift(kernel, correction.pop("misfit"), positions, amplitudes, widths, information)
+    correction["seconds"] += time.perf_counter() - t0
+    return correction["shift"]
+
+
+def correction_summary(correction: dict | None) -> dict | None:
+    """What report.json says about a profile correction (`per_atom_fit_uncertainty`): the shifts'
+    median, 95th percentile and largest (pm), and the share of the residual's power the fitted
+    misfit explains."""
+    if correction is None or correction.get("shift") is None:
+        return None
+    length = np.linalg.norm(correction["shift"], axis=1) * 100
+    profile = correction["profile"]
+    return {"seconds": correction["seconds"], "not_taken": int(np.sum(length == 0)),
+            "shift_pm": {"median": float(np.median(length)), "p95": float(np.percentile(length, 95)),
+                         "max": float(length.max())} if len(length) else None,
+            "residual_power_explained": profile.explained,
+            "knot_spacing_px": float(profile.knots[1] - profile.knots[0]),
+            "profile": [[float(v) for v in row] for row in profile.values]}
