@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.evaluate.metrics import evaluate_atoms
-from engine.fit.profile_misfit import MisfitProfile
+from engine.fit.profile_misfit import MisfitProfile, class_weights
 from engine.fit.reconstruct import Reconstruction
 from engine.fit.settings import fit_settings
 from engine.physics.simulate import parse_tilt_range, simulate_tilt_series
@@ -15,24 +15,25 @@ from engine.physics.structures import build_structure
 SHAPE = (22, 26)
 
 
-def profile_of(rng, species, radius=3.2):
+def profile_of(rng, weights, radius=3.2):
     """A profile on random centres (3 projections), some atoms closer than the profile's reach; every
     footprint inside the images (the normal equations sum over the zero-padded plane)."""
-    centres = rng.uniform([5.0, 5.0], [19.0, 15.0], (3, len(species), 2))
+    centres = rng.uniform([5.0, 5.0], [19.0, 15.0], (3, len(weights), 2))
     centres[:, 1] = centres[:, 0] + [1.3, 0.6]  # overlapping footprints: a stacked mean would count them twice
-    return MisfitProfile(centres, species, SHAPE, radius)
+    return MisfitProfile(centres, weights, SHAPE, radius)
 
 
 def test_misfit_profile_is_the_least_squares_fit():
     """The knot values from the centres' and residual's correlations are the least-squares solution
     over the images, found here by rendering every knot's basis image and solving densely."""
     rng = np.random.default_rng(3)
-    species = np.array([0, 1, 0, 1, 1, 0, 0])
-    profile = profile_of(rng, species)
+    widths = np.array([0.3, 0.4, 0.35, 0.45, 0.42, 0.31, 0.38])
+    profile = profile_of(rng, class_weights([0, 1, 0, 1, 1, 0, 0], widths))
+    assert profile.n_classes == 4  # two species, each a profile and its change with the width
     residual = rng.normal(size=(3,) + SHAPE)
     fitted = profile.fit(residual).copy()
     columns = []
-    for s in range(profile.n_species):
+    for s in range(profile.n_classes):
         for b in range(len(profile.knots)):
             profile.values = np.zeros_like(fitted)
             profile.values[s, b] = 1.0

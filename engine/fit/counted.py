@@ -269,7 +269,7 @@ class CountedFit:
             kernel.set_model(self.expected())
             correction = None
             if self.settings.profile_correction:
-                correction = profile_correction(kernel.data - kernel.model, self.geometry, pos, np.zeros(len(pos), int),
+                correction = profile_correction(kernel.data - kernel.model, self.geometry, pos, np.ones((len(pos), 1)),
                                                 footprint_radius_px(self.shape_width, AtomProfile(), 0.0,
                                                                     self.pixel_size), self.pixel_size)
             information = joint_information(kernel, pos, amplitude, self.shape_width, COUPLING_PER_D_MIN * self.d_min)

@@ -18,8 +18,8 @@ The misfit is estimated from the data, then corrected to first order:
    least-squares fit, not a stacked mean: the neighbours' own misfits, which a stacked mean would
    count once more around every atom, are each given to their own atom.
 2. The rendered misfit m is what the model lacks; the Gauss–Newton step of the atoms towards the
-   data with it, Δ = F⁻¹ Jᵀ W (r − m) = −F⁻¹ Jᵀ W m (Jᵀ W r = 0 at the fit), is each atom's bias
-   with the sign reversed. Jᵀ W m is the likelihood-gain kernel's score against data 'model + m';
+   data with it, Δ = F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m, since Jᵀ W r ≈ 0 at the fit), is each atom's
+   bias with the sign reversed. Jᵀ W (r − m) is the likelihood-gain kernel's score against data − m;
    F⁻¹ is taken over each atom and its coupled neighbours, as for its covariance
    (`engine.fit.uncertainty.position_covariance`).
 """
@@ -47,15 +47,15 @@ def projected_centres(geometry, positions: np.ndarray, shape, pixel_size: float)
 
 
 class MisfitProfile:
-    """The radial misfit profile of each species (`fit`) and its rendering at the atoms (`render`).
+    """The radial misfit profiles (`fit`) and their rendering at the atoms (`render`).
 
     centres  : (n, N, 2) the atoms' projected (col, row) px (`projected_centres`).
-    species  : (N,) integer class of each atom (0..S−1): one profile per class.
-    radius_px: how far from an atom's centre the profile reaches (px)."""
+    weights  : (N, C) how much of each of the C profiles every atom draws (`class_weights`).
+    radius_px: how far from an atom's centre the profiles reach (px)."""
 
-    def __init__(self, centres: np.ndarray, species: np.ndarray, shape, radius_px: float):
-        self.centres, self.species = centres, np.asarray(species, int)
-        self.n_species = int(self.species.max()) + 1 if len(self.species) else 1
+    def __init__(self, centres: np.ndarray, weights: np.ndarray, shape, radius_px: float):
+        self.centres, self.weights = centres, np.asarray(weights, np.float64).reshape(centres.shape[1], -1)
+        self.n_classes = self.weights.shape[1]
         self.shape = tuple(shape)
         self.knots = np.arange(0.0, radius_px + KNOT_SPACING_PX, KNOT_SPACING_PX)
         self.reach = int(math.ceil(radius_px))  # offsets −reach..reach px along each axis
@@ -66,29 +66,29 @@ class MisfitProfile:
         # (B, L, L): knot b's hat function of the distance, on the grid of offsets.
         self.basis = np.maximum(1.0 - np.abs(distance[None] - self.knots[:, None, None]) / KNOT_SPACING_PX, 0.0)
         self.basis[:, distance > radius_px] = 0.0
-        self.values = None  # (S, B) knot values, in the residual's units, once fitted
+        self.values = None  # (C, B) knot values, in the residual's units, once fitted
         self._splat_spectra = None
         self.explained = None  # the share of the residual's power the rendered misfit accounts for
 
     def _splat(self, chunk: slice) -> np.ndarray:
-        """(S, k, H', W') the atoms of each class splatted bilinearly at their centres in projections
-        ``chunk``, in the zero-padded frame."""
+        """(C, k, H', W') the atoms splatted bilinearly at their centres in projections ``chunk``,
+        with each class's weights, in the zero-padded frame."""
         centres = self.centres[chunk]
         k = len(centres)
         h, w = self.padded
         base = np.floor(centres).astype(np.int64)
         frac = centres - base
         # Every (class, projection) its own padded image in one flat array: one bincount for all.
-        image = self.species[None, :] * k + np.arange(k)[:, None]
+        image = (np.arange(self.n_classes)[:, None, None] * k + np.arange(k)[None, :, None]) * (h * w)
         index, weights = [], []
         for dc, dr in ((0, 0), (1, 0), (0, 1), (1, 1)):
             col, row = base[..., 0] + dc, base[..., 1] + dr
             weight = (frac[..., 0] if dc else 1 - frac[..., 0]) * (frac[..., 1] if dr else 1 - frac[..., 1])
             inside = (col >= 0) & (col < self.shape[1]) & (row >= 0) & (row < self.shape[0])
-            index.append((image * h * w + row * w + col)[inside])
-            weights.append(weight[inside])
-        out = np.bincount(np.concatenate(index), np.concatenate(weights), minlength=self.n_species * k * h * w)
-        return out.reshape(self.n_species, k, h, w)
+            index.append((image + (row * w + col)[None])[:, inside].ravel())
+            weights.append((weight[None] * self.weights.T[:, None, :])[:, inside].ravel())
+        out = np.bincount(np.concatenate(index), np.concatenate(weights), minlength=self.n_classes * k * h * w)
+        return out.reshape(self.n_classes, k, h, w)
 
     def _lags(self, image: np.ndarray, reach: int) -> np.ndarray:
         """The (…, 2 reach + 1, 2 reach + 1) central part (lags −reach..reach) of a correlation image."""
@@ -97,11 +97,11 @@ class MisfitProfile:
         return image[..., rows[:, None], cols[None, :]]
 
     def _spectra(self) -> np.ndarray:
-        """(S, n, H', W'/2 + 1) complex64: the splatted atoms' spectra (single precision: a correction
+        """(C, n, H', W'/2 + 1) complex64: the splatted atoms' spectra (single precision: a correction
         needs no more, and it halves the memory at 10⁵ atoms), computed once."""
         if self._splat_spectra is None:
             n = len(self.centres)
-            self._splat_spectra = np.zeros((self.n_species, n, self.padded[0], self.padded[1] // 2 + 1), np.complex64)
+            self._splat_spectra = np.zeros((self.n_classes, n, self.padded[0], self.padded[1] // 2 + 1), np.complex64)
             for start in range(0, n, PROJECTION_CHUNK):
                 chunk = slice(start, min(start + PROJECTION_CHUNK, n))
                 self._splat_spectra[:, chunk] = fft.rfft2(self._splat(chunk).astype(np.float32), s=self.padded,
@@ -109,8 +109,8 @@ class MisfitProfile:
         return self._splat_spectra
 
     def fit(self, residual: np.ndarray) -> np.ndarray:
-        """The knot values (S, B) that best explain ``residual`` (n, H, W) in least squares, in its units."""
-        s_count, b_count, reach = self.n_species, len(self.knots), self.reach
+        """The knot values (C, B) that best explain ``residual`` (n, H, W) in least squares, in its units."""
+        s_count, b_count, reach = self.n_classes, len(self.knots), self.reach
         spectra = self._spectra()
         cross = np.zeros((s_count, s_count) + spectra.shape[2:], np.complex128)
         rhs = np.zeros((s_count,) + spectra.shape[2:], np.complex128)
@@ -143,12 +143,12 @@ class MisfitProfile:
         return self.values
 
     def kernels(self) -> np.ndarray:
-        """(S, L, L) each class's fitted profile on the grid of offsets (px)."""
+        """(C, L, L) each class's fitted profile on the grid of offsets (px)."""
         return np.einsum("sb,bij->sij", self.values, self.basis)
 
     def render(self) -> np.ndarray:
         """(n, H, W) the fitted misfit drawn at every atom: what the fitted model lacks."""
-        kernels = np.zeros((self.n_species,) + self.padded)
+        kernels = np.zeros((self.n_classes,) + self.padded)
         side = 2 * self.reach + 1
         kernels[:, :side, :side] = self.kernels()
         kernels = np.roll(kernels, (-self.reach, -self.reach), axis=(1, 2))  # offset 0 at index 0
@@ -172,23 +172,40 @@ def footprint_radius_px(widths: np.ndarray, profile, blur: float, pixel_size: fl
 
 
 def misfit_score(kernel, misfit: np.ndarray, positions, amplitudes, widths) -> np.ndarray:
-    """(N, P) Jᵀ W m: the score of ``kernel``'s atoms against data 'model + ``misfit``' (the kernel's
-    units); the kernel's data are put back afterwards."""
+    """(N, P) Jᵀ W (r − m): the score of ``kernel``'s atoms against its data less the ``misfit`` m
+    (the kernel's units), r the data less the kernel's model; the kernel's data are put back
+    afterwards."""
     data = kernel.data
-    kernel.set_counts(kernel.model + misfit)
+    kernel.set_counts(data - misfit)
     try:
         return kernel.evaluate(positions, amplitudes, widths)[2]
     finally:
         kernel.data = data
 
 
-def fit_misfit(residual: np.ndarray, geometry, positions, species, radius_px: float, pixel_size: float):
+def class_weights(species, widths) -> np.ndarray:
+    """(N, C) each atom's weights of the misfit profiles: per species (integer classes 0..S−1) its
+    profile and, where the species' widths σ (Å) differ, the profile's change with the width,
+    weighted by the atom's width against its species' mean: a Gaussian's misfit against an atom
+    depends on its width, to first order linearly."""
+    species = np.asarray(species, int)
+    widths = np.broadcast_to(np.asarray(widths, np.float64), species.shape)
+    columns = []
+    for s in range(int(species.max()) + 1 if len(species) else 0):
+        member = species == s
+        columns.append(member.astype(np.float64))
+        if member.any() and np.ptp(widths[member]) > 0:
+            columns.append(np.where(member, widths / widths[member].mean() - 1.0, 0.0))
+    return np.column_stack(columns) if columns else np.zeros((0, 1))
+
+
+def fit_misfit(residual: np.ndarray, geometry, positions, weights, radius_px: float, pixel_size: float):
     """The `MisfitProfile` fitted to ``residual`` (n, H, W: data less the fitted model) at the atoms
-    (positions Å, their classes ``species``) and the misfit it renders (n, H, W, the residual's
-    units); the profile's ``explained`` is the share of the residual's power the misfit accounts for."""
+    (positions Å, their `class_weights`) and the misfit it renders (n, H, W, the residual's units);
+    the profile's ``explained`` is the share of the residual's power the misfit accounts for."""
     residual = np.asarray(residual, np.float64)
     centres = projected_centres(geometry, positions, residual.shape[1:], pixel_size)
-    profile = MisfitProfile(centres, species, residual.shape[1:], radius_px)
+    profile = MisfitProfile(centres, weights, residual.shape[1:], radius_px)
     profile.fit(residual)
     misfit = profile.render()
     profile.explained = float(1.0 - np.sum((residual - misfit) ** 2) / max(np.sum(residual ** 2), 1e-300))

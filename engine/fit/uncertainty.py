@@ -28,7 +28,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from engine.fit.evidence import occam_penalty, visible_volume
-from engine.fit.profile_misfit import fit_misfit, footprint_radius_px, misfit_score
+from engine.fit.profile_misfit import class_weights, fit_misfit, footprint_radius_px, misfit_score
 from engine.fit.seeding import residual_dispersion
 from engine.kernels.evidence import LikelihoodGain
 
@@ -159,10 +159,10 @@ def atom_columns(information: JointInformation, volume: float) -> dict:
 def misfit_shift(kernel, misfit: np.ndarray, positions, amplitudes, widths, information: JointInformation):
     """(N, 3) Å each position's first-order correction for the bias the atom profile's ``misfit``
     leaves (n, H, W in the kernel's units, `engine.fit.profile_misfit.fit_misfit`): the step of the
-    positions towards the data with the misfit drawn, F⁻¹ Jᵀ W (r − m) = −F⁻¹ Jᵀ W m (Jᵀ W r = 0 at
-    the fit), over each atom and its coupled neighbours, amplitudes and widths held (the misfit
+    positions towards the data with the misfit drawn, F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m: Jᵀ W r ≈ 0
+    at the fit), over each atom and its coupled neighbours, amplitudes and widths held (the misfit
     drawn is what their profile lacks)."""
-    score = -misfit_score(kernel, misfit, positions, amplitudes, widths)[:, :3]
+    score = misfit_score(kernel, misfit, positions, amplitudes, widths)[:, :3]
     cross = None if information.cross is None else information.cross[:, :3, :3]
     shift = neighbourhood_solve(information.fisher[:, :3, :3], information.pairs, cross, score)[1]
     # A first-order step holds while a Gaussian's gradient is about linear in the displacement: up to
@@ -236,10 +236,10 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
     if fit.settings.profile_correction:
         labels = (fit._species(state["amp"] * data.scale, state["sigma"])[0] if fit.settings.species
                   else np.zeros(len(state["pos"]), int))
-        correction = profile_correction(residual, problem.geometry, state["pos"], np.unique(labels, return_inverse=True)[1],
+        weights = class_weights(np.unique(labels, return_inverse=True)[1], state["sigma"])
+        correction = profile_correction(residual, problem.geometry, state["pos"], weights,
                                         footprint_radius_px(state["sigma"], fit.profile, data.blur, fit.series.pixel_size),
                                         fit.series.pixel_size)
-        residual = residual - correction["misfit"]  # the misfit is the model's, not noise
     if poisson:
         noise = {"kind": "poisson", "gain": fit.gain}
     else:
@@ -247,6 +247,8 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
         free = 5 * len(state["pos"]) / n  # the atoms' parameters, shared among the projections
         # Correlated residual (model error, filtered data) carries less information than as many
         # independent pixels: the variance is scaled by the correlation area (1 for white noise).
+        # The misfit stays in it: the profile correction is first order, and what its radial
+        # profile leaves of the misfit biases the corrected positions as the whole did the fitted.
         _, area = residual_dispersion(residual)
         variance = np.sum(residual ** 2, axis=(1, 2)) / max(pixels - free, 1.0) * area
         kernel.set_noise_variance(variance)
@@ -261,12 +263,12 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
     return columns, noise, correction
 
 
-def profile_correction(residual, geometry, positions, classes, radius_px: float, pixel_size: float) -> dict:
+def profile_correction(residual, geometry, positions, weights, radius_px: float, pixel_size: float) -> dict:
     """The atom profile's misfit fitted to ``residual`` (`fit_misfit`): ``{"profile": the
     `MisfitProfile`, "misfit": its rendering, "seconds": the time taken}``; `finish_correction`
     adds the positions' shift."""
     t0 = time.perf_counter()
-    profile, misfit = fit_misfit(residual, geometry, positions, classes, radius_px, pixel_size)
+    profile, misfit = fit_misfit(residual, geometry, positions, weights, radius_px, pixel_size)
     return {"profile": profile, "misfit": misfit, "seconds": time.perf_counter() - t0}
 
 
