@@ -125,7 +125,7 @@ class SeedVolumes:
         outside = self.region & ~self.support
         if not outside.any():
             return 0.0
-        values = (self.data_fbp / self.view_fraction)[outside]
+        values = self.data_fbp[outside] / self.view_fraction[outside]
         sigma = 1.4826 * float(np.median(np.abs(values - np.median(values))))  # σ of a normal from its MAD
         support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
         return significance_level(support_A3, self.d_min) * sigma
