@@ -1,5 +1,6 @@
 """The stopping rule and the learning-rate levels it drives (`engine.fit.convergence`)."""
 
+import numpy as np
 import pytest
 
 from engine.fit.convergence import LOSS_TOLERANCE, POSITION_TOLERANCE, Convergence
@@ -28,3 +29,30 @@ def test_large_losses_are_compared_at_float32_resolution_and_state_round_trips()
     assert restored.state() == c.state() and not restored.step_down()
     restored.restart()
     assert not restored.settled(1e8, 0.0)                         # after a model change: a new reference
+
+
+class Rounds:
+    """A density-control strategy whose rounds report the given changes, one per call."""
+
+    def __init__(self, *changes):
+        self.changes = list(changes)
+
+    def round(self, problem, spawn=True):
+        return self.changes.pop(0)
+
+
+def test_counting_ends_at_the_first_round_that_adds_no_atom(tmp_path):
+    """Culls alone end counting (every atom left was tested, the residual searched); a spawn, split
+    or merge brings a new atom, which another round must test."""
+    from engine.fit.settings import fit_settings
+    from engine.fit.trainer import Trainer
+
+    none = {"culled": 0, "merged": 0, "split": 0, "spawned": 0}
+    for added, rounds in (("spawned", 2), ("split", 2), ("merged", 2), (None, 1)):
+        first = {**none, "culled": 5, **({added: 1} if added else {})}
+        trainer = Trainer(problem=None, strategy=Rounds(first, none), settings=fit_settings(), out_dir=tmp_path,
+                          rng=np.random.default_rng(0), progress=False)
+        while trainer.schedule["counting"]:
+            trainer.schedule["round_due"] = True
+            trainer._round()
+        assert trainer.schedule["rounds"] == rounds, added

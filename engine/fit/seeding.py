@@ -115,6 +115,21 @@ class SeedVolumes:
         support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
         return state["amp"] / error > significance_level(support_A3, self.d_min)
 
+    def artifact_level(self) -> float:
+        """The data's back-projection (per view, as `peaks` reads it) that noise and reconstruction
+        artifacts reach, on average, once in the support (`significance_level`): z times their σ,
+        measured in the peak window just beyond the support, where no atom sits (the median absolute
+        deviation: robust to the odd atom there). The streaks of a sparse tilt series grow with the
+        particle's projected thickness; beside a large particle they rise to a third of an atom's
+        peak, where the rule of a third alone would seed them."""
+        outside = self.region & ~self.support
+        if not outside.any():
+            return 0.0
+        values = self.data_fbp[outside] / self.view_fraction[outside]
+        sigma = 1.4826 * float(np.median(np.abs(values - np.median(values))))  # σ of a normal from its MAD
+        support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
+        return significance_level(support_A3, self.d_min) * sigma
+
     def peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values;
         a back-projected ``volume`` is taken per view (what a voxel seen by every view would show)."""
@@ -160,13 +175,14 @@ def projected_mass(images: np.ndarray, pixel_size: float) -> float:
 
 
 def initial_atoms(volumes: SeedVolumes, source: str) -> dict:
-    """Seeds at FBP peaks brighter than a third of the typical bright peak, one per d_min; each
-    with an equal share of the mean projected mass (amplitude, normalised units · Å²) and σ 0.35 Å."""
+    """Seeds at FBP peaks, one per d_min, brighter than a third of the typical bright peak and than
+    the back-projection's noise and artifacts (`SeedVolumes.artifact_level`); each with an equal
+    share of the mean projected mass (amplitude, normalised units · Å²) and σ 0.35 Å."""
     positions, values = volumes.peaks(volumes.data_fbp, 0.0)
     if len(values) == 0:
         raise InputError(source, "no signal peaks inside the particle support")
     bright = np.median(values[: max(1, len(values) // 10)])
-    keep = values > bright / 3.0
+    keep = values > max(bright / 3.0, volumes.artifact_level())
     positions = positions[keep]
     total = projected_mass(volumes.images, volumes.pixel_size)
     return {"pos": positions, "amp": np.full(len(positions), total / len(positions)),

@@ -66,7 +66,7 @@ FIT_SCHEMA = Schema("FitSettings", [
             check=fraction),
     Setting("align_start", float, 0.1, "the alignment moves once the atom count is final, at the latest after this fraction of --iters", check=fraction),
     Setting("densify_every", int, 100, "most steps between density-control rounds (a round comes sooner when the fit settles)", check=positive),
-    Setting("densify_until", float, 0.6, "no atom-count changes after this fraction of --iters (counting ends sooner, at a round that changes nothing)",
+    Setting("densify_until", float, 0.6, "no atom-count changes after this fraction of --iters (counting ends sooner, at a round that adds no atom)",
             check=fraction),
     Setting("cull_fraction", float, 0.3, "cull atoms fainter than this fraction of the median amplitude",
             check=non_negative),

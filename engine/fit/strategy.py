@@ -1,6 +1,6 @@
 """Density control: the strategy that changes the number of atoms during a fit, kept apart from the
 training loop (as gsplat's `Strategy`). The trainer decides when a round is due (`engine.fit.trainer`:
-when the fit has settled, until a round changes nothing); `round` runs one:
+when the fit has settled, until a round adds no atom); `round` runs one:
 
 1. cull atoms fainter than ``cull_fraction`` of the median amplitude (of the atoms every view sees),
    whose amplitude does not stand out of the residual (`SeedVolumes.significant`), or outside the support;

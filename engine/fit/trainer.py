@@ -131,7 +131,7 @@ class Trainer:
 
     The schedule reads off the fit, not the step count: density-control rounds come when the fit has
     settled at the first learning rate (or ``densify_every`` steps after the last round, and only
-    during the first ``densify_until`` of the cap); once a round changes nothing, the count is final
+    during the first ``densify_until`` of the cap); once a round adds no atom, the count is final
     and each further settling lowers the learning rates, until the lowest rates settle too. When the
     alignment is refined it starts once the count is final (at the latest at ``align_start`` of the
     cap), and the rates step down only after it has run.
@@ -185,8 +185,10 @@ class Trainer:
             sched["stop"] = CONVERGED
 
     def _round(self) -> None:
-        """A density-control round when one is due; a round that changes nothing ends counting (every
-        atom spawned before it has then been tested once more)."""
+        """A density-control round when one is due; a round that adds no atom (spawns, splits and
+        merges none) ends counting: every atom left has then been tested, and the residual of those
+        it kept searched for missing ones. One that only culls (seeds beside the particle, a
+        sparse series' artifacts) thus costs no further round."""
         s, sched = self.settings, self.schedule
         if sched["counting"] and self.iteration >= int(s.densify_until * s.iters):
             # Counting ends by the cap: a last round that only removes (no atom left untested).
@@ -201,7 +203,7 @@ class Trainer:
         sched.update(round_due=False, last_round=self.iteration, rounds=sched["rounds"] + 1)
         if any(changes.values()):
             self.convergence.restart()
-        else:
+        if not (changes["spawned"] or changes["split"] or changes["merged"]):
             sched["counting"] = False
 
     def run(self, observer=None) -> None:
