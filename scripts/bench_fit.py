@@ -132,7 +132,7 @@ def run_torch(fit, truth, max_steps: int, chunk: int = 8):
         if steps % CHECK_EVERY == 0:
             clock.score(atoms(), steps)
             largest = float((pos.detach() - before).norm(dim=1).max())
-            if convergence.settled(loss, largest) and not convergence.step_down():
+            if convergence.settled(loss, largest, 5 * len(pos)) and not convergence.step_down():
                 break
     wall = clock.elapsed()
     final = clock.score(atoms(), steps)

@@ -5,11 +5,12 @@ Every ``CHECK_EVERY`` steps the fit's loss L (the negative log-likelihood of the
 nats: χ²/2 for Gaussian noise) is read together with the largest distance any atom moved in the
 last step. The fit has *settled* at its learning rate when L fell by less than
 
-    max(LOSS_TOLERANCE, LOSS_RESOLUTION · L)
+    max(LOSS_TOLERANCE · P, LOSS_RESOLUTION · L)
 
-since the previous check: an improvement below ½ nat (Δχ² < 1) is one no likelihood-ratio test
-could call significant, and below a relative 10⁻⁶ the single-precision sums of the loss cannot
-resolve a change. Each time the fit settles the learning rates step down by ``LR_DROP``, to no less
+since the previous check, P the number of free parameters: an improvement below ½ nat per
+parameter (Δχ² < 1 each) is what parameters wandering within their own error bars make (½ Δθᵀ F Δθ
+with Δθ ~ N(0, F⁻¹) is P/2 on average), so no likelihood-ratio test could call it progress; below a
+relative 10⁻⁶ the single-precision sums of the loss cannot resolve a change. Each time the fit settles the learning rates step down by ``LR_DROP``, to no less
 than ``lr_final`` of the set values (reduce-on-plateau: no step count is needed). Settling at the
 lowest rate is convergence once, in addition, no atom moved more than ``POSITION_TOLERANCE`` Å in the
 last step (0.1 pm, a tenth of the smallest position errors we report). ``iters`` stays a cap.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 
 CHECK_EVERY = 10            # steps between checks (each check reads two numbers from the device)
-LOSS_TOLERANCE = 0.5        # nats: Δχ² = 1
+LOSS_TOLERANCE = 0.5        # nats per free parameter: Δχ² = 1
 LOSS_RESOLUTION = 1e-6      # relative: what float32 sums of the loss resolve
 POSITION_TOLERANCE = 1e-3   # Å per step (0.1 pm)
 LR_DROP = 0.1               # factor of each step down of the learning rates
@@ -50,13 +51,13 @@ class Convergence:
         """The settings' learning rates ``names`` at the current level."""
         return {name: getattr(settings, name) * self.factor for name in names}
 
-    def settled(self, loss: float, largest_step: float) -> bool:
-        """Whether the fit has settled at this level, given the loss now (nats, the whole series) and
-        the largest distance (Å) an atom moved in the last step."""
+    def settled(self, loss: float, largest_step: float, parameters: int = 1) -> bool:
+        """Whether the fit has settled at this level, given the loss now (nats, the whole series), the
+        largest distance (Å) an atom moved in the last step and the number of free parameters."""
         previous, self.last_loss = self.last_loss, float(loss)
         if previous is None or not math.isfinite(loss):
             return False
-        flat = previous - loss < max(LOSS_TOLERANCE, LOSS_RESOLUTION * abs(loss))
+        flat = previous - loss < max(LOSS_TOLERANCE * max(parameters, 1), LOSS_RESOLUTION * abs(loss))
         return flat and (not self.lowest or largest_step < POSITION_TOLERANCE)
 
     def step_down(self) -> bool:

@@ -161,7 +161,9 @@ class CountedFit:
             self.iteration += 1
             if self.iteration % CHECK_EVERY == 0:
                 loss = self._record() * pixels * self.n  # nats, the whole series
-                if convergence.settled(loss, self.model.largest_step()) and not convergence.step_down():
+                # Free: each position and the shared width (amplitude and backgrounds by EM).
+                if (convergence.settled(loss, self.model.largest_step(), 3 * self.model.count + 1)
+                        and not convergence.step_down()):
                     break
         if observer is not None:
             observer(self)

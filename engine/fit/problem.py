@@ -154,6 +154,11 @@ class FitProblem:
     def loss_value(self) -> float:
         return self.target.loss_value(self.projector.batch_size)
 
+    def free_parameters(self) -> int:
+        """The atoms' free parameters: a position, an amplitude and a width each (the convergence
+        test's scale, `engine.fit.convergence`)."""
+        return 5 * self.model.count
+
     def series_loss(self, fresh: bool = False) -> float:
         """The loss of the whole series in nats (per-pixel loss × pixels) at the atoms of the last
         forward pass (``fresh``: at the atoms as they stand); a mini-batch fit renders every

@@ -174,7 +174,7 @@ class Trainer:
         self.history["iteration"].append(self.iteration)
         self.history["loss"].append(loss / pixels)
         self.history["atoms"].append(problem.model.count)
-        if not self.convergence.settled(loss, problem.model.largest_step()):
+        if not self.convergence.settled(loss, problem.model.largest_step(), problem.free_parameters()):
             return
         if sched["counting"]:
             sched["round_due"] = True
