@@ -20,6 +20,15 @@ def test_levels_step_down_to_lr_final_then_converge():
     assert not c.step_down()                                      # converged
 
 
+def test_the_tolerance_is_half_a_nat_per_free_parameter():
+    """An improvement of 30 nats is progress for 10 free parameters (Δχ² 6 each) and a plateau for
+    100 (0.6 each: what parameters wandering within their error bars give)."""
+    for parameters, flat in ((10, False), (100, True)):
+        c = Convergence(lr_final=0.02)
+        c.settled(1000.0, 0.1, parameters)
+        assert c.settled(970.0, 0.1, parameters) is flat
+
+
 def test_large_losses_are_compared_at_float32_resolution_and_state_round_trips():
     c = Convergence(lr_final=1.0)                                 # a single level
     c.settled(1e8, 0.0)
