@@ -62,7 +62,7 @@ def one_size(n_atoms: int, arch: str, iters: int) -> dict:
     return {"n_atoms": len(truth), "image_px": list(series.shape), "tilts": series.n_tilts, "arch": arch,
             "steps": fit.iteration, "stop": fit.trainer.stop_reason, "density_rounds": fit.trainer.schedule["rounds"],
             "seconds_per_step": train / max(fit.iteration, 1), "train_s": train, "total_s": wall,
-            "prepare_s": phases["prepare"], "peak_host_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "prepare_s": phases["prepare"], "phase_seconds": phases, "peak_host_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "device_bytes": device, "cpu_utilisation": cpu / wall / os.cpu_count(), "f1_1A": metrics["f1"],
             "rmsd_pm": metrics["rmsd_pm"], "n_fitted": len(atoms)}
 
