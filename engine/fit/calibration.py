@@ -39,8 +39,7 @@ def calibrate_b_factors(problem, state: dict, species: np.ndarray, series, measu
                 problem.step(convergence.learning_rates(settings, LEARNING_RATES),
                              choose_batch(rng, series.n_tilts, settings.batch), align=False, fit_offsets=False,
                              fix_gauge=False)
-                if (i % CHECK_EVERY == 0 and convergence.settled(problem.series_loss(), problem.model.largest_step(),
-                                                                 problem.free_parameters())
+                if (i % CHECK_EVERY == 0 and convergence.settled(problem.series_loss(), problem.model.largest_step())
                         and not convergence.step_down()):
                     break
             widths_at[b] = problem.state()["sigma"]

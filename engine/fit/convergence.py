@@ -7,10 +7,19 @@ last step. The fit has *settled* at its learning rate when L fell by less than
 
     max(LOSS_TOLERANCE · P, LOSS_RESOLUTION · L)
 
-since the previous check, P the number of free parameters: an improvement below ½ nat per
-parameter (Δχ² < 1 each) is what parameters wandering within their own error bars make (½ Δθᵀ F Δθ
-with Δθ ~ N(0, F⁻¹) is P/2 on average), so no likelihood-ratio test could call it progress; below a
-relative 10⁻⁶ the single-precision sums of the loss cannot resolve a change. Each time the fit settles the learning rates step down by ``LR_DROP``, to no less
+since the previous check. Below a relative 10⁻⁶ the single-precision sums of the loss cannot
+resolve a change. P is what the caller asks settling to mean:
+
+- P = the atoms' free parameters while their count may still change (when settling calls a density
+  round): an improvement below ½ nat per parameter is what parameters wandering within their own
+  error bars make (½ Δθᵀ F Δθ with Δθ ~ N(0, F⁻¹) is P/2 on average): the atoms are where the data
+  put them, to within their uncertainty, so their count can be tested;
+- P = 1 afterwards (learning-rate steps, alignment, convergence) and in refits: no improvement of
+  ½ nat at all (Δχ² = 1), which no likelihood-ratio test could call significant. The slow last
+  stretch of the widths, or an alignment's drift, stays under the first rule, and B-factors and
+  alignments are read off exactly those.
+
+Each time the fit settles the learning rates step down by ``LR_DROP``, to no less
 than ``lr_final`` of the set values (reduce-on-plateau: no step count is needed). Settling at the
 lowest rate is convergence once, in addition, no atom moved more than ``POSITION_TOLERANCE`` Å in the
 last step (0.1 pm, a tenth of the smallest position errors we report). ``iters`` stays a cap.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import math
 
 CHECK_EVERY = 10            # steps between checks (each check reads two numbers from the device)
-LOSS_TOLERANCE = 0.5        # nats per free parameter: Δχ² = 1
+LOSS_TOLERANCE = 0.5        # nats (per free parameter where asked): Δχ² = 1
 LOSS_RESOLUTION = 1e-6      # relative: what float32 sums of the loss resolve
 POSITION_TOLERANCE = 1e-3   # Å per step (0.1 pm)
 LR_DROP = 0.1               # factor of each step down of the learning rates
@@ -53,7 +62,8 @@ class Convergence:
 
     def settled(self, loss: float, largest_step: float, parameters: int = 1) -> bool:
         """Whether the fit has settled at this level, given the loss now (nats, the whole series), the
-        largest distance (Å) an atom moved in the last step and the number of free parameters."""
+        largest distance (Å) an atom moved in the last step and ``parameters``: P of the tolerance
+        (the atoms' free parameters, or 1; see the module)."""
         previous, self.last_loss = self.last_loss, float(loss)
         if previous is None or not math.isfinite(loss):
             return False

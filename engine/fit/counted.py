@@ -161,8 +161,11 @@ class CountedFit:
             self.iteration += 1
             if self.iteration % CHECK_EVERY == 0:
                 loss = self._record() * pixels * self.n  # nats, the whole series
-                # Free: each position and the shared width (amplitude and backgrounds by EM).
-                if (convergence.settled(loss, self.model.largest_step(), 3 * self.model.count + 1)
+                # A refinement between detection rounds ends when the atoms wander within their error
+                # bars (free: each position and the shared width; amplitude and backgrounds by EM);
+                # the final one when nothing improves by ½ nat.
+                parameters = 1 if decay else 3 * self.model.count + 1
+                if (convergence.settled(loss, self.model.largest_step(), parameters)
                         and not convergence.step_down()):
                     break
         if observer is not None:

@@ -53,8 +53,7 @@ def refit(fit, indices, geometry, atoms: dict, cap: int, refiner: AlignmentRefin
             lr.update({name: 0.0 for name in ATOM_RATES})
         problem.step(lr, choose_batch(rng, problem.n_tilts, batch), align=refiner is not None,
                      fit_offsets=fit.loss != "poisson", fix_gauge=False)
-        if step % CHECK_EVERY == 0 and convergence.settled(problem.series_loss(), problem.model.largest_step(),
-                                                           problem.free_parameters()):
+        if step % CHECK_EVERY == 0 and convergence.settled(problem.series_loss(), problem.model.largest_step()):
             if not convergence.step_down():
                 break
     return problem

@@ -171,12 +171,14 @@ def footprint_radius_px(widths: np.ndarray, profile, blur: float, pixel_size: fl
     return TRUNCATION_RADIUS_SIGMAS * widest / pixel_size
 
 
-def misfit_score(kernel, misfit: np.ndarray, positions, amplitudes, widths) -> np.ndarray:
-    """(N, P) Jᵀ W (r − m): the score of ``kernel``'s atoms against its data less the ``misfit`` m
-    (the kernel's units), r the data less the kernel's model; the kernel's data are put back
+def misfit_score(kernel, misfit: np.ndarray, positions, amplitudes, widths, influence=None) -> np.ndarray:
+    """(N, P) Jᵀ W ψ(r − m): the score of ``kernel``'s atoms against its data less the ``misfit`` m
+    (the kernel's units), r the data less the kernel's model, ψ the loss's ``influence`` on a
+    residual (None: the residual itself; the Huber loss clips it); the kernel's data are put back
     afterwards."""
     data = kernel.data
-    kernel.set_counts(data - misfit)
+    residual = np.asarray(data, np.float64) - kernel.model - misfit
+    kernel.set_counts(kernel.model + (residual if influence is None else influence(residual)))
     try:
         return kernel.evaluate(positions, amplitudes, widths)[2]
     finally:

@@ -174,7 +174,10 @@ class Trainer:
         self.history["iteration"].append(self.iteration)
         self.history["loss"].append(loss / pixels)
         self.history["atoms"].append(problem.model.count)
-        if not self.convergence.settled(loss, problem.model.largest_step(), problem.free_parameters()):
+        # While the count may change, settled means the atoms wander within their error bars (a round
+        # is due); after it, no improvement of ½ nat at all (rates step down, alignment, convergence).
+        parameters = problem.free_parameters() if sched["counting"] else 1
+        if not self.convergence.settled(loss, problem.model.largest_step(), parameters):
             return
         if sched["counting"]:
             sched["round_due"] = True

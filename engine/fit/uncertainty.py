@@ -22,6 +22,7 @@ the atoms beyond them, the shared and the alignment parameters held at their fit
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +32,7 @@ from engine.fit.evidence import occam_penalty, visible_volume
 from engine.fit.profile_misfit import class_weights, fit_misfit, footprint_radius_px, misfit_score
 from engine.fit.seeding import residual_dispersion
 from engine.kernels.evidence import LikelihoodGain
+from engine.kernels.loss import HUBER_DELTA
 
 COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "corr_xy", "corr_xz", "corr_yz", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
@@ -156,13 +158,14 @@ def atom_columns(information: JointInformation, volume: float) -> dict:
             "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
 
 
-def misfit_shift(kernel, misfit: np.ndarray, positions, amplitudes, widths, information: JointInformation):
+def misfit_shift(kernel, misfit: np.ndarray, positions, amplitudes, widths, information: JointInformation,
+                 influence=None):
     """(N, 3) Å each position's first-order correction for the bias the atom profile's ``misfit``
     leaves (n, H, W in the kernel's units, `engine.fit.profile_misfit.fit_misfit`): the step of the
     positions towards the data with the misfit drawn, F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m: Jᵀ W r ≈ 0
     at the fit), over each atom and its coupled neighbours, amplitudes and widths held (the misfit
-    drawn is what their profile lacks)."""
-    score = misfit_score(kernel, misfit, positions, amplitudes, widths)[:, :3]
+    drawn is what their profile lacks); ``influence``: the loss's on a residual (`misfit_score`)."""
+    score = misfit_score(kernel, misfit, positions, amplitudes, widths, influence)[:, :3]
     cross = None if information.cross is None else information.cross[:, :3, :3]
     shift = neighbourhood_solve(information.fisher[:, :3, :3], information.pairs, cross, score)[1]
     # A first-order step holds while a Gaussian's gradient is about linear in the displacement: up to
@@ -234,12 +237,16 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
     residual = kernel.data - kernel.model
     correction = None
     if fit.settings.profile_correction:
+        influence = None
+        if fit.loss == "huber":  # outliers pull as the fit's loss lets them: at most HUBER_DELTA σ
+            bound = HUBER_DELTA * data.noise
+            influence = partial(np.clip, a_min=-bound, a_max=bound)
         labels = (fit._species(state["amp"] * data.scale, state["sigma"])[0] if fit.settings.species
                   else np.zeros(len(state["pos"]), int))
         weights = class_weights(np.unique(labels, return_inverse=True)[1], state["sigma"])
         correction = profile_correction(residual, problem.geometry, state["pos"], weights,
                                         footprint_radius_px(state["sigma"], fit.profile, data.blur, fit.series.pixel_size),
-                                        fit.series.pixel_size)
+                                        fit.series.pixel_size, influence)
     if poisson:
         noise = {"kind": "poisson", "gain": fit.gain}
     else:
@@ -263,20 +270,24 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
     return columns, noise, correction
 
 
-def profile_correction(residual, geometry, positions, weights, radius_px: float, pixel_size: float) -> dict:
-    """The atom profile's misfit fitted to ``residual`` (`fit_misfit`): ``{"profile": the
-    `MisfitProfile`, "misfit": its rendering, "seconds": the time taken}``; `finish_correction`
-    adds the positions' shift."""
+def profile_correction(residual, geometry, positions, weights, radius_px: float, pixel_size: float,
+                       influence=None) -> dict:
+    """The atom profile's misfit fitted to ``residual`` (`fit_misfit`; with the loss's ``influence``
+    ψ, to ψ(residual): outliers count as the loss lets them): ``{"profile": the `MisfitProfile`,
+    "misfit": its rendering, "influence": ψ, "seconds": the time taken}``; `finish_correction` adds
+    the positions' shift."""
     t0 = time.perf_counter()
-    profile, misfit = fit_misfit(residual, geometry, positions, weights, radius_px, pixel_size)
-    return {"profile": profile, "misfit": misfit, "seconds": time.perf_counter() - t0}
+    profile, misfit = fit_misfit(residual if influence is None else influence(residual), geometry, positions, weights,
+                                 radius_px, pixel_size)
+    return {"profile": profile, "misfit": misfit, "influence": influence, "seconds": time.perf_counter() - t0}
 
 
 def finish_correction(correction: dict, kernel, positions, amplitudes, widths, information) -> np.ndarray:
     """Adds to a `profile_correction` the positions' "shift" (N, 3) Å (`misfit_shift`), its time
     included, and drops the rendered misfit; returns the shift."""
     t0 = time.perf_counter()
-    correction["shift"] = misfit_shift(kernel, correction.pop("misfit"), positions, amplitudes, widths, information)
+    correction["shift"] = misfit_shift(kernel, correction.pop("misfit"), positions, amplitudes, widths, information,
+                                       correction.pop("influence"))
     correction["seconds"] += time.perf_counter() - t0
     return correction["shift"]
 
