@@ -9,10 +9,11 @@ the score is zero at the fit.
 
 The misfit is estimated from the data, then corrected to first order:
 
-1. Its radial profile, one per species: the residual r_k of every projection k is modelled as
-   m_k = Σ_s K_s ∗ D_ks, D_ks the atoms of species s splatted bilinearly at their projected centres
-   and K_s(d) a piecewise-linear function of |d| (knots every ``KNOT_SPACING_PX`` px, out to the
-   footprint's truncation radius: the profile the projector walks). The knot values are the least-
+1. Its radial profiles: the residual r_k of every projection k is modelled as m_k = Σ_c K_c ∗ D_kc,
+   D_kc the atoms splatted bilinearly at their projected centres with class c's weights (per
+   species its profile and the profile's change with the atom's width, `class_weights`) and K_c(d)
+   a piecewise-linear function of |d| (knots every ``KNOT_SPACING_PX`` px, out to the footprint's
+   truncation radius: the profile the projector walks). The knot values are the least-
    squares solution over all projections, whose normal equations need only the centres' and the
    residual's correlations at short lags (FFTs, summed over projections before the inverse). A
    least-squares fit, not a stacked mean: the neighbours' own misfits, which a stacked mean would
@@ -20,8 +21,8 @@ The misfit is estimated from the data, then corrected to first order:
 2. The rendered misfit m is what the model lacks; the Gauss–Newton step of the atoms towards the
    data with it, Δ = F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m, since Jᵀ W r ≈ 0 at the fit), is each atom's
    bias with the sign reversed. Jᵀ W (r − m) is the likelihood-gain kernel's score against data − m;
-   F⁻¹ is taken over each atom and its coupled neighbours, as for its covariance
-   (`engine.fit.uncertainty.position_covariance`).
+   F⁻¹ is taken over each atom and its coupled neighbours' positions, as for its covariance
+   (`engine.fit.uncertainty.misfit_shift`).
 """
 
 from __future__ import annotations

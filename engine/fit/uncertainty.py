@@ -17,6 +17,9 @@ neighbours (within 2 d_min, whose footprints overlap at many tilts; the kernel g
 blocks too), read at the atom: its Cramér–Rao bound with those neighbours' parameters unknown and
 the atoms beyond them, the shared and the alignment parameters held at their fitted values
 (`scripts/uncertainty_check.py` measures this against the joint information of all atoms).
+
+The same pass gives the profile correction its Fisher information (`misfit_shift`): the bias the
+atom profile's misfit leaves in each position (`engine.fit.profile_misfit`), corrected to first order.
 """
 
 from __future__ import annotations
