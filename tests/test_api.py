@@ -52,10 +52,12 @@ def test_view_predicts_exactly_what_the_fit_predicted(arch, tmp_path):
     from engine.fit.reconstruct import Reconstruction
     from engine.fit.settings import fit_settings
 
-    # The fit's own prediction, from its device model, for a fit resumed at its end.
+    # The fit's own prediction, from its device model, for a fit resumed at its last step and finished
+    # (the checkpoint holds the trained atoms; the profile correction comes after them).
     fit = Reconstruction(series, fit_settings(species=["Au"], profile="peng", iters=60, thermal_refits=0), tmp_path,
                          progress=False)
     fit.resume(tmp_path / "checkpoint.npz")
+    fit.run()
     report = json.loads((tmp_path / "report.json").read_text())
     saved = SavedResult(read_atoms(tmp_path / "atoms.xyz"), "atoms", series, report=report)
     for k in (0, 3):

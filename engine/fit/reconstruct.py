@@ -196,7 +196,6 @@ class Reconstruction:
         if correction is not None:  # the same atom order: the columns stay theirs
             state["pos"] = state["pos"] + correction["shift"]
             self.problem.upload(state, sort=False)
-            self.trainer.save_checkpoint()  # the checkpoint holds the atoms written
         self.profile_correction = correction_summary(correction)
         self.uncertainty_seconds = time.perf_counter() - t0 - (0.0 if correction is None else correction["seconds"])
         if observer is not None:
