@@ -361,3 +361,22 @@ def test_render_leaves_the_training_state_alone(arch):
     assert np.abs(rendered[0] - ref[0]).max() <= 1e-5 * ref.max()
     with pytest.raises(ValueError):
         projector.render(cloud, [4])
+
+
+def test_pixel_coordinates_are_where_the_projector_draws(arch):
+    """`TiltGeometry.pixel_coordinates` (the host's convention) puts an atom where the projector's
+    rendering of it has its centroid, in every projection (shifts and a tilted axis included)."""
+    from engine.kernels.projector import cached_cloud
+
+    g = TiltGeometry.from_tilt_angles([-40.0, 0.0, 35.0], shifts=[[0.4, -0.3], [0.0, 0.0], [-0.2, 0.5]],
+                                      axis_angle_deg=7.0)
+    shape, pixel = (40, 44), 0.3
+    position = np.array([[0.7, -0.9, 1.1]])
+    projector = TiltSeriesProjector(g, shape, pixel, 0.0)
+    cloud = cached_cloud(1)
+    cloud.set(position, np.ones(1), np.full(1, 0.4))
+    projector.ensure_capacity(cloud.capacity)
+    images = projector.render(cloud, np.arange(3)).astype(np.float64)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    centroid = np.stack([(images * cols).sum((1, 2)), (images * rows).sum((1, 2))], -1) / images.sum((1, 2))[:, None]
+    np.testing.assert_allclose(g.pixel_coordinates(position, shape, pixel)[:, 0], centroid, atol=1e-3)

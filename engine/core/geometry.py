@@ -112,6 +112,13 @@ class TiltGeometry:
         return ((np.abs(beam[..., 0]) <= centre_index(w) * pixel_size + 1e-9)
                 & (np.abs(beam[..., 1]) <= centre_index(h) * pixel_size + 1e-9))
 
+    def pixel_coordinates(self, positions: np.ndarray, shape, pixel_size: float) -> np.ndarray:
+        """(n, N, 2) the (column, row) pixel coordinates of ``positions`` (N, 3) Å in every projection,
+        for images ``shape`` (H, W) px of ``pixel_size`` Å: the kernels' x'/s + centre_index(n)."""
+        beam = self.to_beam_frame(positions)
+        return np.stack([beam[..., 0] / pixel_size + centre_index(shape[1]),
+                         beam[..., 1] / pixel_size + centre_index(shape[0])], axis=-1)
+
     def to_beam_frame(self, positions: np.ndarray) -> np.ndarray:
         """World positions (N, 3) Å → (n, N, 3) beam-frame coordinates (x', y', z') incl. shifts."""
         rotated = np.einsum("kij,nj->kni", self.rotations, np.asarray(positions, dtype=np.float64))

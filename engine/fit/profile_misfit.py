@@ -32,25 +32,16 @@ import math
 import numpy as np
 from scipy import fft
 
-from engine.core.geometry import centre_index
 from engine.kernels.projector import TRUNCATION_RADIUS_SIGMAS
 
 KNOT_SPACING_PX = 0.5  # the profile's resolution: half a pixel, finer than the pixels sample it
 PROJECTION_CHUNK = 16  # projections transformed at once (bounded memory at 10⁵ atoms)
 
 
-def projected_centres(geometry, positions: np.ndarray, shape, pixel_size: float) -> np.ndarray:
-    """(n, N, 2) the (col, row) pixel coordinates of ``positions`` (N, 3) Å in every projection of
-    ``geometry`` for images ``shape`` (H, W): the projector's own convention."""
-    beam = geometry.to_beam_frame(positions)
-    return np.stack([beam[..., 0] / pixel_size + centre_index(shape[1]),
-                     beam[..., 1] / pixel_size + centre_index(shape[0])], axis=-1)
-
-
 class MisfitProfile:
     """The radial misfit profiles (`fit`) and their rendering at the atoms (`render`).
 
-    centres  : (n, N, 2) the atoms' projected (col, row) px (`projected_centres`).
+    centres  : (n, N, 2) the atoms' projected (col, row) px (`TiltGeometry.pixel_coordinates`).
     weights  : (N, C) how much of each of the C profiles every atom draws (`class_weights`).
     radius_px: how far from an atom's centre the profiles reach (px)."""
 
@@ -207,7 +198,7 @@ def fit_misfit(residual: np.ndarray, geometry, positions, weights, radius_px: fl
     (positions Å, their `class_weights`) and the misfit it renders (n, H, W, the residual's units);
     the profile's ``explained`` is the share of the residual's power the misfit accounts for."""
     residual = np.asarray(residual, np.float64)
-    centres = projected_centres(geometry, positions, residual.shape[1:], pixel_size)
+    centres = geometry.pixel_coordinates(positions, residual.shape[1:], pixel_size)
     profile = MisfitProfile(centres, weights, residual.shape[1:], radius_px)
     profile.fit(residual)
     misfit = profile.render()

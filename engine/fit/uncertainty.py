@@ -254,7 +254,7 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
         noise = {"kind": "poisson", "gain": fit.gain}
     else:
         pixels = residual[0].size
-        free = 5 * len(state["pos"]) / n  # the atoms' parameters, shared among the projections
+        free = problem.free_parameters() / n  # the atoms' parameters, shared among the projections
         # Correlated residual (model error, filtered data) carries less information than as many
         # independent pixels: the variance is scaled by the correlation area (1 for white noise).
         # The misfit stays in it: the profile correction is first order, and what its radial
