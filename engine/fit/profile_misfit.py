@@ -20,7 +20,7 @@ The misfit is estimated from the data, then corrected to first order:
    count once more around every atom, are each given to their own atom.
 2. The rendered misfit m is what the model lacks; the Gauss–Newton step of the atoms towards the
    data with it, Δ = F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m, since Jᵀ W r ≈ 0 at the fit), is each atom's
-   bias with the sign reversed. Jᵀ W (r − m) is the likelihood-gain kernel's score against data − m;
+   bias with the sign reversed. Jᵀ W (r − m) is the likelihood-gain kernel's score against model + r − m;
    F⁻¹ is taken over each atom and its coupled neighbours' positions, as for its covariance
    (`engine.fit.uncertainty.misfit_shift`).
 """
@@ -163,14 +163,12 @@ def footprint_radius_px(widths: np.ndarray, profile, blur: float, pixel_size: fl
     return TRUNCATION_RADIUS_SIGMAS * widest / pixel_size
 
 
-def misfit_score(kernel, misfit: np.ndarray, positions, amplitudes, widths, influence=None) -> np.ndarray:
-    """(N, P) Jᵀ W ψ(r − m): the score of ``kernel``'s atoms against its data less the ``misfit`` m
-    (the kernel's units), r the data less the kernel's model, ψ the loss's ``influence`` on a
-    residual (None: the residual itself; the Huber loss clips it); the kernel's data are put back
-    afterwards."""
+def misfit_score(kernel, remainder: np.ndarray, positions, amplitudes, widths) -> np.ndarray:
+    """(N, P) Jᵀ W ``remainder``: the score of ``kernel``'s atoms against its model plus the residual
+    that remains with the misfit drawn (ψ(r − m): r the data less the model, m the misfit, ψ the
+    loss's influence; the kernel's units); the kernel's data are put back afterwards."""
     data = kernel.data
-    residual = np.asarray(data, np.float64) - kernel.model - misfit
-    kernel.set_counts(kernel.model + (residual if influence is None else influence(residual)))
+    kernel.set_counts(kernel.model + remainder)
     try:
         return kernel.evaluate(positions, amplitudes, widths)[2]
     finally:

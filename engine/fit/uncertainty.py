@@ -161,14 +161,14 @@ def atom_columns(information: JointInformation, volume: float) -> dict:
             "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
 
 
-def misfit_shift(kernel, misfit: np.ndarray, positions, amplitudes, widths, information: JointInformation,
-                 influence=None):
-    """(N, 3) Å each position's first-order correction for the bias the atom profile's ``misfit``
-    leaves (n, H, W in the kernel's units, `engine.fit.profile_misfit.fit_misfit`): the step of the
-    positions towards the data with the misfit drawn, F⁻¹ Jᵀ W (r − m) (≈ −F⁻¹ Jᵀ W m: Jᵀ W r ≈ 0
-    at the fit), over each atom and its coupled neighbours, amplitudes and widths held (the misfit
-    drawn is what their profile lacks); ``influence``: the loss's on a residual (`misfit_score`)."""
-    score = misfit_score(kernel, misfit, positions, amplitudes, widths, influence)[:, :3]
+def misfit_shift(kernel, remainder: np.ndarray, positions, amplitudes, widths, information: JointInformation):
+    """(N, 3) Å each position's first-order correction for the bias the atom profile's misfit m
+    leaves (`engine.fit.profile_misfit`), given the ``remainder`` ψ(r − m) of the residual r once m is
+    drawn (n, H, W, the kernel's units; ψ the loss's influence): the step of the positions towards the
+    data with the misfit drawn, F⁻¹ Jᵀ W ψ(r − m) (≈ −F⁻¹ Jᵀ W m: Jᵀ W r ≈ 0 at the fit), over each
+    atom and its coupled neighbours, amplitudes and widths held (the misfit drawn is what their
+    profile lacks)."""
+    score = misfit_score(kernel, remainder, positions, amplitudes, widths)[:, :3]
     cross = None if information.cross is None else information.cross[:, :3, :3]
     shift = neighbourhood_solve(information.fisher[:, :3, :3], information.pairs, cross, score)[1]
     # A first-order step holds while a Gaussian's gradient is about linear in the displacement: up to
@@ -275,22 +275,21 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
 
 def profile_correction(residual, geometry, positions, weights, radius_px: float, pixel_size: float,
                        influence=None) -> dict:
-    """The atom profile's misfit fitted to ``residual`` (`fit_misfit`; with the loss's ``influence``
-    ψ, to ψ(residual): outliers count as the loss lets them): ``{"profile": the `MisfitProfile`,
-    "misfit": its rendering, "influence": ψ, "seconds": the time taken}``; `finish_correction` adds
-    the positions' shift."""
+    """The atom profile's misfit m fitted to ``residual`` r (`fit_misfit`; to ψ(r) with the loss's
+    ``influence`` ψ: outliers count as the loss lets them): ``{"profile": the `MisfitProfile`,
+    "remainder": ψ(r − m), "seconds": the time taken}``; `finish_correction` adds the positions'
+    shift."""
     t0 = time.perf_counter()
-    profile, misfit = fit_misfit(residual if influence is None else influence(residual), geometry, positions, weights,
-                                 radius_px, pixel_size)
-    return {"profile": profile, "misfit": misfit, "influence": influence, "seconds": time.perf_counter() - t0}
+    influence = influence or (lambda r: r)
+    profile, misfit = fit_misfit(influence(residual), geometry, positions, weights, radius_px, pixel_size)
+    return {"profile": profile, "remainder": influence(residual - misfit), "seconds": time.perf_counter() - t0}
 
 
 def finish_correction(correction: dict, kernel, positions, amplitudes, widths, information) -> np.ndarray:
     """Adds to a `profile_correction` the positions' "shift" (N, 3) Å (`misfit_shift`), its time
-    included, and drops the rendered misfit; returns the shift."""
+    included, and drops the remainder image; returns the shift."""
     t0 = time.perf_counter()
-    correction["shift"] = misfit_shift(kernel, correction.pop("misfit"), positions, amplitudes, widths, information,
-                                       correction.pop("influence"))
+    correction["shift"] = misfit_shift(kernel, correction.pop("remainder"), positions, amplitudes, widths, information)
     correction["seconds"] += time.perf_counter() - t0
     return correction["shift"]
 
