@@ -51,23 +51,31 @@ def negative_log_likelihood(noise, model, data):
 
 @pytest.mark.parametrize("noise,profile", [("poisson", AtomProfile()),
                                            ("gaussian", AtomProfile((0.7, 0.3), (0.0, 0.2)))])
-def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
-    """At noise-free data (y = the model) the observed information, the Hessian of −log L, is the
-    Fisher information; each atom's 5 × 5 block by central differences against the kernel's."""
+@pytest.mark.parametrize("noisy", [False, True], ids=["noise-free", "noisy"])
+def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile, noisy):
+    """The observed information, the Hessian of −log L at the parameters and the data, against
+    central differences, each atom's 5 × 5 block and each coupled pair's; the score against the
+    gradient, the gain against the likelihood ratio. At noise-free data (y = the model) the Fisher
+    information is that Hessian too; at noisy data it is not, and the observed information is."""
     dtype = np.float64 if supports_float64() else np.float32
     g = geometry()
     params = np.column_stack([ATOMS, LOG_AMP, LOG_WIDTH])
     background = 2.0
-    data = background + render(params, profile, g)
+    model = background + render(params, profile, g)
+    data = model
+    if noisy:  # a low dose: about 2 counts a pixel, or noise of a fifth of the peak
+        rng = np.random.default_rng(5)
+        data = (rng.poisson(model).astype(np.float64) if noise == "poisson"
+                else model + rng.normal(size=model.shape) * np.sqrt(VARIANCE)[:, None, None])
     # Two entries a launch: 3 atoms and 2 pairs take three launches, one holding an atom and a pair.
     kernel = LikelihoodGain(TiltSeriesProjector(g, SHAPE, PIXEL, BLUR, dtype=dtype), noise, profile, free_shape=True,
                             capacity=2)
     kernel.set_counts(data)
-    kernel.set_model(data)
+    kernel.set_model(model)
     kernel.set_factor(FACTOR)
     kernel.set_noise_variance(VARIANCE)
     pairs = np.array([[0, 1], [2, 1]])
-    gain, fisher, score, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)
+    moments = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs, observed=True)
     step = 1e-3
     tolerance = 1e-4 if dtype == np.float64 else 2e-3
 
@@ -89,16 +97,25 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile):
 
     for i in range(len(ATOMS)):
         own = hessian(i, i)
-        np.testing.assert_allclose(fisher[i], own, rtol=tolerance, atol=tolerance * np.abs(own).max())
-        np.testing.assert_allclose(score[i], 0.0, atol=1e-3 * np.sqrt(np.diag(own)).max())
+        scale = np.abs(own).max()
+        np.testing.assert_allclose(moments.observed[i], own, rtol=tolerance, atol=tolerance * scale)
+        if noisy:  # the Fisher information is the Hessian's expectation, not the Hessian
+            assert np.abs(moments.fisher[i] - own).max() > 5 * np.abs(moments.observed[i] - own).max()
+        else:
+            np.testing.assert_allclose(moments.fisher[i], own, rtol=tolerance, atol=tolerance * scale)
+        gradient = [(nll(i, step * e) - nll(i, -step * e)) / (2 * step) for e in np.eye(5)]
+        # (to the footprint's truncation, which the width's derivative, weighting the tails, feels most)
+        np.testing.assert_allclose(moments.score[i], -np.array(gradient), rtol=3e-3, atol=tolerance * np.sqrt(scale))
         # The gain of keeping atom i against removing it, exactly.
         without = np.delete(params, i, axis=0)
         reference = negative_log_likelihood(noise, background + render(without, profile, g), data) - nll(i, 0.0)
-        assert gain[i] == pytest.approx(reference, rel=tolerance)
-    for (i, j), block in zip(pairs, cross):  # the coupling of overlapping atoms
+        assert moments.gain[i] == pytest.approx(reference, rel=tolerance, abs=tolerance)
+    for (i, j), block, observed in zip(pairs, moments.cross, moments.observed_cross):  # overlapping atoms' coupling
         reference = hessian(i, j)
-        assert np.abs(reference).max() > 0.01 * np.abs(fisher[i]).max()  # they do overlap
-        np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * np.abs(fisher[i]).max())
+        assert np.abs(reference).max() > 0.01 * np.abs(moments.fisher[i]).max()  # they do overlap
+        np.testing.assert_allclose(observed, reference, rtol=tolerance, atol=tolerance * np.abs(moments.fisher[i]).max())
+        if not noisy:
+            np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * np.abs(moments.fisher[i]).max())
 
 
 def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arch):
@@ -121,9 +138,10 @@ def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arc
     kernel.set_counts(data)
     kernel.set_model(data)
     kernel.set_factor(FACTOR)
-    columns = atom_columns(joint_information(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 10.0), 100.0)
+    columns, used = atom_columns(joint_information(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 10.0), 100.0)
+    assert used == {"kind": "observed", "atoms_with_fisher_instead": 0}
     pairs = np.array([[0, 1], [0, 2], [1, 2]])
-    _, fisher, _, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)
+    _, fisher, _, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)[:4]
     joint = np.zeros((15, 15))
     for i in range(3):
         joint[5 * i:5 * i + 5, 5 * i:5 * i + 5] = fisher[i]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.fit.seeding import residual_dispersion
-from engine.fit.uncertainty import coupled_pairs, position_covariance
+from engine.fit.uncertainty import JointInformation, coupled_pairs, information_covariance, position_covariance
 
 
 def covariance_loop(fisher, pairs, cross):
@@ -86,5 +86,26 @@ def test_no_atoms_give_empty_answers(arch):
                             "gaussian", free_shape=True)
     kernel.set_counts(np.ones((2, 12, 12)))
     kernel.set_model(np.ones((2, 12, 12)))
-    gain, fisher, score = kernel.evaluate(np.zeros((0, 3)), 1.0, 0.4)
+    gain, fisher, score = kernel.evaluate(np.zeros((0, 3)), 1.0, 0.4)[:3]
     assert gain.shape == (0,) and fisher.shape == (0, 5, 5) and score.shape == (0, 5)
+
+
+def test_observed_information_gives_way_to_fisher_where_not_positive_definite():
+    """σ come from the observed information; an atom whose observed neighbourhood information is not
+    positive definite (the likelihood not concave there) takes the Fisher information's instead."""
+    rng = np.random.default_rng(6)
+    n, p = 30, 3
+    positions = rng.uniform(0.0, 8.0, (n, 3))
+    pairs = coupled_pairs(positions, 2.5)
+    fisher = np.stack([a @ a.T + p * np.eye(p) for a in rng.normal(size=(n, p, p))])
+    cross = 0.2 * rng.normal(size=(len(pairs), p, p))
+    observed = fisher * rng.uniform(0.6, 1.4, (n, 1, 1))
+    observed[4] = -np.eye(p)  # atom 4: a saddle
+    information = JointInformation(np.zeros(n), fisher, pairs, cross, observed, cross)
+    covariance, fallback = information_covariance(information)
+    inverse = position_covariance(observed, pairs, cross)  # infinite where singular
+    concave = np.all(np.isfinite(inverse), axis=(1, 2))
+    concave[concave] = np.linalg.eigvalsh(inverse[concave]).min(axis=1) > 0
+    assert fallback == np.sum(~concave) >= 1 and not concave[4]
+    np.testing.assert_allclose(covariance[concave], inverse[concave], rtol=1e-12)
+    np.testing.assert_allclose(covariance[~concave], position_covariance(fisher, pairs, cross)[~concave], rtol=1e-12)

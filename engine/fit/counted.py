@@ -86,6 +86,7 @@ class CountedFit:
         self.iteration, self.reason, self.stop = 0, None, None
         self.profile_correction = None  # what the profile correction did (`correction_summary`), once done
         self.error_bars = None  # per-atom σ, significance (`engine.fit.uncertainty`) once done, `positions` order
+        self.information_used = None  # which information gave σ (`atom_columns`), once done
         self.history = {"iteration": [], "loss": [], "atoms": []}
         self.phase_seconds = {"prepare": time.perf_counter() - t0}
         self.data = DataModel(background=0.0, scale=1.0 / self.gain, noise=0.0, blur=0.0)
@@ -278,7 +279,7 @@ class CountedFit:
                                                 footprint_radius_px(self.shape_width, AtomProfile(), 0.0,
                                                                     self.pixel_size), self.pixel_size)
             information = joint_information(kernel, pos, amplitude, self.shape_width, COUPLING_PER_D_MIN * self.d_min)
-            self.error_bars = atom_columns(information, self.selection.volume)
+            self.error_bars, self.information_used = atom_columns(information, self.selection.volume)
             if correction is not None:  # the columns keep the atoms' order
                 self._upload(pos + finish_correction(correction, kernel, pos, amplitude, self.shape_width, information))
                 self.phase_seconds["profile_correction"] = correction["seconds"]
@@ -304,6 +305,7 @@ class CountedFit:
                 "amplitude_counts": self.amplitude, "footprint_width_A": self.shape_width,
                 "background_counts": self.background.tolist(), "empty_reason": self.reason,
                 "stopped": {"reason": self.stop, "iteration": self.iteration},
-                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain}),
+                "uncertainty": summary(self.atoms(), {"kind": "poisson", "gain": self.gain,
+                                                      "information": self.information_used}),
                 "profile_correction": self.profile_correction}
 

@@ -66,7 +66,7 @@ class EvidenceSelection:
         """Each atom's log-likelihood gain and its penalty (nats) against the model ``expected``, and
         its position Fisher information (N, 3, 3) per Å²."""
         self.gain.set_model(expected)
-        gain, fisher, _ = self.gain.run(pos, amp, width, add=False)
+        gain, fisher = self.gain.run(pos, amp, width, add=False)[:2]
         return gain, self.penalty(fisher, len(pos)), fisher
 
     def remove(self, expected, pos, amp, width) -> np.ndarray:
@@ -84,7 +84,7 @@ class EvidenceSelection:
         """Fisher-scoring steps (Δr = F⁻¹ ∇logL, at most SCORING_STEP_LIMIT) on each candidate's
         position, the model of the last `set_model` held fixed."""
         for _ in range(steps):
-            _, fisher, score = self.gain.run(candidates, amp, width, add=True)
+            _, fisher, score = self.gain.run(candidates, amp, width, add=True)[:3]
             step = np.linalg.solve(fisher + 1e-9 * np.eye(3), score[:, :, None])[:, :, 0]
             length = np.linalg.norm(step, axis=1, keepdims=True)
             candidates = candidates + step * np.minimum(1.0, SCORING_STEP_LIMIT / np.maximum(length, 1e-12))
@@ -115,7 +115,7 @@ class EvidenceSelection:
             return found
         self.gain.set_model(expected)
         found = self._score_steps(found, amp, width, steps)
-        gain, fisher, _ = self.gain.run(found, amp, width, add=True)
+        gain, fisher = self.gain.run(found, amp, width, add=True)[:2]
         margin = gain - self.penalty(fisher, len(pos) + 1)
         ok = (margin > 0) & self.in_support(found)
         tree = cKDTree(pos) if len(pos) else None
@@ -149,7 +149,7 @@ class EvidenceSelection:
             pair_gain = float(np.sum(y * np.log(full / rest) - (full - rest)))
             self.gain.set_model(without)
             single = self._score_steps(0.5 * (pos[i] + pos[j])[None], amp, width, steps)
-            gain, fisher, _ = self.gain.run(single, amp, width, add=True)
+            gain, fisher = self.gain.run(single, amp, width, add=True)[:2]
             if pair_gain - gain[0] < self.penalty(fisher, len(pos))[0]:
                 gone[i] = gone[j] = True
                 merged.append(single[0])

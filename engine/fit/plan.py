@@ -77,8 +77,8 @@ def cramer_rao(atoms, geometry, shape, pixel_size: float, blur: float, *, counts
         # Neighbours of other elements are left out (one kernel per element's profile).
         positions = atoms.positions[mask]
         pairs = coupled_pairs(positions, COUPLING_PER_D_MIN * minimum_distance([symbol]))
-        _, fisher, _, *cross = kernel.evaluate(positions, amplitude, width, pairs=pairs)
-        covariance = position_covariance(fisher, pairs, cross[0] if cross else None)
+        moments = kernel.evaluate(positions, amplitude, width, pairs=pairs)
+        covariance = position_covariance(moments.fisher, pairs, moments.cross)
         sigma[mask] = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     return {"sigma_A": sigma, "rmsd_pm": float(np.sqrt(np.mean(np.sum(sigma ** 2, axis=1)))) * 100,
             "rmsd_axis_pm": {a: float(np.sqrt(np.mean(sigma[:, i] ** 2))) * 100 for i, a in enumerate("xyz")}}

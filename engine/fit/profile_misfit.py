@@ -170,7 +170,7 @@ def misfit_score(kernel, remainder: np.ndarray, positions, amplitudes, widths) -
     data = kernel.data
     kernel.set_counts(kernel.model + remainder)
     try:
-        return kernel.evaluate(positions, amplitudes, widths)[2]
+        return kernel.evaluate(positions, amplitudes, widths).score
     finally:
         kernel.data = data
 

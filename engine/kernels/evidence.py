@@ -15,6 +15,8 @@ but, in add mode, this one) and the data y_kp, with `with` = m (remove mode) or 
              Gaussian: Σ_kp (2 (y − with) c + c²) / 2v_k          (v_k the noise variance)
     Fisher   Σ_k T_kᵀ [Σ_p W ∇c ∇cᵀ] T_k,  W = 1/with (Poisson) or 1/v_k (Gaussian)
     score    Σ_k T_kᵀ [Σ_p W (y − with) ∇c]
+    observed Hessian of −log L: the Fisher information + Σ_k T_kᵀ [Σ_p (y − with)/with² ∇c ∇c'ᵀ
+             (Poisson) − Σ_p W (y − with) ∇²c (own blocks)] T_k
 
 ∇c the in-plane derivatives (u, v per Å; log a and log σ when the shape is free), T_k maps them to
 the world frame (the first two rows of the rotation for the position). Parameters: the position
@@ -35,6 +37,7 @@ counted fit (`engine.fit.evidence`) and the per-atom uncertainties of every fit
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import taichi as ti
@@ -43,7 +46,21 @@ from engine.core.backend import session_cache
 from engine.kernels.atommodel import AtomProfile
 
 NOISE_MODELS = ("poisson", "gaussian")
+OBSERVED_MOMENTS = 32  # per slot with ``observed``: the curvature and the Poisson weight change, 4 × 4 each
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
+
+
+class AtomMoments(NamedTuple):
+    """What `LikelihoodGain.evaluate` gives, per atom: ``gain`` (N,) nats, the Fisher information
+    ``fisher`` (N, P, P) and the ``score`` (N, P) (per Å, per log a, per log σ); per coupled pair
+    the cross blocks ``cross`` (M, P, P) (None without pairs); with observed information asked
+    for, ``observed`` (N, P, P) and ``observed_cross`` (M, P, P), else None."""
+    gain: np.ndarray
+    fisher: np.ndarray
+    score: np.ndarray
+    cross: np.ndarray | None
+    observed: np.ndarray | None
+    observed_cross: np.ndarray | None
 
 
 @ti.data_oriented
@@ -118,6 +135,24 @@ class LikelihoodGain:
         return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
 
     @ti.func
+    def _second_derivatives(self, c, inv_s2, dx, dy):
+        """The Hessian (4 × 4, symmetric) of the atom (components c[0:K], 1/s² inv_s2[0:K] px⁻²) in the
+        in-plane parameters of `_derivatives` (u, v px, log a, s² px²) at offset (dx, dy) px."""
+        atom, radial, curvature, cubic, quartic = c[0], c[0] * inv_s2[0], c[0] * inv_s2[0] ** 2, \
+            c[0] * inv_s2[0] ** 3, c[0] * inv_s2[0] ** 4
+        for j in ti.static(range(1, len(self.weights))):
+            atom, radial = atom + c[j], radial + c[j] * inv_s2[j]
+            curvature, cubic, quartic = curvature + c[j] * inv_s2[j] ** 2, cubic + c[j] * inv_s2[j] ** 3, \
+                quartic + c[j] * inv_s2[j] ** 4
+        r2 = dx * dx + dy * dy
+        shift_width = 0.5 * r2 * cubic - 2.0 * curvature  # ∂²/∂u∂s² per dx (per dy for v)
+        width_width = 0.25 * r2 * r2 * quartic - 2.0 * r2 * cubic + 2.0 * curvature
+        return ti.Matrix([[dx * dx * curvature - radial, dx * dy * curvature, radial * dx, dx * shift_width],
+                          [dx * dy * curvature, dy * dy * curvature - radial, radial * dy, dy * shift_width],
+                          [radial * dx, radial * dy, atom, 0.5 * r2 * curvature - radial],
+                          [dx * shift_width, dy * shift_width, 0.5 * r2 * curvature - radial, width_width]])
+
+    @ti.func
     def _pieces(self, across, linear, square):
         """One atom's five derivative pieces' factors along one image axis (``across``: columns, else
         rows), given its d/s² (``linear``) and d²/2s⁴ (+ −1/s² along the rows, ``square``): the
@@ -161,12 +196,16 @@ class LikelihoodGain:
     @ti.kernel
     def _run(self, proj: ti.template(), atoms: ti.types.ndarray(), entries: ti.types.ndarray(),
              model: ti.types.ndarray(), data: ti.types.ndarray(), factor: ti.types.ndarray(),
-             moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32):
+             moments: ti.types.ndarray(), axes: ti.types.ndarray(), add: ti.i32, observed: ti.i32):
         """Per (entry, projection): the in-plane moments of the entry's atom and partner (the atom
         itself on the diagonal) over the pixels both footprints cover: Σ_p W ∇c ∇c'ᵀ (W = 1 for
         Gaussian noise, its 1/v_k applied by `evaluate`; there as the 5 × 5 block of derivative
         pieces, `_separable_block`), and for an atom's own entry Σ_p W (y − with) ∇c and its gain,
-        ∇c = `_derivatives`. Layout per slot: the block (row-major), the score (4), the gain. The
+        ∇c = `_derivatives`. With ``observed``, also what the observed information adds to the
+        Fisher information: for an atom's own entry Σ_p W (y − with) ∇²c (`_second_derivatives`), and
+        under Poisson noise for every entry Σ_p (y − with)/with² ∇c ∇c'ᵀ. Layout per slot: the block
+        (row-major), the score (4), the gain, then (`OBSERVED_MOMENTS`) the curvature and the weight
+        change (4 × 4 each, row-major). The
         first entry's thread also writes the image axes u, v of projection k in the world frame (the
         rows of its rotation) into ``axes``."""
         K = ti.static(len(self.weights))
@@ -195,9 +234,12 @@ class LikelihoodGain:
             ey, qy = proj._walk_start(box[2] - row, inv2s2)
             ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
             block = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # Poisson
+            curvature = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed: Σ W (y − with) ∇²c
+            reweight = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed, Poisson: Σ (y − with)/with² ∇c ∇c'ᵀ
+            own = entries[e, 0] == entries[e, 1]
             score = ti.Vector([0.0] * 4, self.dtype)
             total = self.dtype(0.0)
-            walk = entries[e, 0] == entries[e, 1]  # Gaussian noise: a cross block needs no pixel walk
+            walk = own  # Gaussian noise: a cross block needs no pixel walk
             if ti.static(self.noise == "poisson"):
                 walk = True
             for r in range(box[2], box[3] + 1 if walk else box[2]):
@@ -220,9 +262,14 @@ class LikelihoodGain:
                         weight = 1.0 / with_atom
                         h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
                         block += (weight * g).outer_product(h)
+                        if observed:
+                            reweight += ((y - with_atom) * weight * weight * g).outer_product(h)
                     else:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
                     score += (y - with_atom) * weight * g
+                    if observed and own:
+                        curvature += (y - with_atom) * weight * self._second_derivatives(
+                            components, inv_s2, c - col[0], r - row[0])
             side = ti.static(self.block_side)
             if ti.static(self.noise != "poisson"):
                 pieces = self._separable_block(proj, box, centre, inv_s2, peak)
@@ -234,45 +281,55 @@ class LikelihoodGain:
             for m in range(4):
                 moments[e, k, side * side + m] = score[m]
             moments[e, k, side * side + 4] = total
+            if observed:
+                for m in range(16):
+                    moments[e, k, side * side + 5 + m] = curvature[m // 4, m % 4]
+                    moments[e, k, side * side + 21 + m] = reweight[m // 4, m % 4]
             if e == 0:
                 rotation = proj.rot[k]
                 for m in range(6):
                     axes[k, m // 3, m % 3] = rotation[m // 3, m % 3]
 
-    def _world_frame(self, axes: np.ndarray) -> np.ndarray:
+    def _world_frame(self, axes: np.ndarray, side: int | None = None) -> np.ndarray:
         """T_k (n, P, side): the kernel's in-plane derivatives (u, v px, log a, s² px²; under Gaussian
-        noise the five pieces, the last two the widening's halves) → the parameters (before their
-        units), given the image axes u, v (n, 2, 3) of the geometry they were taken in."""
-        t = np.zeros((self.n_proj, self.n_params, self.block_side))
+        noise the five pieces, the last two the widening's halves; ``side`` 4: the four derivatives
+        whatever the noise) → the parameters (before their units), given the image axes u, v (n, 2, 3)
+        of the geometry they were taken in."""
+        side = self.block_side if side is None else side
+        t = np.zeros((self.n_proj, self.n_params, side))
         t[:, :3, :2] = axes.transpose(0, 2, 1)
         if self.free_shape:
             t[:, 3, 2] = 1.0
             t[:, 4, 3:] = 1.0
         return t
 
-    def _launches(self, entries: np.ndarray, atoms: np.ndarray, add: bool):
+    def _launches(self, entries: np.ndarray, atoms: np.ndarray, add: bool, observed: bool = False):
         """What the kernel writes (`_run`) for the entries (E, 2), atom ``entries[e, 0]`` with partner
         ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
-        per launch: yields (start, stop, what entries start..stop wrote (stop − start, n, side² + 5),
+        per launch: yields (start, stop, what entries start..stop wrote (stop − start, n, side² + 5
+        [+ `OBSERVED_MOMENTS` with ``observed``]),
         the image axes (n, 2, 3)). The buffer is reused: take what is needed before the next launch
         (held whole, it would grow as atoms × projections: gigabytes at 10⁵ atoms)."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
-        written = np.zeros((min(len(entries), self.capacity), self.n_proj, self.block_side ** 2 + 5), self.np_dtype)
+        slot = self.block_side ** 2 + 5 + (OBSERVED_MOMENTS if observed else 0)
+        written = np.zeros((min(len(entries), self.capacity), self.n_proj, slot), self.np_dtype)
         axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
         for start in range(0, len(entries), self.capacity):
             stop = min(start + self.capacity, len(entries))
             self._run(self.projector, atoms, np.ascontiguousarray(entries[start:stop], np.int32), self.model,
-                      self.data, self.factor, written[:stop - start], axes, 1 if add else 0)
+                      self.data, self.factor, written[:stop - start], axes, 1 if add else 0, 1 if observed else 0)
             yield start, stop, written[:stop - start], axes.astype(np.float64)
 
-    def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None):
-        """(gain (N,) nats, Fisher (N, P, P), score (N, P)) of atoms at ``positions`` (N, 3) Å with
-        amplitudes (N,) image units · Å² and widths σ (N,) Å against the last `set_model` (which
-        holds them in remove mode, not in add mode). Parameters: x, y, z (Å) [, log a, log σ].
-        With ``pairs`` (M, 2) of atom indices, also the cross blocks (M, P, P) of the Fisher
-        information between those atoms (the joint information's off-diagonal blocks)."""
+    def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None,
+                 observed: bool = False) -> "AtomMoments":
+        """`AtomMoments` of atoms at ``positions`` (N, 3) Å with amplitudes (N,) image units · Å² and
+        widths σ (N,) Å against the last `set_model` (which holds them in remove mode, not in add
+        mode). Parameters: x, y, z (Å) [, log a, log σ]. With ``pairs`` (M, 2) of atom indices, also
+        the cross blocks (M, P, P) of the Fisher information between those atoms (the joint
+        information's off-diagonal blocks); with ``observed``, also the observed information (the
+        Hessian of −log L at these parameters and data) of the atoms and pairs."""
         positions = np.asarray(positions, np.float64).reshape(-1, 3)
         n = len(positions)
         amplitudes = np.broadcast_to(np.asarray(amplitudes, np.float64), (n,))
@@ -283,29 +340,48 @@ class LikelihoodGain:
         side, pq = self.block_side, self.n_params
         weight = self.inverse_variance if self.noise == "gaussian" else np.ones(self.n_proj)
         blocks, gain, score = np.zeros((len(entries), pq, pq)), np.zeros(n), np.zeros((n, pq))
+        # Observed: the Fisher blocks plus Σ (y − with)/with² ∇c∇c'ᵀ (Poisson), less the curvature.
+        change = np.zeros((len(entries), pq, pq)) if observed else None
         frame = None
         for start, stop, written, axes in self._launches(entries, np.column_stack([positions, amplitudes, widths]),
-                                                         add):
+                                                         add, observed):
             # Σ_k w_k T_k M_k T_kᵀ and Σ_k w_k T_k s_k (w_k the Gaussian 1/v_k) as single matrix products
             # over (k, a, b) and (k, a); the units follow below. Every launch sees the same geometry.
             if frame is None:
                 t = self._world_frame(axes)
                 frame = np.einsum("kpa,kqb,k->kabpq", t, t, weight).reshape(-1, pq * pq)
-                score_frame = (t[..., :4] * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
+                t4 = self._world_frame(axes, 4)
+                score_frame = (t4 * weight[:, None, None]).transpose(0, 2, 1).reshape(-1, pq)
+                frame4 = np.einsum("kpa,kqb,k->kabpq", t4, t4, weight).reshape(-1, pq * pq)
             blocks[start:stop] = (written[..., :side * side].reshape(stop - start, -1) @ frame).reshape(-1, pq, pq)
             own = written[:max(0, min(stop, n) - start)]  # the first n entries are the atoms themselves
             if len(own):
-                gain[start:start + len(own)] = own[..., -1] @ weight
+                gain[start:start + len(own)] = own[..., side * side + 4] @ weight
                 own_score = own[..., side * side:side * side + 4].reshape(len(own), -1)
                 score[start:start + len(own)] = own_score @ score_frame
+            if observed:
+                first = side * side + 5
+                if self.noise == "poisson":  # (Gaussian noise: W does not depend on the model)
+                    reweight = written[..., first + 16:first + 32].reshape(stop - start, -1) @ frame4
+                    change[start:stop] = reweight.reshape(-1, pq, pq)
+                if len(own):
+                    curvature = own[..., first:first + 16].reshape(len(own), -1) @ frame4
+                    change[start:start + len(own)] -= curvature.reshape(-1, pq, pq)
         # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
         if self.free_shape:
             units[:, 4] = 2.0 * widths ** 2 / self.pixel_size ** 2
-        blocks *= units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
-        result = (gain, blocks[:n], score * units)
-        return result + (blocks[n:],) if len(pairs) else result
+        scale = units[entries[:, 0], :, None] * units[entries[:, 1], None, :]
+        blocks *= scale
+        observed_blocks = None
+        if observed:
+            observed_blocks = blocks + change * scale
+            if self.free_shape:  # log σ enters s² nonlinearly: ∂²s²/∂(log σ)² = 2 ∂s²/∂log σ
+                observed_blocks[atoms, 4, 4] -= 2.0 * score[:, 4] * units[:, 4]
+        return AtomMoments(gain, blocks[:n], score * units, blocks[n:] if len(pairs) else None,
+                           None if observed_blocks is None else observed_blocks[:n],
+                           None if observed_blocks is None or not len(pairs) else observed_blocks[n:])
 
     def run(self, positions, amplitude: float, width: float, add: bool):
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
