@@ -9,10 +9,11 @@ compares the fitted positions with the truth, in units of their σ (atoms.xyz's 
   true structure and the data's conditions (`engine.api.plan`, ``like`` the series);
 - cost: the seconds the uncertainties took as a share of the fit's wall time (same process), and
   beside them those of the profile correction (`engine.fit.profile_misfit`, a step of the fit);
-- with ``--coupling``: what the written σ (each atom with its nearest neighbours) and each atom's
-  own Fisher block leave out, against the joint Fisher information of all atoms (an independent
-  float64 NumPy sparse Jacobian of the fitted model): median ratios of the joint σ to those, and the
-  calibration the joint σ would give;
+- with ``--coupling``: what each atom's own Fisher block leaves out against the joint Fisher
+  information of all atoms (an independent float64 NumPy sparse Jacobian of the fitted model), the
+  joint Fisher σ against the written σ (the observed information of each atom with its nearest
+  neighbours: the ratio holds both the coupling left out and observed against expected), and the
+  calibration the joint Fisher σ would give;
 - with ``--misfit``: the bias the fit's atom profile still leaves (`misfit_shift`, a stacked mean of
   the residual and the joint information of all atoms: after the fit's own profile correction, what
   that misses): how large against σ, how it correlates with the actual errors, and the calibration
@@ -280,8 +281,8 @@ def main() -> int:
         print(f"| {r['set']} | {r['rmsd_pm']:.3g} ({r['rmsd_z_pm']:.3g}) | {r['bound_rmsd_pm']:.3g} "
               f"({r['bound_rmsd_z_pm']:.3g}) | {r['achieved_over_bound']:.2f} |")
     if args.coupling:
-        print("\n| set | joint σ / own-block σ (x, y, z) | joint σ / written σ (x, y, z) | std z with joint σ "
-              "| 95 % coverage with joint σ |")
+        print("\n| set | joint Fisher σ / own-block σ (x, y, z) | joint Fisher σ / written σ (x, y, z) "
+              "| std z with joint Fisher σ | 95 % coverage with joint Fisher σ |")
         print("| --- | --- | --- | --- | --- |")
         for r in rows:
             q, w, z = r["joint_over_block_median"], r["joint_over_written_median"], r["joint"]["std_z"]
