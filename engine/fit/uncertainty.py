@@ -157,9 +157,10 @@ def information_covariance(information: JointInformation) -> tuple[np.ndarray, i
 
     The observed information rather than its expectation, the Fisher information: it is the
     curvature of the likelihood these data give, so it widens σ where the noise left the likelihood
-    flatter than on average (Efron & Hinkley 1978). At low counts the difference is what the
-    estimates' scatter shows (30 % in variance at 14 counts an atom per projection,
-    `scripts/uncertainty_check.py`); at many counts the two agree."""
+    flatter than on average (Efron & Hinkley 1978). At low counts the estimates scatter that much
+    wider (on `dev_asi_dose14`, 14 counts an atom per projection, 89 % of the atoms inside their 95 %
+    ellipsoid against 81 % with the Fisher information, `scripts/uncertainty_check.py`); at many
+    counts the two agree."""
     covariance = position_covariance(information.observed, information.pairs, information.observed_cross)
     with np.errstate(invalid="ignore"):
         proper = np.all(np.isfinite(covariance), axis=(1, 2))
@@ -243,7 +244,9 @@ def summary(atoms, noise: dict | None = None) -> dict | None:
                        "of -log L at the fit) of the atom and its nearest neighbours",
             "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
                         "alignment parameters; the bias of a misfitting atom profile, a bias rather than a variance, "
-                        "which the profile correction (report.json profile_correction) removes to first order"}
+                        "which the profile correction (report.json profile_correction) removes to first order; "
+                        "at a few counts per atom and projection, the estimate's scatter beyond its curvature (the "
+                        "likelihood far from quadratic) and the pull of atoms the fit missed"}
 
 
 def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]:
