@@ -270,12 +270,12 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
         kernel.set_counts(measured)
         kernel.set_factor(scale)
     residual = kernel.data - kernel.model
+    influence = None
+    if fit.loss == "huber":  # outliers pull as the fit's loss lets them: at most HUBER_DELTA σ
+        bound = HUBER_DELTA * data.noise
+        influence = partial(np.clip, a_min=-bound, a_max=bound)
     correction = None
     if fit.settings.profile_correction:
-        influence = None
-        if fit.loss == "huber":  # outliers pull as the fit's loss lets them: at most HUBER_DELTA σ
-            bound = HUBER_DELTA * data.noise
-            influence = partial(np.clip, a_min=-bound, a_max=bound)
         labels = (fit._species(state["amp"] * data.scale, state["sigma"])[0] if fit.settings.species
                   else np.zeros(len(state["pos"]), int))
         weights = class_weights(np.unique(labels, return_inverse=True)[1], state["sigma"])
@@ -291,13 +291,21 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
         # independent pixels: the variance is scaled by the correlation area (1 for white noise).
         # The misfit stays in it: the profile correction is first order, and what its radial
         # profile leaves of the misfit biases the corrected positions as the whole did the fitted.
-        _, area = residual_dispersion(residual)
-        variance = np.sum(residual ** 2, axis=(1, 2)) / max(pixels - free, 1.0) * area
+        # A robust (Huber) fit's estimates scatter as an M-estimator's: the variance of the residual's
+        # influence ψ(r) over the squared share of pixels inside the bound, ψ' (Huber 1981): outliers
+        # (hot pixels) widen the error bars only as far as they pull.
+        used = residual if influence is None else influence(residual)
+        inside = 1.0 if influence is None else np.mean(used == residual, axis=(1, 2))
+        _, area = residual_dispersion(used)
+        variance = np.sum(used ** 2, axis=(1, 2)) / max(pixels - free, 1.0) / np.maximum(inside, 0.5) ** 2 * area
         kernel.set_noise_variance(variance)
-        noise = {"kind": "gaussian", "from": "the fit's residual, per projection",
+        noise = {"kind": "gaussian", "from": "the fit's residual, per projection" + (
+                     "; its Huber influence, an M-estimator's variance" if influence is not None else ""),
                  "sigma_data_units_median": float(np.sqrt(np.median(variance)) * data.scale),
                  "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise),
                  "correlation_area_px": area}
+    if influence is not None:  # the gains and the observed curvature as the robust loss sees the residual
+        kernel.set_counts(kernel.model + influence(residual))
     information = joint_information(kernel, state["pos"], state["amp"], state["sigma"], COUPLING_PER_D_MIN * fit.d_min)
     columns, noise["information"] = atom_columns(information, visible_volume(measured.shape[1:], fit.series.pixel_size))
     if correction is not None:
