@@ -1,7 +1,7 @@
-"""Per-atom uncertainties: the Fisher information of the likelihood-gain kernel (engine.kernels.evidence)
-against a float64 NumPy finite-difference Hessian of the log-likelihood (3 atoms, both noise models,
-position, amplitude and width), the Cramér–Rao bound of `plan` (1/√dose for counts), and the
-`plan` command."""
+"""Per-atom uncertainties: the observed and the Fisher information of the likelihood-gain kernel
+(engine.kernels.evidence) against a float64 NumPy finite-difference Hessian of the log-likelihood
+(3 atoms, both noise models, position, amplitude and width, at noise-free and at noisy data), the
+Cramér–Rao bound of `plan` (1/√dose for counts), and the `plan` command."""
 
 import json
 

@@ -1,6 +1,7 @@
 """The vectorised pieces of the per-atom uncertainty pass against plain references: each atom's
 position covariance from its neighbourhood's joint information (batched) against a loop over atoms
-that assembles and inverts every joint matrix, and the residual correlation area (FFT) against the
+that assembles and inverts every joint matrix, the observed information's fallback to the Fisher
+information where it is not positive definite, and the residual correlation area (FFT) against the
 autocorrelation summed by shifted products."""
 
 import numpy as np
