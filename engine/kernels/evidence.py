@@ -46,8 +46,27 @@ from engine.core.backend import session_cache
 from engine.kernels.atommodel import AtomProfile
 
 NOISE_MODELS = ("poisson", "gaussian")
-OBSERVED_MOMENTS = 32  # per slot with ``observed``: the curvature and the Poisson weight change, 4 × 4 each
+CURVATURE_BASIS = 10  # monomials of the curvature sums (`_curvature_basis`)
 POISSON_FLOOR = 1e-6  # counts: a model value below this is taken as this (log and 1/λ stay finite)
+
+
+def curvature_hessian(sums: np.ndarray, inverse_variance: np.ndarray) -> np.ndarray:
+    """Σ_p w c ∇²c (..., 4, 4) in the in-plane parameters (u, v px, log a, s² px²) from the kernel's
+    curvature sums (..., K, `CURVATURE_BASIS`: Σ_p w c_j × [1, dx, dy, dx², dx dy, dy², dx r², dy r²,
+    r², r⁴] per component j) and the components' 1/s² (N, K) px⁻² (N the leading axis of ``sums``).
+    Each component c = A/(2π s²) exp(−r²/2s²) has ∂²c/∂u² = c (dx²/s⁴ − 1/s²), ∂²c/∂u∂v = c dx dy/s⁴,
+    ∂²c/∂u∂log a = c dx/s², ∂²c/∂u∂s² = c dx (r²/2s⁶ − 2/s⁴), ∂²c/∂log a ∂s² = c (r²/2s⁴ − 1/s²),
+    ∂²c/∂(s²)² = c (r⁴/4s⁸ − 2r²/s⁶ + 2/s⁴) and ∂²c/∂(log a)² = c."""
+    m = np.moveaxis(np.asarray(sums, np.float64), -1, 0)  # (10, N, n, K)
+    q = np.asarray(inverse_variance, np.float64)[:, None, :]  # (N, 1, K)
+    out = np.zeros(m.shape[1:3] + (4, 4))
+    entries = {(0, 0): q * q * m[3] - q * m[0], (0, 1): q * q * m[4], (1, 1): q * q * m[5] - q * m[0],
+               (0, 2): q * m[1], (1, 2): q * m[2], (2, 2): m[0],
+               (0, 3): 0.5 * q ** 3 * m[6] - 2.0 * q * q * m[1], (1, 3): 0.5 * q ** 3 * m[7] - 2.0 * q * q * m[2],
+               (2, 3): 0.5 * q * q * m[8] - q * m[0], (3, 3): 0.25 * q ** 4 * m[9] - 2.0 * q ** 3 * m[8] + 2.0 * q * q * m[0]}
+    for (a, b), value in entries.items():
+        out[..., a, b] = out[..., b, a] = value.sum(axis=-1)
+    return out
 
 
 class AtomMoments(NamedTuple):
@@ -90,6 +109,8 @@ class LikelihoodGain:
         # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `evaluate`
         # sums into the four derivatives (`_separable_block`); counts, the four.
         self.block_side = 4 if noise == "poisson" else 5
+        # With observed information: the weight change (4 × 4) and each component's curvature sums.
+        self.observed_moments = 16 + len(self.weights) * CURVATURE_BASIS
         # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
         # per instance beyond the kernel itself).
         self.model = self.data = None
@@ -135,22 +156,11 @@ class LikelihoodGain:
         return ti.Vector([radial * dx, radial * dy, atom, 0.5 * (dx * dx + dy * dy) * curvature - radial])
 
     @ti.func
-    def _second_derivatives(self, c, inv_s2, dx, dy):
-        """The Hessian (4 × 4, symmetric) of the atom (components c[0:K], 1/s² inv_s2[0:K] px⁻²) in the
-        in-plane parameters of `_derivatives` (u, v px, log a, s² px²) at offset (dx, dy) px."""
-        atom, radial, curvature, cubic, quartic = c[0], c[0] * inv_s2[0], c[0] * inv_s2[0] ** 2, \
-            c[0] * inv_s2[0] ** 3, c[0] * inv_s2[0] ** 4
-        for j in ti.static(range(1, len(self.weights))):
-            atom, radial = atom + c[j], radial + c[j] * inv_s2[j]
-            curvature, cubic, quartic = curvature + c[j] * inv_s2[j] ** 2, cubic + c[j] * inv_s2[j] ** 3, \
-                quartic + c[j] * inv_s2[j] ** 4
+    def _curvature_basis(self, dx, dy):
+        """The monomials at offset (dx, dy) px whose sums, weighted by a component's value, give the
+        atom's Hessian in the parameters of `_derivatives` (`curvature_hessian`)."""
         r2 = dx * dx + dy * dy
-        shift_width = 0.5 * r2 * cubic - 2.0 * curvature  # ∂²/∂u∂s² per dx (per dy for v)
-        width_width = 0.25 * r2 * r2 * quartic - 2.0 * r2 * cubic + 2.0 * curvature
-        return ti.Matrix([[dx * dx * curvature - radial, dx * dy * curvature, radial * dx, dx * shift_width],
-                          [dx * dy * curvature, dy * dy * curvature - radial, radial * dy, dy * shift_width],
-                          [radial * dx, radial * dy, atom, 0.5 * r2 * curvature - radial],
-                          [dx * shift_width, dy * shift_width, 0.5 * r2 * curvature - radial, width_width]])
+        return ti.Vector([1.0, dx, dy, dx * dx, dx * dy, dy * dy, dx * r2, dy * r2, r2, r2 * r2], self.dtype)
 
     @ti.func
     def _pieces(self, across, linear, square):
@@ -202,10 +212,11 @@ class LikelihoodGain:
         Gaussian noise, its 1/v_k applied by `evaluate`; there as the 5 × 5 block of derivative
         pieces, `_separable_block`), and for an atom's own entry Σ_p W (y − with) ∇c and its gain,
         ∇c = `_derivatives`. With ``observed``, also what the observed information adds to the
-        Fisher information: for an atom's own entry Σ_p W (y − with) ∇²c (`_second_derivatives`), and
-        under Poisson noise for every entry Σ_p (y − with)/with² ∇c ∇c'ᵀ. Layout per slot: the block
-        (row-major), the score (4), the gain, then (`OBSERVED_MOMENTS`) the curvature and the weight
-        change (4 × 4 each, row-major). The
+        Fisher information: under Poisson noise for every entry Σ_p (y − with)/with² ∇c ∇c'ᵀ, and for
+        an atom's own entry the sums Σ_p W (y − with) c_j × `_curvature_basis` per component j, which
+        `curvature_hessian` turns into Σ_p W (y − with) ∇²c. Layout per slot: the block (row-major),
+        the score (4), the gain, then (`observed_moments`) the weight change (4 × 4, row-major) and the
+        curvature sums (K × `CURVATURE_BASIS`). The
         first entry's thread also writes the image axes u, v of projection k in the world frame (the
         rows of its rotation) into ``axes``."""
         K = ti.static(len(self.weights))
@@ -234,7 +245,7 @@ class LikelihoodGain:
             ey, qy = proj._walk_start(box[2] - row, inv2s2)
             ex0, qx0 = proj._walk_start(box[0] - col, inv2s2)
             block = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # Poisson
-            curvature = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed: Σ W (y − with) ∇²c
+            curvature = ti.Matrix([[0.0] * CURVATURE_BASIS] * K, self.dtype)  # observed: Σ W (y − with) c_j × basis
             reweight = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed, Poisson: Σ (y − with)/with² ∇c ∇c'ᵀ
             own = entries[e, 0] == entries[e, 1]
             score = ti.Vector([0.0] * 4, self.dtype)
@@ -268,8 +279,9 @@ class LikelihoodGain:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
                     score += (y - with_atom) * weight * g
                     if observed and own:
-                        curvature += (y - with_atom) * weight * self._second_derivatives(
-                            components, inv_s2, c - col[0], r - row[0])
+                        atom_components = ti.Vector([components[j] for j in ti.static(range(K))])
+                        curvature += ((y - with_atom) * weight * atom_components).outer_product(
+                            self._curvature_basis(c - col[0], r - row[0]))
             side = ti.static(self.block_side)
             if ti.static(self.noise != "poisson"):
                 pieces = self._separable_block(proj, box, centre, inv_s2, peak)
@@ -283,8 +295,9 @@ class LikelihoodGain:
             moments[e, k, side * side + 4] = total
             if observed:
                 for m in range(16):
-                    moments[e, k, side * side + 5 + m] = curvature[m // 4, m % 4]
-                    moments[e, k, side * side + 21 + m] = reweight[m // 4, m % 4]
+                    moments[e, k, side * side + 5 + m] = reweight[m // 4, m % 4]
+                for m in range(K * CURVATURE_BASIS):
+                    moments[e, k, side * side + 21 + m] = curvature[m // CURVATURE_BASIS, m % CURVATURE_BASIS]
             if e == 0:
                 rotation = proj.rot[k]
                 for m in range(6):
@@ -303,16 +316,23 @@ class LikelihoodGain:
             t[:, 4, 3:] = 1.0
         return t
 
+    def _inverse_variances(self, widths: np.ndarray) -> np.ndarray:
+        """(N, K) 1/s² px⁻² of each atom's profile components (width σ Å, the component's extra
+        variance and the projector's blur), as the kernel's `_footprint` has them."""
+        variance = (np.asarray(widths, np.float64)[:, None] ** 2 + np.array(self.extras)[None, :]
+                    + self.projector.blur_sigma ** 2)
+        return self.pixel_size ** 2 / variance
+
     def _launches(self, entries: np.ndarray, atoms: np.ndarray, add: bool, observed: bool = False):
         """What the kernel writes (`_run`) for the entries (E, 2), atom ``entries[e, 0]`` with partner
         ``entries[e, 1]`` of ``atoms`` (N, 5: x, y, z Å, amplitude, width σ Å), ``capacity`` entries
         per launch: yields (start, stop, what entries start..stop wrote (stop − start, n, side² + 5
-        [+ `OBSERVED_MOMENTS` with ``observed``]),
+        [+ `observed_moments` with ``observed``]),
         the image axes (n, 2, 3)). The buffer is reused: take what is needed before the next launch
         (held whole, it would grow as atoms × projections: gigabytes at 10⁵ atoms)."""
         if self.model is None or self.data is None:
             raise RuntimeError("set_model and set_counts first")
-        slot = self.block_side ** 2 + 5 + (OBSERVED_MOMENTS if observed else 0)
+        slot = self.block_side ** 2 + 5 + (self.observed_moments if observed else 0)
         written = np.zeros((min(len(entries), self.capacity), self.n_proj, slot), self.np_dtype)
         axes = np.zeros((self.n_proj, 2, 3), self.np_dtype)
         atoms = np.ascontiguousarray(atoms, self.np_dtype)
@@ -362,11 +382,13 @@ class LikelihoodGain:
             if observed:
                 first = side * side + 5
                 if self.noise == "poisson":  # (Gaussian noise: W does not depend on the model)
-                    reweight = written[..., first + 16:first + 32].reshape(stop - start, -1) @ frame4
+                    reweight = written[..., first:first + 16].reshape(stop - start, -1) @ frame4
                     change[start:stop] = reweight.reshape(-1, pq, pq)
                 if len(own):
-                    curvature = own[..., first:first + 16].reshape(len(own), -1) @ frame4
-                    change[start:start + len(own)] -= curvature.reshape(-1, pq, pq)
+                    sums = own[..., first + 16:].reshape(len(own), self.n_proj, len(self.weights), CURVATURE_BASIS)
+                    atom = np.arange(start, start + len(own))
+                    hessian = curvature_hessian(sums, self._inverse_variances(widths[atom]))
+                    change[start:start + len(own)] -= (hessian.reshape(len(own), -1) @ frame4).reshape(-1, pq, pq)
         # Units: px → Å for the position, s² (px²) → log σ.
         units = np.ones((n, pq))
         units[:, :3] = 1.0 / self.pixel_size
