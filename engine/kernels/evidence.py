@@ -343,7 +343,7 @@ class LikelihoodGain:
             yield start, stop, written[:stop - start], axes.astype(np.float64)
 
     def evaluate(self, positions, amplitudes, widths, add: bool = False, pairs=None,
-                 observed: bool = False) -> "AtomMoments":
+                 observed: bool = False) -> AtomMoments:
         """`AtomMoments` of atoms at ``positions`` (N, 3) Å with amplitudes (N,) image units · Å² and
         widths σ (N,) Å against the last `set_model` (which holds them in remove mode, not in add
         mode). Parameters: x, y, z (Å) [, log a, log σ]. With ``pairs`` (M, 2) of atom indices, also
