@@ -112,8 +112,11 @@ class SeedVolumes:
         # Gaussian of variance s² = σ² + blur² (Å²) sampled on pixel² cells: Σ ≈ views / (4π s² pixel²).
         width2 = state["sigma"] ** 2 + blur ** 2
         error = np.sqrt(dispersion * area * 4 * math.pi * width2 * self.pixel_size ** 2 / views)
-        support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
-        return state["amp"] / error > significance_level(support_A3, self.d_min)
+        return state["amp"] / error > self.one_in_the_support()
+
+    def one_in_the_support(self) -> float:
+        """z that noise exceeds, on average, once among the support's atom sites (`significance_level`)."""
+        return significance_level(float(self.support.sum()) * self.projector.voxel ** 3, self.d_min)
 
     def artifact_level(self) -> float:
         """The data's back-projection (per view, as `peaks` reads it) that noise and reconstruction
@@ -127,8 +130,7 @@ class SeedVolumes:
             return 0.0
         values = self.data_fbp[outside] / self.view_fraction[outside]
         sigma = 1.4826 * float(np.median(np.abs(values - np.median(values))))  # σ of a normal from its MAD
-        support_A3 = float(self.support.sum()) * self.projector.voxel ** 3
-        return significance_level(support_A3, self.d_min) * sigma
+        return self.one_in_the_support() * sigma
 
     def peaks(self, volume: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Local maxima (one per d_min) above ``threshold`` inside the support: positions (Å), values;
