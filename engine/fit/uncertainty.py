@@ -274,6 +274,7 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
     if fit.loss == "huber":  # outliers pull as the fit's loss lets them: at most HUBER_DELTA σ
         bound = HUBER_DELTA * data.noise
         influence = partial(np.clip, a_min=-bound, a_max=bound)
+    pulling = residual if influence is None else influence(residual)  # ψ(r): the residual as the loss sees it
     correction = None
     if fit.settings.profile_correction:
         labels = (fit._species(state["amp"] * data.scale, state["sigma"])[0] if fit.settings.species
@@ -294,10 +295,9 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
         # A robust (Huber) fit's estimates scatter as an M-estimator's: the variance of the residual's
         # influence ψ(r) over the squared share of pixels inside the bound, ψ' (Huber 1981): outliers
         # (hot pixels) widen the error bars only as far as they pull.
-        used = residual if influence is None else influence(residual)
-        inside = 1.0 if influence is None else np.mean(used == residual, axis=(1, 2))
-        _, area = residual_dispersion(used)
-        variance = np.sum(used ** 2, axis=(1, 2)) / max(pixels - free, 1.0) / np.maximum(inside, 0.5) ** 2 * area
+        inside = np.mean(pulling == residual, axis=(1, 2))  # ψ' (1 without a robust loss)
+        _, area = residual_dispersion(pulling)
+        variance = np.sum(pulling ** 2, axis=(1, 2)) / max(pixels - free, 1.0) / np.maximum(inside, 0.5) ** 2 * area
         kernel.set_noise_variance(variance)
         noise = {"kind": "gaussian", "from": "the fit's residual, per projection" + (
                      "; its Huber influence, an M-estimator's variance" if influence is not None else ""),
@@ -305,7 +305,7 @@ def per_atom_fit_uncertainty(fit, state: dict) -> tuple[dict, dict, dict | None]
                  "sigma_over_data_model": float(np.sqrt(np.median(variance)) / data.noise),
                  "correlation_area_px": area}
     if influence is not None:  # the gains and the observed curvature as the robust loss sees the residual
-        kernel.set_counts(kernel.model + influence(residual))
+        kernel.set_counts(kernel.model + pulling)
     information = joint_information(kernel, state["pos"], state["amp"], state["sigma"], COUPLING_PER_D_MIN * fit.d_min)
     columns, noise["information"] = atom_columns(information, visible_volume(measured.shape[1:], fit.series.pixel_size))
     if correction is not None:
