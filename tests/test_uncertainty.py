@@ -116,14 +116,37 @@ def test_fisher_is_the_hessian_of_the_log_likelihood(arch, noise, profile, noisy
         np.testing.assert_allclose(observed, reference, rtol=tolerance, atol=tolerance * np.abs(moments.fisher[i]).max())
         if not noisy:
             np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * np.abs(moments.fisher[i]).max())
+    if noise != "poisson":
+        assert moments.spread is None  # a Gaussian fit reads its noise off its residual instead
+        return
+
+    def jacobian(i):
+        """∂λ/∂θ_i (5, pixels) by central differences of the rendered image."""
+        columns = []
+        for e in step * np.eye(5):
+            up, down = params.copy(), params.copy()
+            up[i] += e
+            down[i] -= e
+            columns.append(((render(up, profile, g) - render(down, profile, g)) / (2 * step)).ravel())
+        return np.array(columns)
+
+    # The scores' spread Σ_p (y − λ)²/λ² ∇λ ∇λᵀ, own and cross blocks; zero where the data are the model.
+    jacobians, weight = [jacobian(i) for i in range(len(ATOMS))], ((data - model) / model).ravel() ** 2
+    for (i, j), block in zip([(i, i) for i in range(len(ATOMS))] + [tuple(p) for p in pairs],
+                             list(moments.spread) + list(moments.spread_cross)):
+        reference = (jacobians[i] * weight) @ jacobians[j].T
+        scale = np.abs(moments.fisher[i]).max()
+        assert (np.abs(reference).max() > 0.01 * scale) == noisy
+        np.testing.assert_allclose(block, reference, rtol=tolerance, atol=tolerance * scale)
 
 
-def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arch):
+def test_written_covariance_is_the_joint_sandwich_and_its_ellipsoid_covers_95(arch):
     """atom_columns' σ and off-diagonal columns rebuild each atom's 3 × 3 position block of the
-    inverse joint information (all three atoms coupled: a NumPy float64 inverse of the kernel's
-    blocks); with tilts on one side of the beam x and z do correlate, so errors drawn from
-    those covariances fall inside the full-matrix 95 % ellipsoid 95 % of the time and the axes' σ
-    alone (Σ (e/σ)² ≤ χ²₃) would cover a different fraction."""
+    joint sandwich H⁻¹ S H⁻¹ (counts: observed information H, scores' spread S; all three atoms
+    coupled: a NumPy float64 assembly of the kernel's blocks); with tilts on one side of the beam
+    x and z do correlate, so errors drawn from those covariances fall inside the full-matrix 95 %
+    ellipsoid 95 % of the time and the axes' σ alone (Σ (e/σ)² ≤ χ²₃) would cover a different
+    fraction."""
     import importlib.util
     from pathlib import Path
 
@@ -133,25 +156,32 @@ def test_written_covariance_is_the_joint_inverse_and_its_ellipsoid_covers_95(arc
     g = TiltGeometry.from_tilt_angles([10.0, 25.0, 40.0, 55.0], axis_angle_deg=20.0)  # a wedge around 32°
     profile = AtomProfile()
     params = np.column_stack([ATOMS, LOG_AMP, LOG_WIDTH])
-    data = 2.0 + render(params, profile, g)
+    model = 20.0 + 20.0 * render(params, profile, g)  # many counts: the observed information is positive definite
     kernel = LikelihoodGain(TiltSeriesProjector(g, SHAPE, PIXEL, BLUR, dtype=dtype), "poisson", profile, free_shape=True)
-    kernel.set_counts(data)
-    kernel.set_model(data)
-    kernel.set_factor(FACTOR)
+    kernel.set_counts(np.random.default_rng(3).poisson(model))
+    kernel.set_model(model)
+    kernel.set_factor(20.0 * FACTOR)
     columns, used = atom_columns(joint_information(kernel, ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), 10.0), 100.0)
-    assert used == {"kind": "observed", "atoms_with_fisher_instead": 0}
+    assert used == {"kind": "sandwich: observed information, scores' spread", "atoms_with_fisher_instead": 0}
     pairs = np.array([[0, 1], [0, 2], [1, 2]])
-    _, fisher, _, cross = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs)[:4]
-    joint = np.zeros((15, 15))
-    for i in range(3):
-        joint[5 * i:5 * i + 5, 5 * i:5 * i + 5] = fisher[i]
-    for (i, j), block in zip(pairs, cross):
-        joint[5 * i:5 * i + 5, 5 * j:5 * j + 5], joint[5 * j:5 * j + 5, 5 * i:5 * i + 5] = block, block.T
-    inverse = np.linalg.inv(joint.astype(np.float64))
+    moments = kernel.evaluate(ATOMS, np.exp(LOG_AMP), np.exp(LOG_WIDTH), pairs=pairs, observed=True)
+
+    def joint(own, cross):
+        out = np.zeros((15, 15))
+        for i in range(3):
+            out[5 * i:5 * i + 5, 5 * i:5 * i + 5] = own[i]
+        for (i, j), block in zip(pairs, cross):
+            out[5 * i:5 * i + 5, 5 * j:5 * j + 5], out[5 * j:5 * j + 5, 5 * i:5 * i + 5] = block, block.T
+        return out
+
+    inverse = np.linalg.inv(joint(moments.observed, moments.observed_cross))
+    sandwich = inverse @ joint(moments.spread, moments.spread_cross) @ inverse
     covariance = covariance_of(columns)
     for i in range(3):
-        np.testing.assert_allclose(covariance[i], inverse[5 * i:5 * i + 3, 5 * i:5 * i + 3], rtol=1e-3 if dtype == np.float64 else 2e-2,
-                                   atol=1e-3 * inverse[5 * i, 5 * i])
+        np.testing.assert_allclose(covariance[i], sandwich[5 * i:5 * i + 3, 5 * i:5 * i + 3], rtol=1e-3 if dtype == np.float64 else 2e-2,
+                                   atol=1e-3 * sandwich[5 * i, 5 * i])
+        # The model is right here: the sandwich is the inverse information, to within the noise.
+        np.testing.assert_allclose(np.diag(covariance[i]), np.diag(inverse)[5 * i:5 * i + 3], rtol=0.35)
     sigma = np.sqrt(np.diagonal(covariance, axis1=1, axis2=2))
     correlation = np.abs(covariance[:, 0, 2]) / (sigma[:, 0] * sigma[:, 2])
     assert correlation.min() > 0.5  # x and z are correlated here: the wedge is not about the beam

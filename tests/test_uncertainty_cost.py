@@ -11,28 +11,41 @@ from engine.fit.seeding import residual_dispersion
 from engine.fit.uncertainty import JointInformation, coupled_pairs, information_covariance, position_covariance
 
 
-def covariance_loop(fisher, pairs, cross):
+def covariance_loop(fisher, pairs, cross, spread=None):
     """The reference: for each atom, the joint information of it and its neighbours (in the order
-    of ``pairs``) assembled block by block, inverted, read at the atom."""
+    of ``pairs``) assembled block by block, inverted, read at the atom; with ``spread`` (own and
+    cross blocks of S) the sandwich F⁻¹ S F⁻¹ of the same neighbourhood, where F⁻¹ is positive
+    definite at the atom."""
     n, p = fisher.shape[:2]
-    neighbours, blocks = [[] for _ in range(n)], {}
-    for (i, j), block in zip(pairs, cross):
-        neighbours[i].append(j)
-        neighbours[j].append(i)
-        blocks[i, j], blocks[j, i] = block, block.T
-    out = np.full((n, 3, 3), np.inf)
-    for i in range(n):
-        ring = [i] + neighbours[i]
+
+    def assemble(own, cross_blocks, ring):
+        blocks = {}
+        for (i, j), block in zip(pairs, cross_blocks):
+            blocks[i, j], blocks[j, i] = block, block.T
         joint = np.zeros((len(ring) * p, len(ring) * p))
         for a, u in enumerate(ring):
             for b, v in enumerate(ring):
-                block = fisher[u] if a == b else blocks.get((u, v))
+                block = own[u] if a == b else blocks.get((u, v))
                 if block is not None:
                     joint[a * p:(a + 1) * p, b * p:(b + 1) * p] = block
+        return joint
+
+    neighbours = [[] for _ in range(n)]
+    for i, j in pairs:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    out = np.full((n, 3, 3), np.inf)
+    for i in range(n):
+        ring = [i] + neighbours[i]
         try:
-            inverse = np.linalg.inv(joint)[:3, :3]
+            full = np.linalg.inv(assemble(fisher, cross, ring))
         except np.linalg.LinAlgError:
             continue
+        inverse = full[:3, :3]
+        if spread is not None:
+            if not np.all(np.linalg.eigvalsh(inverse) > 0):
+                continue
+            inverse = (full @ assemble(*spread, ring) @ full)[:3, :3]
         if np.all(np.isfinite(inverse)) and np.all(np.diag(inverse) > 0):
             out[i] = inverse
     return out
@@ -48,6 +61,12 @@ def test_position_covariance_matches_the_loop():
         np.testing.assert_allclose(position_covariance(fisher, pairs, cross), covariance_loop(fisher, pairs, cross),
                                    rtol=1e-10)
         np.testing.assert_allclose(position_covariance(fisher), covariance_loop(fisher, [], []), rtol=1e-10)
+        spread = (np.stack([a @ a.T for a in rng.normal(size=(n, p, p))]), 0.2 * rng.normal(size=(len(pairs), p, p)))
+        spread[0][0] *= 0.0  # nothing spread at atom 0 (its σ then comes from its neighbours' spread alone)
+        fisher[-1] = -np.eye(p)  # a saddle: no sandwich there
+        expected = covariance_loop(fisher, pairs, cross, spread)
+        assert np.isinf(expected[-1]).all() or n == 1
+        np.testing.assert_allclose(position_covariance(fisher, pairs, cross, spread), expected, rtol=1e-9)
     fisher[2] = 0.0  # an atom without information: singular wherever it takes part
     singular = np.isinf(covariance_loop(fisher, pairs, cross)).all(axis=(1, 2))
     assert singular[2]

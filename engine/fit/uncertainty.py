@@ -13,8 +13,9 @@ atom's footprints, at the fitted parameters:
   the atoms' parameters), so a model that fits worse than the noise gets wider error bars.
 
 Each atom's covariance is the inverse of the joint observed information (the Hessian of −log L at
-the fit and the data; `information_covariance`) of the atom and its nearest neighbours (within
-2 d_min, whose footprints overlap at many tilts; the kernel gives the cross blocks too), read at
+the fit and the data; `information_covariance`) of the atom and its nearest neighbours (the 12
+nearest within 3 d_min, whose footprints overlap at many tilts; the kernel gives the cross blocks
+too), under Poisson noise the sandwich H⁻¹ S H⁻¹ with S the scores' spread over the pixels, read at
 the atom: those neighbours' parameters unknown, the atoms beyond them, the shared and the alignment
 parameters held at their fitted values (`scripts/uncertainty_check.py` measures this against the
 joint information of all atoms). The significance's Occam penalty keeps the Fisher information,
@@ -41,33 +42,49 @@ from engine.kernels.loss import HUBER_DELTA
 
 COLUMNS = ("sigma_x", "sigma_y", "sigma_z", "corr_xy", "corr_xz", "corr_yz", "pos_uncertainty", "significance")
 """The per-atom columns written to atoms.xyz (meanings: `engine.io.atoms.KNOWN_COLUMNS`)."""
-COUPLING_PER_D_MIN = 2.0  # neighbours within 2 d_min (1.4 bonds) are coupled: the nearest shell
-MAX_NEIGHBOURS = 12  # a close-packed shell; bounds each atom's joint matrix (13 atoms × 5 parameters)
+# Each atom is coupled with its 12 nearest neighbours (a close-packed shell) within 3 d_min: in a
+# close-packed structure these are its first shell; in an open one (amorphous Si, four bonds) the
+# first shell holds four, and the second, whose footprints overlap at as many tilts, fills the rest.
+COUPLING_PER_D_MIN = 3.0
+MAX_NEIGHBOURS = 12  # bounds each atom's joint matrix (13 atoms × 5 parameters)
 WORST = 5  # atoms listed in report.json as the least certain and the weakest
 LINEAR_REACH = 0.5  # the longest profile-correction step, in footprint widths (`misfit_shift`)
 BATCH_ATOMS = 2048  # joint matrices built at once (each up to 65² float64: about 70 MB a batch)
 
 
-def position_covariance(fisher: np.ndarray, pairs=None, cross=None) -> np.ndarray:
+def position_covariance(fisher: np.ndarray, pairs=None, cross=None, spread=None) -> np.ndarray:
     """(N, 3, 3) Å² covariance of each atom's position, marginal over its amplitude and width (the
     other parameters of its Fisher block, fisher (N, P, P)) and, with ``pairs`` (M, 2) and their
     cross blocks ``cross`` (M, P, P), over its coupled neighbours' parameters: the inverse of the
     joint information of the atom and its neighbours (a principal submatrix of the whole; atoms
-    farther out are taken as known). Infinite where that is singular."""
-    return neighbourhood_solve(fisher, pairs, cross)[0]
+    farther out are taken as known). Infinite where that is singular. With ``spread`` (the scores'
+    spread: own blocks (N, P, P) and cross blocks (M, P, P)), the sandwich F⁻¹ S F⁻¹ over the same
+    neighbourhood instead."""
+    return neighbourhood_solve(fisher, pairs, cross, spread=spread)[0]
 
 
-def neighbourhood_solve(fisher: np.ndarray, pairs=None, cross=None, score=None):
-    """`position_covariance`, and with ``score`` (N, P) the Gauss–Newton step of each atom's position
-    (N, 3) Å over the same joint information, (F⁻¹ g) read at the atom with g the scores of the atom
-    and its neighbours (None without ``score``; 0 where the joint information is singular)."""
+def _numbered_blocks(own: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """Every block of a joint matrix by number: own blocks, cross blocks (i, j), their transposes
+    (j, i), a zero block."""
+    p = own.shape[1]
+    return np.concatenate([own, cross, cross.transpose(0, 2, 1), np.zeros((1, p, p))])
+
+
+def neighbourhood_solve(fisher: np.ndarray, pairs=None, cross=None, score=None, spread=None):
+    """`position_covariance` (the sandwich with ``spread``: own and cross blocks), and with ``score``
+    (N, P) the Gauss–Newton step of each atom's position (N, 3) Å over the same joint information,
+    (F⁻¹ g) read at the atom with g the scores of the atom and its neighbours (None without
+    ``score``; 0 where the joint information is singular)."""
     fisher = np.asarray(fisher, np.float64)
     n, p = fisher.shape[:2]
     pairs = np.zeros((0, 2), int) if pairs is None else np.asarray(pairs, int).reshape(-1, 2)
     cross = np.zeros((0, p, p)) if cross is None else np.asarray(cross, np.float64)
     m = len(pairs)
-    # Every block by number: own blocks, cross blocks (i, j), their transposes (j, i), a zero block.
-    blocks = np.concatenate([fisher, cross, cross.transpose(0, 2, 1), np.zeros((1, p, p))])
+    blocks = _numbered_blocks(fisher, cross)
+    if spread is not None:
+        spread_own, spread_cross = (np.asarray(b, np.float64) if b is not None else np.zeros((0, p, p))
+                                    for b in spread)
+        middle_blocks = _numbered_blocks(spread_own, spread_cross)
     # Directed couplings (i, j), (j, i) pair by pair: each atom's neighbours in the order of ``pairs``.
     source, target = pairs.ravel(), pairs[:, ::-1].ravel()
     number = n + np.column_stack([np.arange(m), m + np.arange(m)]).ravel()
@@ -96,15 +113,24 @@ def neighbourhood_solve(fisher: np.ndarray, pairs=None, cross=None, score=None):
             rhs = np.concatenate([np.broadcast_to(np.eye(k)[:, :3], (len(atoms), k, 3)),
                                   score[ring].reshape(len(atoms), k, 1)], axis=2)
             try:
-                solution = np.linalg.solve(joint, rhs)[:, :3]
+                solution = np.linalg.solve(joint, rhs)
             except np.linalg.LinAlgError:  # one singular matrix fails the batch: one by one
-                solution = np.full((len(atoms), 3, 4), np.inf)
+                solution = np.full((len(atoms), k, 4), np.inf)
                 for g in range(len(atoms)):
                     try:
-                        solution[g] = np.linalg.solve(joint[g], rhs[g])[:3]
+                        solution[g] = np.linalg.solve(joint[g], rhs[g])
                     except np.linalg.LinAlgError:
                         pass
-            inverse = solution[..., :3]
+            inverse = solution[:, :3, :3]
+            if spread is not None:  # the sandwich, read at the atom: Xᵀ S X, X the inverse's x, y, z columns
+                middle = middle_blocks[index].transpose(0, 1, 3, 2, 4).reshape(len(atoms), k, k)
+                with np.errstate(invalid="ignore"):
+                    sandwich = np.einsum("gka,gkl,glb->gab", solution[..., :3], middle, solution[..., :3])
+                    # only where the information is positive definite there (a maximum, not a saddle)
+                    inverse = np.where(np.all(np.isfinite(inverse), axis=(1, 2))[:, None, None]
+                                       & (np.linalg.eigvalsh(np.nan_to_num(inverse))[:, :1, None] > 0),
+                                       sandwich, np.inf)
+            solution = solution[:, :3]
             good = (np.all(np.isfinite(inverse), axis=(1, 2))
                     & np.all(np.diagonal(inverse, axis1=1, axis2=2) > 0, axis=1))
             out[atoms[good]] = inverse[good]
@@ -130,14 +156,18 @@ def coupled_pairs(positions: np.ndarray, radius: float) -> np.ndarray:
 class JointInformation(NamedTuple):
     """One pass of the likelihood-gain kernel over the atoms and their coupled neighbours: each
     atom's gain (N,) nats and Fisher block (N, P, P), the coupled ``pairs`` (M, 2) and their cross
-    blocks ``cross`` (M, P, P) (None without pairs), and the observed information, the Hessian of
-    −log L at the fit and the data: ``observed`` (N, P, P) and ``observed_cross`` (M, P, P)."""
+    blocks ``cross`` (M, P, P) (None without pairs), the observed information, the Hessian of
+    −log L at the fit and the data: ``observed`` (N, P, P) and ``observed_cross`` (M, P, P), and
+    under Poisson noise the scores' spread pixel by pixel, ``spread`` (N, P, P) and
+    ``spread_cross`` (M, P, P) (None under Gaussian noise)."""
     gain: np.ndarray
     fisher: np.ndarray
     pairs: np.ndarray
     cross: np.ndarray | None
     observed: np.ndarray
     observed_cross: np.ndarray | None
+    spread: np.ndarray | None = None
+    spread_cross: np.ndarray | None = None
 
 
 def joint_information(kernel, positions, amplitudes, widths, coupling_radius: float) -> JointInformation:
@@ -147,26 +177,34 @@ def joint_information(kernel, positions, amplitudes, widths, coupling_radius: fl
     pairs = coupled_pairs(positions, coupling_radius)
     moments = kernel.evaluate(positions, amplitudes, widths, pairs=pairs, observed=True)
     return JointInformation(moments.gain, moments.fisher, pairs, moments.cross, moments.observed,
-                            moments.observed_cross)
+                            moments.observed_cross, moments.spread, moments.spread_cross)
 
 
 def information_covariance(information: JointInformation) -> tuple[np.ndarray, int]:
     """(N, 3, 3) Å² each atom's position covariance: the inverse of the observed information of it
     and its coupled neighbours (`position_covariance`), and how many atoms took the Fisher
-    information's instead, where the observed one is not positive definite there.
+    information's instead, where the observed one is not positive definite there. Under Poisson
+    noise (with the scores' spread S) the sandwich H⁻¹ S H⁻¹ over the same neighbourhood instead.
 
     The observed information rather than its expectation, the Fisher information: it is the
     curvature of the likelihood these data give, so it widens σ where the noise left the likelihood
     flatter than on average (Efron & Hinkley 1978). At low counts the estimates scatter that much
     wider (on `dev_asi_dose14`, 14 counts an atom per projection, 89 % of the atoms inside their 95 %
     ellipsoid against 81 % with the Fisher information, `scripts/uncertainty_check.py`); at many
-    counts the two agree."""
-    covariance = position_covariance(information.observed, information.pairs, information.observed_cross)
+    counts the two agree.
+
+    The sandwich (Huber 1967, White 1982) because Poisson noise has no free variance: where the
+    counts scatter about the model more than Poisson says (atoms the fit missed nearby, a profile
+    the model lacks), the scores spread more than the information predicts and only S sees it. A
+    Gaussian fit reads its noise variance off its residual already. With the model right, S and H
+    have the same expectation and the sandwich is H⁻¹ to within noise."""
+    spread = None if information.spread is None else (information.spread, information.spread_cross)
+    covariance = position_covariance(information.observed, information.pairs, information.observed_cross, spread)
     with np.errstate(invalid="ignore"):
         proper = np.all(np.isfinite(covariance), axis=(1, 2))
         proper[proper] = np.linalg.eigvalsh(covariance[proper])[:, 0] > 0
     if not proper.all():
-        expected = position_covariance(information.fisher, information.pairs, information.cross)
+        expected = position_covariance(information.fisher, information.pairs, information.cross, spread)
         covariance[~proper] = expected[~proper]
     return covariance, int(np.sum(~proper))
 
@@ -186,7 +224,8 @@ def atom_columns(information: JointInformation, volume: float) -> tuple[dict, di
     columns = {"sigma_x": sigma[:, 0], "sigma_y": sigma[:, 1], "sigma_z": sigma[:, 2], **correlation,
                "pos_uncertainty": np.sqrt(np.mean(sigma ** 2, axis=1)),
                "significance": gain - occam_penalty(fisher[:, :3, :3], volume, len(gain))}
-    return columns, {"kind": "observed", "atoms_with_fisher_instead": fallback}
+    kind = "observed" if information.spread is None else "sandwich: observed information, scores' spread"
+    return columns, {"kind": kind, "atoms_with_fisher_instead": fallback}
 
 
 def misfit_shift(kernel, remainder: np.ndarray, positions, amplitudes, widths, information: JointInformation):
@@ -241,8 +280,9 @@ def summary(atoms, noise: dict | None = None) -> dict | None:
             "columns": "atoms.xyz: sigma_x, sigma_y, sigma_z (Å) and corr_xy, corr_xz, corr_yz (the correlations "
                        "of the position errors): covariance C_ab = corr_ab sigma_a sigma_b; the atom's 95 % "
                        "ellipsoid is e^T C^-1 e <= 7.815; C the inverse of the observed information (the Hessian "
-                       "of -log L at the fit) of the atom and its nearest neighbours",
-            "left_out": "coupling with atoms beyond the nearest neighbours (2 d_min) and with the shared and "
+                       "of -log L at the fit) of the atom and its nearest neighbours; for counts the sandwich "
+                       "H^-1 S H^-1 with S the scores' spread over the pixels (noise.information.kind)",
+            "left_out": "coupling with atoms beyond the 12 nearest neighbours (within 3 d_min) and with the shared and "
                         "alignment parameters; the bias of a misfitting atom profile, a bias rather than a variance, "
                         "which the profile correction (report.json profile_correction) removes to first order; "
                         "at a few counts per atom and projection, the estimate's scatter beyond its curvature (the "

@@ -39,7 +39,7 @@ KNOWN_COLUMNS = {
     "species_prob": "probability of the assigned species",
     "pos_uncertainty": "1-sigma position uncertainty, RMS over x, y, z, Å",
     "sigma_x": "1-sigma position uncertainty along x (the inverse observed information of the fit's likelihood, "
-               "the atom with its nearest neighbours), Å",
+               "the atom with its nearest neighbours; for counts the sandwich with the scores' spread), Å",
     "sigma_y": "1-sigma position uncertainty along y, Å",
     "sigma_z": "1-sigma position uncertainty along z, Å",
     "corr_xy": "correlation of the x and y position errors (the covariance is corr_xy sigma_x sigma_y, Å^2)",

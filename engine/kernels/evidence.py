@@ -17,6 +17,9 @@ but, in add mode, this one) and the data y_kp, with `with` = m (remove mode) or 
     score    Σ_k T_kᵀ [Σ_p W (y − with) ∇c]
     observed Hessian of −log L: the Fisher information + Σ_k T_kᵀ [Σ_p (y − with)/with² ∇c ∇c'ᵀ
              (Poisson) − Σ_p W (y − with) ∇²c (own blocks)] T_k
+    spread   Poisson: Σ_k T_kᵀ [Σ_p W² (y − with)² ∇c ∇c'ᵀ] T_k, the scores' observed spread pixel by
+             pixel (the Fisher information's estimate that does not trust the noise model: the
+             middle of the sandwich covariance, `engine.fit.uncertainty`)
 
 ∇c the in-plane derivatives (u, v per Å; log a and log σ when the shape is free), T_k maps them to
 the world frame (the first two rows of the rotation for the position). Parameters: the position
@@ -73,13 +76,16 @@ class AtomMoments(NamedTuple):
     """What `LikelihoodGain.evaluate` gives, per atom: ``gain`` (N,) nats, the Fisher information
     ``fisher`` (N, P, P) and the ``score`` (N, P) (per Å, per log a, per log σ); per coupled pair
     the cross blocks ``cross`` (M, P, P) (None without pairs); with observed information asked
-    for, ``observed`` (N, P, P) and ``observed_cross`` (M, P, P), else None."""
+    for, ``observed`` (N, P, P) and ``observed_cross`` (M, P, P), and under Poisson noise the
+    scores' spread ``spread`` (N, P, P) and ``spread_cross`` (M, P, P), else None."""
     gain: np.ndarray
     fisher: np.ndarray
     score: np.ndarray
     cross: np.ndarray | None
     observed: np.ndarray | None
     observed_cross: np.ndarray | None
+    spread: np.ndarray | None = None
+    spread_cross: np.ndarray | None = None
 
 
 @ti.data_oriented
@@ -109,8 +115,9 @@ class LikelihoodGain:
         # Side of the derivative block the kernel writes: Gaussian noise, five pieces that `evaluate`
         # sums into the four derivatives (`_separable_block`); counts, the four.
         self.block_side = 4 if noise == "poisson" else 5
-        # With observed information: the weight change (4 × 4) and each component's curvature sums.
-        self.observed_moments = 16 + len(self.weights) * CURVATURE_BASIS
+        # With observed information: the weight change and the spread (4 × 4 each) and each
+        # component's curvature sums.
+        self.observed_moments = 32 + len(self.weights) * CURVATURE_BASIS
         # Host arrays handed to the kernel as arguments (no fields: nothing to allocate or compile
         # per instance beyond the kernel itself).
         self.model = self.data = None
@@ -214,9 +221,10 @@ class LikelihoodGain:
         ∇c = `_derivatives`. With ``observed``, also what the observed information adds to the
         Fisher information: under Poisson noise for every entry Σ_p (y − with)/with² ∇c ∇c'ᵀ, and for
         an atom's own entry the sums Σ_p W (y − with) c_j × `_curvature_basis` per component j, which
-        `curvature_hessian` turns into Σ_p W (y − with) ∇²c. Layout per slot: the block (row-major),
-        the score (4), the gain, then (`observed_moments`) the weight change (4 × 4, row-major) and the
-        curvature sums (K × `CURVATURE_BASIS`). The
+        `curvature_hessian` turns into Σ_p W (y − with) ∇²c, and under Poisson noise for every entry
+        the spread Σ_p W² (y − with)² ∇c ∇c'ᵀ. Layout per slot: the block (row-major), the score (4),
+        the gain, then (`observed_moments`) the weight change and the spread (4 × 4 each, row-major)
+        and the curvature sums (K × `CURVATURE_BASIS`). The
         first entry's thread also writes the image axes u, v of projection k in the world frame (the
         rows of its rotation) into ``axes``."""
         K = ti.static(len(self.weights))
@@ -247,6 +255,7 @@ class LikelihoodGain:
             block = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # Poisson
             curvature = ti.Matrix([[0.0] * CURVATURE_BASIS] * K, self.dtype)  # observed: Σ W (y − with) c_j × basis
             reweight = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed, Poisson: Σ (y − with)/with² ∇c ∇c'ᵀ
+            spread = ti.Matrix([[0.0] * 4] * 4, self.dtype)  # observed, Poisson: Σ W² (y − with)² ∇c ∇c'ᵀ
             own = entries[e, 0] == entries[e, 1]
             score = ti.Vector([0.0] * 4, self.dtype)
             total = self.dtype(0.0)
@@ -274,7 +283,9 @@ class LikelihoodGain:
                         h = self._derivatives(components, inv_s2, c - col[K], r - row[K], K)
                         block += (weight * g).outer_product(h)
                         if observed:
-                            reweight += ((y - with_atom) * weight * weight * g).outer_product(h)
+                            pull = (y - with_atom) * weight
+                            reweight += (pull * weight * g).outer_product(h)
+                            spread += (pull * pull * g).outer_product(h)
                     else:
                         total += (2.0 * (y - with_atom) + atom) * atom * 0.5
                     score += (y - with_atom) * weight * g
@@ -296,8 +307,9 @@ class LikelihoodGain:
             if observed:
                 for m in range(16):
                     moments[e, k, side * side + 5 + m] = reweight[m // 4, m % 4]
+                    moments[e, k, side * side + 21 + m] = spread[m // 4, m % 4]
                 for m in range(K * CURVATURE_BASIS):
-                    moments[e, k, side * side + 21 + m] = curvature[m // CURVATURE_BASIS, m % CURVATURE_BASIS]
+                    moments[e, k, side * side + 37 + m] = curvature[m // CURVATURE_BASIS, m % CURVATURE_BASIS]
             if e == 0:
                 rotation = proj.rot[k]
                 for m in range(6):
@@ -349,7 +361,8 @@ class LikelihoodGain:
         mode). Parameters: x, y, z (Å) [, log a, log σ]. With ``pairs`` (M, 2) of atom indices, also
         the cross blocks (M, P, P) of the Fisher information between those atoms (the joint
         information's off-diagonal blocks); with ``observed``, also the observed information (the
-        Hessian of −log L at these parameters and data) of the atoms and pairs."""
+        Hessian of −log L at these parameters and data) of the atoms and pairs, and under Poisson
+        noise the scores' spread, Σ over pixels of each pixel's score times its transpose."""
         positions = np.asarray(positions, np.float64).reshape(-1, 3)
         n = len(positions)
         amplitudes = np.broadcast_to(np.asarray(amplitudes, np.float64), (n,))
@@ -362,6 +375,7 @@ class LikelihoodGain:
         blocks, gain, score = np.zeros((len(entries), pq, pq)), np.zeros(n), np.zeros((n, pq))
         # Observed: the Fisher blocks plus Σ (y − with)/with² ∇c∇c'ᵀ (Poisson), less the curvature.
         change = np.zeros((len(entries), pq, pq)) if observed else None
+        spread = np.zeros((len(entries), pq, pq)) if observed and self.noise == "poisson" else None
         frame = None
         for start, stop, written, axes in self._launches(entries, np.column_stack([positions, amplitudes, widths]),
                                                          add, observed):
@@ -384,8 +398,10 @@ class LikelihoodGain:
                 if self.noise == "poisson":  # (Gaussian noise: W does not depend on the model)
                     reweight = written[..., first:first + 16].reshape(stop - start, -1) @ frame4
                     change[start:stop] = reweight.reshape(-1, pq, pq)
+                    spread[start:stop] = (written[..., first + 16:first + 32].reshape(stop - start, -1)
+                                          @ frame4).reshape(-1, pq, pq)
                 if len(own):
-                    sums = own[..., first + 16:].reshape(len(own), self.n_proj, len(self.weights), CURVATURE_BASIS)
+                    sums = own[..., first + 32:].reshape(len(own), self.n_proj, len(self.weights), CURVATURE_BASIS)
                     atom = np.arange(start, start + len(own))
                     hessian = curvature_hessian(sums, self._inverse_variances(widths[atom]))
                     change[start:start + len(own)] -= (hessian.reshape(len(own), -1) @ frame4).reshape(-1, pq, pq)
@@ -399,11 +415,15 @@ class LikelihoodGain:
         observed_blocks = None
         if observed:
             observed_blocks = blocks + change * scale
+            if spread is not None:
+                spread *= scale
             if self.free_shape:  # log σ enters s² nonlinearly: ∂²s²/∂(log σ)² = 2 ∂s²/∂log σ
                 observed_blocks[atoms, 4, 4] -= 2.0 * score[:, 4] * units[:, 4]
         return AtomMoments(gain, blocks[:n], score * units, blocks[n:] if len(pairs) else None,
                            None if observed_blocks is None else observed_blocks[:n],
-                           None if observed_blocks is None or not len(pairs) else observed_blocks[n:])
+                           None if observed_blocks is None or not len(pairs) else observed_blocks[n:],
+                           None if spread is None else spread[:n],
+                           None if spread is None or not len(pairs) else spread[n:])
 
     def run(self, positions, amplitude: float, width: float, add: bool):
         """`evaluate` of tied atoms: ``amplitude`` expected counts per projection (the integral over
