@@ -25,6 +25,9 @@ from engine.core.geometry import TiltGeometry, centre_index
 from engine.kernels.projector import CPU_TASK_SPREAD, float_types
 
 
+FILTER_ROWS = 2048  # image rows ramp-filtered at once (`ramp_filter`)
+
+
 @ti.data_oriented
 class VoxelProjector:
     """Projects a voxel grid into n images and back-projects images onto the grid.
@@ -206,8 +209,16 @@ def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
     pad = 1 << int(math.ceil(math.log2(2 * n)))
     freq = np.fft.rfftfreq(pad, d=pixel_size)
     window = 0.5 * (1 + np.cos(np.pi * freq / freq[-1]))
-    spectrum = fft.rfft(images, n=pad, axis=-1, workers=-1) * (freq * window)
-    return fft.irfft(spectrum, n=pad, axis=-1, workers=-1)[..., :n]
+    ramp = (freq * window).astype(np.float32)
+    # Single precision (the back-projector's) and a few thousand rows at a time: the padded spectra
+    # of a whole series are ~100 MB of temporaries, whose first touch costs more than the FFTs.
+    rows = np.asarray(images, np.float32).reshape(-1, n)
+    out = np.empty(rows.shape, np.float32)
+    for start in range(0, len(rows), FILTER_ROWS):
+        block = slice(start, start + FILTER_ROWS)
+        out[block] = fft.irfft(fft.rfft(rows[block], n=pad, axis=-1, workers=-1) * ramp, n=pad, axis=-1,
+                               workers=-1)[:, :n]
+    return out.reshape(np.shape(images))
 
 
 def projector_for(n_proj: int, image_shape, pixel_size: float, voxel: float, dtype=ti.f32,
