@@ -121,8 +121,10 @@ def test_ramp_filter_in_blocks_is_the_whole_series_filtered_at_once(monkeypatch)
     reference = np.fft.irfft(np.fft.rfft(images, n=pad) * freq * 0.5 * (1 + np.cos(np.pi * freq / freq[-1])),
                              n=pad)[..., :30]
     filtered = volume.ramp_filter(images, 0.4)
-    assert filtered.shape == images.shape
+    assert filtered.shape == images.shape and filtered.dtype == np.float32
     np.testing.assert_allclose(filtered, reference, atol=1e-5 * np.abs(reference).max())
+    np.testing.assert_allclose(volume.ramp_filter(images, 0.4, np.float64), reference, rtol=1e-12,
+                               atol=1e-12 * np.abs(reference).max())
 
 
 def test_peaks_suppression_and_subvoxel_refinement():

@@ -177,7 +177,7 @@ class VoxelProjector:
     def fbp(self, images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
         """Filtered back-projection, density units (image units per Å); only at the voxels of
         ``region`` when given (`backproject`)."""
-        filtered = ramp_filter(images, self.pixel_size)
+        filtered = ramp_filter(images, self.pixel_size, self.np_dtype)
         return self.backproject(filtered, region) * (np.pi / self.n_proj) / self.splat_scale
 
     def sirt(self, images: np.ndarray, iterations: int = 50, relaxation: float = 1.0, nonnegative: bool = True,
@@ -200,20 +200,20 @@ class VoxelProjector:
         return v.astype(self.np_dtype)
 
 
-def ramp_filter(images: np.ndarray, pixel_size: float) -> np.ndarray:
+def ramp_filter(images: np.ndarray, pixel_size: float, dtype=np.float32) -> np.ndarray:
     """Filter each image row along x' (perpendicular to the tilt axis +y) with a Hann-windowed ramp
-    |f| (f in cycles per Å)."""
+    |f| (f in cycles per Å), in ``dtype`` (float32 or float64)."""
     from scipy import fft  # numpy's FFT runs on one core; scipy's takes every one (`workers`)
 
     n = images.shape[-1]
     pad = 1 << int(math.ceil(math.log2(2 * n)))
     freq = np.fft.rfftfreq(pad, d=pixel_size)
     window = 0.5 * (1 + np.cos(np.pi * freq / freq[-1]))
-    ramp = (freq * window).astype(np.float32)
-    # Single precision (the back-projector's) and a few thousand rows at a time: the padded spectra
-    # of a whole series are ~100 MB of temporaries, whose first touch costs more than the FFTs.
-    rows = np.asarray(images, np.float32).reshape(-1, n)
-    out = np.empty(rows.shape, np.float32)
+    ramp = (freq * window).astype(dtype)
+    # In the back-projector's precision and a few thousand rows at a time: the padded spectra of a
+    # whole series are ~100 MB of temporaries, whose first touch costs more than the FFTs.
+    rows = np.asarray(images, dtype).reshape(-1, n)
+    out = np.empty(rows.shape, dtype)
     for start in range(0, len(rows), FILTER_ROWS):
         block = slice(start, start + FILTER_ROWS)
         out[block] = fft.irfft(fft.rfft(rows[block], n=pad, axis=-1, workers=-1) * ramp, n=pad, axis=-1,
